@@ -1,0 +1,57 @@
+# visloc serving: `make demo` brings the local stack up and locates sample images;
+# `make test` runs ruff and the test suite. Both install what they need into .venv.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+BUNDLE ?=
+DEMO_BUNDLE := .cache/demo-bundle
+PYTEST_ARGS ?=
+
+.PHONY: setup demo test lint format proto bench clean help
+
+help:
+	@echo "make demo      local Triton + Locate service + sample images (DEMO_ONESHOT=1 to exit after)"
+	@echo "make test      ruff + pytest"
+	@echo "make demo BUNDLE=DIR   serve another bundle (e.g. imported with visloc-export upstream)"
+	@echo "make bench     benchmarks -> bench/results, docs/BENCHMARKS.md"
+
+$(STAMP): client/pyproject.toml swc_service/pyproject.toml export/pyproject.toml requirements-dev.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch first and pinned: the CPU build on this machine's disk, never the CUDA one.
+	$(PY) -m pip install -q "torch==2.13.0"
+	$(PY) -m pip install -q -e ./client -e "./swc_service[triton]" -e ./export -r requirements-dev.txt
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+$(DEMO_BUNDLE)/manifest.json: | $(STAMP)
+	$(VENV)/bin/visloc-export demo --out $(DEMO_BUNDLE)
+
+demo: $(STAMP) $(if $(BUNDLE),,$(DEMO_BUNDLE)/manifest.json)
+	$(PY) -m swc_service.demo --bundle $(if $(BUNDLE),$(BUNDLE),$(DEMO_BUNDLE))
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: $(STAMP)
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+test: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+# Regenerate the gRPC stubs from the one proto (a test checks they are current).
+proto: $(STAMP)
+	cd client/src && ../../$(PY) -m grpc_tools.protoc -I . --python_out=. --pyi_out=. \
+		--grpc_python_out=. visloc_client/v1/locator.proto
+
+bench: $(STAMP)
+	$(PY) -m bench.run
+
+clean:
+	rm -rf $(VENV) .cache .pytest_cache .ruff_cache .hypothesis

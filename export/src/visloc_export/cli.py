@@ -1,0 +1,138 @@
+"""``visloc-export``: build bundles (demo, upstream), verify parity, place the model for Triton."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from swc_service.bundle import BundleError, load_bundle
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .build import build_demo
+
+    b = build_demo(
+        args.out,
+        cells=args.cells,
+        background=args.background,
+        seed=args.seed,
+        features_dtype=args.features_dtype,
+        overwrite=args.overwrite,
+    )
+    print(f"demo bundle {b.bundle_id} written to {b.path} (M={b.num_cells}, N={b.num_background})")
+    return 0
+
+
+def _cmd_upstream(args: argparse.Namespace) -> int:
+    from .build import import_upstream
+
+    b = import_upstream(
+        args.out,
+        backbone=args.backbone,
+        mvmf=args.mvmf,
+        rrm=args.rrm,
+        background=args.background,
+        assignments=args.assignments,
+        features_dtype=args.features_dtype,
+        overwrite=args.overwrite,
+    )
+    print(f"upstream bundle {b.bundle_id} written to {b.path} (M={b.num_cells}, N={b.num_background})")
+    return 0
+
+
+def _cmd_verify(args: argparse.Namespace) -> int:
+    from .build import check_parity, demo_net_for, parity_batches
+    from .model import load_upstream
+
+    b = load_bundle(args.bundle)
+    ckpts = (args.backbone, args.mvmf, args.rrm)
+    if any(ckpts) and not all(ckpts):
+        raise SystemExit("verify: give all of --backbone, --mvmf and --rrm, or none (demo bundles)")
+    net = load_upstream(*ckpts) if all(ckpts) else demo_net_for(b)
+    images = [Path(p).read_bytes() for p in args.images] if args.images else None
+    report = check_parity(net, b.model_path, parity_batches(images))
+    if args.checksums:
+        bad = b.verify_checksums()
+        print(json.dumps({"checksums_ok": not bad, "mismatched": bad}))
+        if bad:
+            return 1
+    for case in report.cases:
+        print(
+            f"batch {case['batch']} {case['width']}x{case['height']}: "
+            f"max|dlog p|={case['max_log_prob_diff']:.3g} max|demb|={case['max_embedding_diff']:.3g} "
+            f"top5 {'equal' if case['top5_equal'] else 'DIFFER'}"
+        )
+    verdict = "OK" if report.ok else "FAILED"
+    print(
+        f"parity {verdict}: max|dlog p|={report.max_log_prob_diff:.3g}, "
+        f"max|demb|={report.max_embedding_diff:.3g}, top-5 {'equal' if report.top5_equal else 'differ'}"
+    )
+    return 0 if report.ok else 1
+
+
+def _cmd_place(args: argparse.Namespace) -> int:
+    from .build import place_model
+
+    dest = place_model(args.bundle, args.repository)
+    print(f"placed {dest}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="visloc-export", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    d = sub.add_parser("demo", help="a demo bundle with random seeded weights (NOT a real model)")
+    d.add_argument("--out", required=True)
+    d.add_argument("--cells", type=int, default=2000, help="M (upstream: 31145)")
+    d.add_argument("--background", type=int, default=50_000, help="N (upstream: 763265)")
+    d.add_argument("--seed", type=int, default=0)
+    d.set_defaults(func=_cmd_demo)
+
+    u = sub.add_parser("upstream", help="import the upstream checkpoints and background collection")
+    u.add_argument("--backbone", required=True, help="efficientnet_backbone.pt")
+    u.add_argument("--mvmf", required=True, help="mvmf_head.pt")
+    u.add_argument("--rrm", required=True, help="rrm_head.pt")
+    u.add_argument("--background", required=True, help="back_coll_features.hdf5")
+    u.add_argument("--assignments", required=True, help="cells_assignments.pkl")
+    u.add_argument("--out", required=True)
+    u.set_defaults(func=_cmd_upstream)
+
+    for s in (d, u):
+        s.add_argument(
+            "--features-dtype",
+            choices=["float16", "float32"],
+            default="float16",
+            help="background embedding storage (float32 = the reference's precision)",
+        )
+        s.add_argument("--overwrite", action="store_true", help="replace an existing bundle")
+
+    v = sub.add_parser("verify", help="PyTorch vs ONNX parity on a bundle; non-zero exit above tolerance")
+    v.add_argument("--bundle", required=True)
+    v.add_argument("--backbone")
+    v.add_argument("--mvmf")
+    v.add_argument("--rrm")
+    v.add_argument("--images", nargs="*", help="image files (default: generated images of 4 shapes)")
+    v.add_argument("--checksums", action="store_true", help="also check every file's sha256")
+    v.set_defaults(func=_cmd_verify)
+
+    m = sub.add_parser("place", help="put a bundle's model.onnx into a Triton model repository")
+    m.add_argument("--bundle", required=True)
+    m.add_argument("--repository", default="model_repository")
+    m.set_defaults(func=_cmd_place)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (BundleError, ValueError, OSError) as exc:
+        print(f"visloc-export: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,156 @@
+"""Search within Cell (SwC) and Prediction Density (PD): the method of the papers.
+
+Plain functions over numpy arrays, used by the service, the tests and the benchmarks.
+Semantics (SPEC.md sections 3-4, the reference code):
+
+* top cell: ``argmax(cell_probs)``, first index on ties;
+* SwC: cosine similarity of the query embedding to the rows of the top cell, the ``top_k``
+  most similar first (ties: lower row position, i.e. lower upstream row id, first);
+  DBSCAN(min_samples=1, haversine, eps km) over their labels, which is exactly the connected
+  components of the graph ``distance <= eps``, clusters numbered in candidate order; the
+  largest cluster wins, the lowest label on a tie; the prediction is the mean of its members'
+  unit vectors mapped back WITHOUT renormalising;
+* PD(s): the sum of the probabilities of all cells within ``s`` km (``<=``) of the top cell.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from .geo import EARTH_RADIUS_KM, haversine_km, latlon_to_unit, unit_to_latlon
+
+DEFAULT_TOP_K = 10
+DEFAULT_EPS_KM = 1.0
+DEFAULT_SCALES_KM = (1.0, 25.0, 200.0, 750.0, 2500.0)
+DEFAULT_CONF_SCALE_KM = 25.0
+DEFAULT_CONF_THRESHOLD = 0.2
+
+
+def top_cell(cell_probs: np.ndarray) -> int:
+    """Index of the most probable cell; numpy's argmax takes the first on ties."""
+    return int(np.argmax(cell_probs))
+
+
+@dataclass(frozen=True)
+class SwcResult:
+    lat: float
+    lon: float
+    candidates: np.ndarray  # positions within the cell slice, most similar first
+    similarities: np.ndarray  # float32, aligned with candidates
+    cluster_labels: np.ndarray  # int, aligned with candidates
+    chosen_cluster: int
+
+
+def top_k_by_similarity(
+    embedding: np.ndarray, features: np.ndarray, top_k: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Positions of the ``top_k`` rows most similar to ``embedding``, and their similarities.
+
+    Similarities are float32 dot products (the reference's precision); a stable sort puts the
+    lower position first among equal similarities.
+    """
+    sims = features.astype(np.float32, copy=False) @ embedding.astype(np.float32, copy=False)
+    k = min(top_k, sims.shape[0])
+    if k < sims.shape[0] and sims.shape[0] > 4 * k:
+        # Partial selection, then a stable order over everything at least as similar as the
+        # k-th, so ties at the boundary are resolved by position exactly as a full sort would.
+        kth = np.partition(sims, sims.shape[0] - k)[sims.shape[0] - k]
+        pool = np.flatnonzero(sims >= kth)
+        order = pool[np.argsort(-sims[pool], kind="stable")][:k]
+    else:
+        order = np.argsort(-sims, kind="stable")[:k]
+    return order, sims[order]
+
+
+def cluster_labels(latlon: np.ndarray, eps_km: float) -> np.ndarray:
+    """DBSCAN(min_samples=1, metric=haversine, eps) labels: components of ``d <= eps``.
+
+    Labels are numbered in point order: point 0 is in cluster 0, the first point outside it
+    starts cluster 1, and so on, as scikit-learn numbers them.
+    """
+    n = latlon.shape[0]
+    lat = latlon[:, 0]
+    lon = latlon[:, 1]
+    adjacent = haversine_km(lat[:, None], lon[:, None], lat[None, :], lon[None, :]) <= eps_km
+    labels = np.full(n, -1, dtype=np.int64)
+    current = 0
+    for start in range(n):
+        if labels[start] >= 0:
+            continue
+        labels[start] = current
+        stack = [start]
+        while stack:
+            i = stack.pop()
+            for j in np.flatnonzero(adjacent[i] & (labels < 0)):
+                labels[j] = current
+                stack.append(int(j))
+        current += 1
+    return labels
+
+
+def search_within_cell(
+    embedding: np.ndarray,
+    features: np.ndarray,
+    labels: np.ndarray,
+    top_k: int = DEFAULT_TOP_K,
+    eps_km: float = DEFAULT_EPS_KM,
+) -> SwcResult:
+    """SwC over one cell's background rows (``features`` ``[n, D]``, ``labels`` ``[n, 2]``, n >= 1)."""
+    if features.shape[0] == 0:
+        raise ValueError("search_within_cell needs at least one background row")
+    order, sims = top_k_by_similarity(embedding, features, top_k)
+    candidates = np.asarray(labels[order], dtype=np.float64)
+    clusters = cluster_labels(candidates, eps_km)
+    chosen = int(np.argmax(np.bincount(clusters)))  # first (lowest label) on a size tie
+    members = candidates[clusters == chosen]
+    mean = latlon_to_unit(members).sum(axis=0) / members.shape[0]
+    lat, lon = unit_to_latlon(mean)
+    return SwcResult(lat, lon, order, sims, clusters, chosen)
+
+
+class DensityIndex:
+    """Prediction Density over fixed cell centres, exact and fast.
+
+    ``haversine(c, all) <= s`` is decided by the dot product of unit vectors (monotone in the
+    distance) and only cells within a hair's breadth of the boundary (|dot - cos(s/R)| <= 1e-12)
+    are settled by the reference haversine itself, so the selected cells, and hence the sums,
+    are the reference's.
+    """
+
+    BAND = 1e-12
+
+    def __init__(self, centres: np.ndarray, scales_km: tuple[float, ...] = DEFAULT_SCALES_KM):
+        centres = np.asarray(centres, dtype=np.float64)
+        if centres.ndim != 2 or centres.shape[1] != 2:
+            raise ValueError(f"cell centres must be [M, 2], got {centres.shape}")
+        if not scales_km or any(not (s > 0 and math.isfinite(s)) for s in scales_km):
+            raise ValueError(f"PD scales must be positive km, got {scales_km}")
+        self.centres = centres
+        self.scales_km = tuple(float(s) for s in scales_km)
+        self._units = latlon_to_unit(centres)
+        self._thresholds = np.cos(np.asarray(self.scales_km) / EARTH_RADIUS_KM)
+
+    def density(self, cell: int, cell_probs: np.ndarray) -> np.ndarray:
+        """PD at every scale for top cell ``cell`` (float64 array aligned with ``scales_km``)."""
+        dots = self._units @ self._units[cell]
+        out = np.empty(len(self.scales_km), dtype=np.float64)
+        for i, (scale, t) in enumerate(zip(self.scales_km, self._thresholds)):
+            within = dots > t + self.BAND
+            band = np.flatnonzero(np.abs(dots - t) <= self.BAND)
+            if band.size:
+                c = self.centres
+                d = haversine_km(c[cell, 0], c[cell, 1], c[band, 0], c[band, 1])
+                within[band] = d <= scale
+            out[i] = cell_probs[within].sum()
+        return out
+
+
+def prediction_density_reference(
+    cell: int, cell_probs: np.ndarray, centres: np.ndarray, scales_km=DEFAULT_SCALES_KM
+) -> np.ndarray:
+    """PD the reference's way (haversine to every cell). The oracle for :class:`DensityIndex`."""
+    d = haversine_km(centres[cell, 0], centres[cell, 1], centres[:, 0], centres[:, 1])
+    return np.array([cell_probs[d <= s].sum() for s in scales_km], dtype=np.float64)

@@ -1,0 +1,143 @@
+"""The one image preprocessing of the project: decode, RGB, resize short side to 300.
+
+It matches the reference's ``transforms.Resize(300)`` on a PIL image exactly: the shorter
+side becomes 300 px, the longer ``int(300 * long / short)`` (truncation), PIL bilinear
+(which antialiases), no crop, and an image whose output size equals its input size is
+left untouched. Scaling to [0, 1] and mean/std normalisation happen inside the ONNX graph,
+so the result here is the resized image as uint8 ``[H, W, 3]``.
+
+Used by the service, the exporter's parity check, the tests and the benchmarks alike.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageOps
+
+SHORT_SIDE = 300
+MEAN = (0.485, 0.456, 0.406)
+STD = (0.229, 0.224, 0.225)
+
+DEFAULT_MAX_PIXELS = 50_000_000  # decoded source pixels
+DEFAULT_MAX_SIDE = 3_000  # preprocessed long side (an aspect ratio of 10:1 at 300 px)
+
+
+class ImageError(ValueError):
+    """The bytes are not an image we can locate; the message says why (for INVALID_ARGUMENT)."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    max_side: int = DEFAULT_MAX_SIDE
+
+
+@dataclass(frozen=True)
+class PreparedImage:
+    array: np.ndarray  # uint8 [H, W, 3], C-contiguous
+    source_width: int
+    source_height: int
+    source_format: str
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.array.shape[0], self.array.shape[1]
+
+
+def resized_size(width: int, height: int, short_side: int = SHORT_SIDE) -> tuple[int, int]:
+    """(width, height) after the reference resize rule (torchvision ``Resize(int)``)."""
+    if width <= 0 or height <= 0:
+        raise ImageError(f"image has a zero-sized dimension ({width}x{height})")
+    if width <= height:
+        return short_side, int(short_side * height / width)
+    return int(short_side * width / height), short_side
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Convert any PIL mode to 8-bit RGB.
+
+    Most modes follow ``Image.convert("RGB")`` as the reference does (alpha dropped, palette
+    expanded, CMYK converted). 16- and 32-bit integer greyscale is scaled to 8 bits
+    (value >> 8) instead of being clipped at 255, which would turn most of the image white.
+    """
+    if img.mode == "RGB":
+        return img
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        arr = np.asarray(img)
+        if arr.dtype.itemsize >= 4:  # mode "I" holding 16-bit data (e.g. from PNG)
+            arr = np.clip(arr, 0, 65535)
+        arr8 = (arr.astype(np.uint32) >> 8).astype(np.uint8)
+        return Image.fromarray(arr8).convert("RGB")
+    if img.mode == "F":
+        arr = np.nan_to_num(np.asarray(img, dtype=np.float32))
+        arr8 = np.clip(arr, 0, 255).astype(np.uint8)
+        return Image.fromarray(arr8).convert("RGB")
+    return img.convert("RGB")
+
+
+def resize(img: Image.Image, short_side: int = SHORT_SIDE) -> Image.Image:
+    """Resize an RGB image so its shorter side is ``short_side`` (reference rule)."""
+    w, h = img.size
+    new_w, new_h = resized_size(w, h, short_side)
+    if (new_w, new_h) == (w, h):
+        return img
+    return img.resize((new_w, new_h), Image.BILINEAR)
+
+
+def decode(data: bytes, limits: Limits = Limits(), *, exif_transpose: bool = False) -> Image.Image:
+    """Decode image bytes to a PIL image of the first frame, refusing bombs before decoding.
+
+    ``exif_transpose`` applies the EXIF orientation tag; off by default because the reference
+    does not apply it (and the published numbers were measured without it).
+    """
+    if not data:
+        raise ImageError("image is empty (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            w, h = img.size
+            if w <= 0 or h <= 0:
+                raise ImageError(f"image has a zero-sized dimension ({w}x{h})")
+            if w * h > limits.max_pixels:
+                raise ImageError(f"image has {w}x{h} = {w * h} pixels, over the limit of {limits.max_pixels}")
+            img.load()
+            if exif_transpose:
+                img = ImageOps.exif_transpose(img)
+    except ImageError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageError(f"image refused as a decompression bomb: {exc}") from exc
+    except Image.UnidentifiedImageError as exc:
+        raise ImageError("bytes are not an image in a supported format") from exc
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise ImageError(f"image could not be decoded: {exc}") from exc
+    return img
+
+
+def prepare_image(img: Image.Image, limits: Limits = Limits()) -> np.ndarray:
+    """RGB + reference resize of a decoded image, as uint8 ``[H, W, 3]``."""
+    w, h = img.size
+    new_w, new_h = resized_size(w, h)
+    if max(new_w, new_h) > limits.max_side:
+        raise ImageError(
+            f"image aspect ratio {max(w, h) / min(w, h):.1f}:1 gives a {new_w}x{new_h} input, "
+            f"over the limit of {limits.max_side} px on the long side"
+        )
+    try:
+        rgb = resize(to_rgb(img))
+    except (OSError, ValueError) as exc:
+        raise ImageError(f"image could not be converted: {exc}") from exc
+    return np.ascontiguousarray(np.asarray(rgb, dtype=np.uint8))
+
+
+def preprocess(data: bytes, limits: Limits = Limits(), *, exif_transpose: bool = False) -> PreparedImage:
+    """Bytes -> model input (uint8 ``[H, W, 3]``); raises :class:`ImageError` on bad input."""
+    img = decode(data, limits, exif_transpose=exif_transpose)
+    fmt = img.format or "unknown"
+    w, h = img.size
+    return PreparedImage(prepare_image(img, limits), w, h, fmt)
