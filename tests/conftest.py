@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
+import subprocess
+import sys
+import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -23,3 +29,76 @@ def demo_bundle(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("bundles") / "demo"
     build_demo(out, cells=2000, background=20_000, seed=0)
     return out
+
+
+def wait_serving(target: str, timeout: float = 60.0, service: str = "") -> None:
+    """Block until the gRPC health check of ``target`` says SERVING."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    deadline = time.monotonic() + timeout
+    with grpc.insecure_channel(target) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while time.monotonic() < deadline:
+            try:
+                status = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=1).status
+                if status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            time.sleep(0.1)
+    raise TimeoutError(f"{target} did not become SERVING within {timeout} s")
+
+
+class ServiceProcess:
+    """``swc-service`` as a real subprocess on loopback; always stopped by the fixture."""
+
+    def __init__(self, bundle: Path, triton_url: str, *extra: str, port: int | None = None, env=None):
+        self.port = port or free_port()
+        self.metrics_port = free_port()
+        self.target = f"127.0.0.1:{self.port}"
+        cmd = [sys.executable, "-m", "swc_service.server", "--bundle", str(bundle), "--host", "127.0.0.1",
+               "--port", str(self.port), "--metrics-port", str(self.metrics_port), "--triton-url", triton_url,
+               "--triton-health-interval-s", "0.2", *extra]  # fmt: skip
+        fd, self.log_path = tempfile.mkstemp(prefix="swc-service-", suffix=".log")
+        with os.fdopen(fd, "wb") as log:
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+
+    def log_text(self) -> str:
+        return Path(self.log_path).read_text(errors="replace")
+
+    def stop(self, timeout: float = 30.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+
+@pytest.fixture(scope="session")
+def local_triton(demo_bundle):
+    """The real embedded Triton serving the demo bundle (one per session)."""
+    from swc_service.triton_local import LocalTriton
+
+    with LocalTriton(demo_bundle, threads=2) as triton:
+        yield triton
+
+
+@pytest.fixture(scope="session")
+def live_service(demo_bundle, local_triton):
+    """Real Triton + the real Locate service on the demo bundle."""
+    svc = ServiceProcess(demo_bundle, local_triton.grpc_url)
+    try:
+        wait_serving(svc.target)
+        yield svc
+    finally:
+        svc.stop()
+
+
+@pytest.fixture(scope="session")
+def live_target(live_service) -> str:
+    """``127.0.0.1:PORT`` of a live Locate service (real Triton, demo bundle)."""
+    return live_service.target

@@ -141,3 +141,14 @@ def preprocess(data: bytes, limits: Limits = Limits(), *, exif_transpose: bool =
     fmt = img.format or "unknown"
     w, h = img.size
     return PreparedImage(prepare_image(img, limits), w, h, fmt)
+
+
+def center_crop(array: np.ndarray, size: int = SHORT_SIDE) -> np.ndarray:
+    """Centre ``size`` x ``size`` crop of a resized image (the batching-friendly, inexact option).
+
+    Every image then has one shape, so Triton batches freely; the model no longer sees the
+    whole photo, so predictions may differ from the reference's. Off by default.
+    """
+    h, w = array.shape[:2]
+    top, left = (h - size) // 2, (w - size) // 2
+    return np.ascontiguousarray(array[top : top + size, left : left + size])

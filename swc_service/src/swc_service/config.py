@@ -1,0 +1,116 @@
+"""Service settings from flags, then environment variables (``VISLOC_*``), then defaults.
+
+Printed at start-up (secrets redacted) so an operator sees what a pod runs with.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from dataclasses import dataclass
+
+from .method import (
+    DEFAULT_CONF_SCALE_KM,
+    DEFAULT_CONF_THRESHOLD,
+    DEFAULT_EPS_KM,
+    DEFAULT_SCALES_KM,
+    DEFAULT_TOP_K,
+)
+from .preprocessing import DEFAULT_MAX_PIXELS, DEFAULT_MAX_SIDE
+
+PREPROCESSING_MODES = ("exact", "center_crop_300")
+
+
+@dataclass(frozen=True)
+class Settings:
+    bundle: str
+    host: str = "127.0.0.1"
+    port: int = 50051
+    metrics_port: int = 9090  # 0 disables the metrics endpoint
+    workers: int = 1
+    reuse_port: bool = False  # set for the workers of a supervisor
+    triton_url: str = "127.0.0.1:8001"
+    triton_model: str = "visloc"
+    triton_timeout_s: float = 30.0
+    triton_health_interval_s: float = 1.0
+    batch_window_ms: float = 2.0
+    max_batch: int = 16
+    preprocess_threads: int = 2
+    preprocessing: str = "exact"
+    exif_transpose: bool = False
+    max_message_bytes: int = 20 * 1024 * 1024
+    max_image_pixels: int = DEFAULT_MAX_PIXELS
+    max_input_side: int = DEFAULT_MAX_SIDE
+    max_concurrent_rpcs: int = 1024
+    stream_in_flight: int = 64
+    grace_s: float = 10.0
+    pd_scales_km: tuple[float, ...] = DEFAULT_SCALES_KM
+    top_k: int = DEFAULT_TOP_K
+    eps_km: float = DEFAULT_EPS_KM
+    conf_scale_km: float = DEFAULT_CONF_SCALE_KM
+    conf_threshold: float = DEFAULT_CONF_THRESHOLD
+    log_level: str = "INFO"
+    quiet_settings: bool = False
+
+    def validate(self) -> Settings:
+        if self.conf_scale_km not in self.pd_scales_km:
+            raise ValueError(f"conf_scale_km {self.conf_scale_km} is not one of pd_scales_km {self.pd_scales_km}")
+        if self.preprocessing not in PREPROCESSING_MODES:
+            raise ValueError(f"preprocessing must be one of {PREPROCESSING_MODES}")
+        if self.workers < 1 or self.max_batch < 1 or self.preprocess_threads < 1:
+            raise ValueError("workers, max_batch and preprocess_threads must be >= 1")
+        if self.batch_window_ms < 0:
+            raise ValueError("batch_window_ms must be >= 0")
+        return self
+
+    def describe(self) -> str:
+        return "\n".join(f"  {f.name} = {getattr(self, f.name)!r}" for f in dataclasses.fields(self))
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    return tuple(sorted(float(x) for x in text.split(",") if x.strip()))
+
+
+def _bool(text: str) -> bool:
+    return text.strip().lower() in ("1", "true", "yes", "on")
+
+
+_PARSERS = {int: int, float: float, bool: _bool, str: str}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="swc-service",
+        description="visloc Locate gRPC service. Every flag also reads VISLOC_<NAME> (e.g. VISLOC_TRITON_URL).",
+    )
+    defaults = {f.name: f.default for f in dataclasses.fields(Settings)}
+    for name, default in defaults.items():
+        flag = "--" + name.replace("_", "-")
+        if name == "pd_scales_km":
+            p.add_argument(flag, type=_floats, default=None, help=f"comma-separated km (default {default})")
+        elif isinstance(default, bool):
+            p.add_argument(flag, type=_bool, default=None, help=f"true/false (default {default})")
+        elif name == "bundle":
+            p.add_argument(flag, default=None, help="bundle directory (required; env VISLOC_BUNDLE)")
+        else:
+            p.add_argument(flag, type=_PARSERS[type(default)], default=None, help=f"(default {default})")
+    return p
+
+
+def load_settings(argv: list[str] | None = None, env: dict[str, str] | None = None) -> Settings:
+    env = os.environ if env is None else env
+    args = vars(build_parser().parse_args(argv))
+    values = {}
+    for f in dataclasses.fields(Settings):
+        value = args.get(f.name)
+        if value is None and (raw := env.get("VISLOC_" + f.name.upper())) is not None:
+            if f.name == "pd_scales_km":
+                value = _floats(raw)
+            else:
+                value = _PARSERS[type(f.default) if f.default is not dataclasses.MISSING else str](raw)
+        if value is not None:
+            values[f.name] = value
+    if "bundle" not in values:
+        raise SystemExit("swc-service: --bundle (or VISLOC_BUNDLE) is required")
+    return Settings(**values).validate()

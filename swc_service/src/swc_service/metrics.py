@@ -1,0 +1,48 @@
+"""Prometheus metrics of the Locate service (multiprocess-safe when workers > 1).
+
+With several workers, ``PROMETHEUS_MULTIPROC_DIR`` is set before this module is imported and
+the supervisor serves the aggregate; gauges then say how they combine across processes.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 0.75, 1, 2.5, 5, 10)
+_STAGE_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
+
+REQUESTS = Counter("visloc_requests_total", "Locate service RPCs by method and status code", ["method", "code"])
+REQUEST_SECONDS = Histogram(
+    "visloc_request_duration_seconds", "RPC latency by method", ["method"], buckets=_LATENCY_BUCKETS
+)
+IMAGES = Counter("visloc_images_total", "Images answered (streams count each image) by status code", ["code"])
+STAGE_SECONDS = Histogram(
+    "visloc_stage_duration_seconds",
+    "Per-image latency of each stage: decode, preprocess, queue, triton, swc, pd, total",
+    ["stage"],
+    buckets=_STAGE_BUCKETS,
+)
+IN_FLIGHT = Gauge("visloc_in_flight_images", "Images being located now", multiprocess_mode="livesum")
+IMAGE_BYTES = Histogram(
+    "visloc_image_bytes", "Encoded image sizes", buckets=(1e4, 5e4, 1e5, 2.5e5, 5e5, 1e6, 2.5e6, 5e6, 1e7, 2e7)
+)
+IMAGE_PIXELS = Histogram(
+    "visloc_image_pixels", "Decoded image sizes in pixels", buckets=(1e4, 1e5, 3e5, 1e6, 3e6, 1e7, 3e7, 5e7)
+)
+PREDICTIONS = Counter(
+    "visloc_predictions_total", "Predictions by SwC method and localizability", ["method", "localizable"]
+)
+TRITON_ERRORS = Counter("visloc_triton_errors_total", "Failed Triton calls by gRPC status", ["code"])
+TRITON_BATCH = Histogram(
+    "visloc_triton_batch_size", "Images per Triton request (shape groups)", buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32)
+)
+TRITON_READY = Gauge("visloc_triton_ready", "1 when Triton and the model are ready", multiprocess_mode="min")
+BUNDLE_INFO = Gauge(
+    "visloc_bundle_info",
+    "The served bundle (value 1)",
+    ["bundle_id", "source", "model_version", "num_cells", "num_background"],
+    multiprocess_mode="max",
+)
+BATCH_WINDOW = Gauge(
+    "visloc_batch_window_seconds", "The shape-grouping window the service waits", multiprocess_mode="max"
+)

@@ -1,0 +1,170 @@
+"""``swc-service``: the Locate gRPC server (grpc.aio), health, reflection, metrics, workers.
+
+With ``--workers N > 1`` this process is a supervisor: it starts N worker processes that
+bind the same port (SO_REUSEPORT, so the kernel spreads connections over them, and no worker
+is bound to one core by the GIL), serves their aggregated Prometheus metrics, and forwards
+SIGTERM/SIGINT for a graceful stop. Each worker memory-maps the same bundle files, so the
+background's pages are shared through the page cache.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from visloc_client.v1 import locator_pb2 as pb
+from visloc_client.v1 import locator_pb2_grpc as pb_grpc
+
+from .bundle import load_bundle
+from .config import Settings, load_settings
+
+log = logging.getLogger("swc_service")
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Locator"].full_name
+_STARTED = time.monotonic()
+
+
+def grpc_options(settings: Settings) -> list[tuple[str, int]]:
+    return [
+        ("grpc.max_receive_message_length", settings.max_message_bytes),
+        ("grpc.max_send_message_length", settings.max_message_bytes),
+        ("grpc.so_reuseport", 1 if settings.reuse_port else 0),
+        ("grpc.keepalive_time_ms", 60_000),
+        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+    ]
+
+
+async def _watch_triton(inference, health_servicer: health.aio.HealthServicer, interval: float, draining) -> None:
+    """SERVING only while Triton and the model are ready (and we are not draining)."""
+    from . import metrics
+
+    last = None
+    while not draining.is_set():
+        ready = await inference.ready(timeout_s=max(0.2, interval))
+        metrics.TRITON_READY.set(1 if ready else 0)
+        status = health_pb2.HealthCheckResponse.SERVING if ready else health_pb2.HealthCheckResponse.NOT_SERVING
+        if status != last:
+            for name in ("", SERVICE_NAME):
+                await health_servicer.set(name, status)
+            log.info("health: %s (Triton %s)", health_pb2.HealthCheckResponse.ServingStatus.Name(status),
+                     "ready" if ready else "not ready")  # fmt: skip
+            last = status
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(draining.wait(), interval)
+
+
+async def serve(settings: Settings, *, on_started=None) -> None:
+    """Run one server until SIGTERM/SIGINT, then drain: NOT_SERVING, finish in-flight calls, exit."""
+    from .interceptors import StatusInterceptor
+    from .locator import Locator
+    from .servicer import LocatorServicer
+    from .triton_infer import TritonInference
+
+    bundle = load_bundle(settings.bundle)
+    inference = TritonInference(settings.triton_url, settings.triton_model, settings.triton_timeout_s)
+    locator = Locator(settings, bundle, inference)
+    server = grpc.aio.server(
+        interceptors=[StatusInterceptor()],
+        options=grpc_options(settings),
+        maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
+    )
+    pb_grpc.add_LocatorServicer_to_server(LocatorServicer(locator, settings.stream_in_flight), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    for name in ("", SERVICE_NAME):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
+    )
+    port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+    await server.start()
+    log.info(
+        "listening on %s:%d (bundle %s, %s, M=%d, N=%d) after %.2f s",
+        settings.host, port, bundle.bundle_id, bundle.source, bundle.num_cells, bundle.num_background,
+        time.monotonic() - _STARTED,
+    )  # fmt: skip
+    if on_started is not None:
+        on_started(port)
+
+    draining = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, draining.set)
+    watcher = asyncio.create_task(
+        _watch_triton(inference, health_servicer, settings.triton_health_interval_s, draining)
+    )
+    await draining.wait()
+    log.info("draining: NOT_SERVING, refusing new calls, %.1f s grace for calls in flight", settings.grace_s)
+    await health_servicer.enter_graceful_shutdown()
+    await watcher
+    await server.stop(settings.grace_s)
+    await locator.close()
+    log.info("stopped")
+
+
+def _serve_metrics(settings: Settings, multiproc_dir: str | None) -> None:
+    if not settings.metrics_port:
+        return
+    from prometheus_client import CollectorRegistry, start_http_server
+
+    registry = None
+    if multiproc_dir:
+        from prometheus_client import multiprocess
+
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry, path=multiproc_dir)
+    start_http_server(settings.metrics_port, addr=settings.host, **({"registry": registry} if registry else {}))
+    log.info("metrics on http://%s:%d/metrics", settings.host, settings.metrics_port)
+
+
+def _supervise(settings: Settings, argv: list[str]) -> int:
+    if settings.port == 0:
+        raise SystemExit("swc-service: --workers > 1 needs a fixed --port")
+    multiproc_dir = tempfile.mkdtemp(prefix="visloc-metrics-")
+    env = dict(os.environ, PROMETHEUS_MULTIPROC_DIR=multiproc_dir)
+    _serve_metrics(settings, multiproc_dir)
+    cmd = [sys.executable, "-m", "swc_service.server", *argv]
+    cmd += ["--workers", "1", "--metrics-port", "0", "--reuse-port", "true", "--quiet-settings", "true"]
+    children = [subprocess.Popen(cmd, env=env) for _ in range(settings.workers)]
+    log.info("supervisor: %d workers (pids %s)", len(children), [c.pid for c in children])
+
+    def forward(signum: int, _frame) -> None:
+        for child in children:
+            if child.poll() is None:
+                child.send_signal(signum)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    codes = [child.wait() for child in children]
+    return max(abs(c) for c in codes)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    settings = load_settings(argv)
+    logging.basicConfig(
+        level=settings.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s [%(process)d] %(message)s",
+        stream=sys.stderr,
+    )
+    if not settings.quiet_settings:
+        print("swc-service settings:\n" + settings.describe(), file=sys.stderr, flush=True)
+    if settings.workers > 1:
+        return _supervise(settings, argv)
+    _serve_metrics(settings, os.environ.get("PROMETHEUS_MULTIPROC_DIR") if settings.metrics_port else None)
+    asyncio.run(serve(settings))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,71 @@
+"""The service's one long-lived connection to Triton (KServe v2 gRPC, asyncio)."""
+
+from __future__ import annotations
+
+import numpy as np
+import tritonclient.grpc.aio as triton
+from tritonclient.utils import InferenceServerException
+
+from .bundle import INPUT_NAME, OUTPUT_EMBEDDING, OUTPUT_PROBS
+from .errors import DeadlineExceeded, InferenceFailed, Unavailable
+
+_MAX_MESSAGE = 2**31 - 1
+
+# Passing channel_args replaces tritonclient's defaults, message-size limits included, so
+# they are set again here. Short reconnect backoff: a restarted Triton is found within ~1 s.
+CHANNEL_ARGS = [
+    ("grpc.max_send_message_length", _MAX_MESSAGE),
+    ("grpc.max_receive_message_length", _MAX_MESSAGE),
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1_000),
+]
+
+
+def _status(exc: InferenceServerException) -> str:
+    return str(exc.status() or "")
+
+
+class TritonInference:
+    """``infer(batch uint8 [B, H, W, 3]) -> (cell_probs [B, M], embedding [B, D])``."""
+
+    def __init__(self, url: str, model: str, timeout_s: float = 30.0):
+        self.url = url
+        self.model = model
+        self.timeout_s = timeout_s
+        self._client = triton.InferenceServerClient(url, channel_args=CHANNEL_ARGS)
+
+    async def infer(self, batch: np.ndarray, timeout_s: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+        inp = triton.InferInput(INPUT_NAME, list(batch.shape), "UINT8")
+        inp.set_data_from_numpy(batch)
+        outputs = [triton.InferRequestedOutput(OUTPUT_PROBS), triton.InferRequestedOutput(OUTPUT_EMBEDDING)]
+        timeout = self.timeout_s if timeout_s is None else max(0.001, min(timeout_s, self.timeout_s))
+        try:
+            result = await self._client.infer(self.model, [inp], outputs=outputs, client_timeout=timeout)
+        except InferenceServerException as exc:
+            status = _status(exc)
+            if "UNAVAILABLE" in status:
+                raise Unavailable(f"Triton at {self.url} is unavailable: {exc.message()}") from exc
+            if "DEADLINE_EXCEEDED" in status:
+                raise DeadlineExceeded(f"Triton did not answer within {timeout:.3f} s") from exc
+            if "NOT_FOUND" in status or "not found" in (exc.message() or ""):
+                raise Unavailable(f"Triton at {self.url} does not serve model {self.model!r}: {exc.message()}") from exc
+            raise InferenceFailed(f"Triton error {status}: {exc.message()}") from exc
+        return result.as_numpy(OUTPUT_PROBS), result.as_numpy(OUTPUT_EMBEDDING)
+
+    async def ready(self, timeout_s: float = 1.0) -> bool:
+        """Server live and the model ready (for grpc health); never raises."""
+        try:
+            return bool(
+                await self._client.is_server_ready(client_timeout=timeout_s)
+                and await self._client.is_model_ready(self.model, client_timeout=timeout_s)
+            )
+        except InferenceServerException:
+            return False
+
+    async def close(self) -> None:
+        await self._client.close()
