@@ -22,6 +22,7 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import json
+import mmap as _mmap_module
 import os
 import shutil
 import tempfile
@@ -120,9 +121,14 @@ def _load_array(root: Path, rel: str, mmap: bool) -> np.ndarray:
     if not path.is_file():
         raise BundleError(f"bundle {root} lacks {rel}")
     try:
-        return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+        array = np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
     except ValueError as exc:
         raise BundleError(f"bundle file {rel} is not a valid .npy array: {exc}") from exc
+    if mmap and hasattr(array, "_mmap") and hasattr(_mmap_module, "MADV_RANDOM"):
+        # SwC reads one cell's slice at a random place: without this the kernel reads ahead
+        # megabytes around every slice and fills the page cache with rows nobody asked for.
+        array._mmap.madvise(_mmap_module.MADV_RANDOM)
+    return array
 
 
 def load_bundle(path: str | os.PathLike[str]) -> Bundle:
@@ -137,8 +143,7 @@ def load_bundle(path: str | os.PathLike[str]) -> Bundle:
         raise BundleError(f"{manifest_path} is not valid JSON: {exc}") from exc
     if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
         raise BundleError(
-            f"{manifest_path}: unsupported bundle format "
-            f"{manifest.get('format')!r} v{manifest.get('format_version')!r}"
+            f"{manifest_path}: unsupported bundle format {manifest.get('format')!r} v{manifest.get('format_version')!r}"
         )
     if not (root / MODEL).is_file():
         raise BundleError(f"bundle {root} lacks {MODEL}")
