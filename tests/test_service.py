@@ -243,6 +243,9 @@ def test_triton_down_is_unavailable_fast_and_not_serving(demo_bundle):
             # Not DEADLINE_EXCEEDED: the call failed fast instead of waiting for Triton.
             assert err.value.code() == grpc.StatusCode.UNAVAILABLE
             assert dead in err.value.details()
+        text = urllib.request.urlopen(f"http://127.0.0.1:{svc.metrics_port}/metrics", timeout=10).read().decode()
+        assert 'visloc_triton_errors_total{code="UNAVAILABLE"} 1.0' in text
+        assert "visloc_triton_ready 0.0" in text
     finally:
         assert svc.stop() == 0
 

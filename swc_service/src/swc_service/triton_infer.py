@@ -6,6 +6,7 @@ import numpy as np
 import tritonclient.grpc.aio as triton
 from tritonclient.utils import InferenceServerException
 
+from . import metrics
 from .bundle import INPUT_NAME, OUTPUT_EMBEDDING, OUTPUT_PROBS
 from .errors import DeadlineExceeded, InferenceFailed, Unavailable
 
@@ -48,6 +49,7 @@ class TritonInference:
             result = await self._client.infer(self.model, [inp], outputs=outputs, client_timeout=timeout)
         except InferenceServerException as exc:
             status = _status(exc)
+            metrics.TRITON_ERRORS.labels(status.removeprefix("StatusCode.") or "UNKNOWN").inc()
             if "UNAVAILABLE" in status:
                 raise Unavailable(f"Triton at {self.url} is unavailable: {exc.message()}") from exc
             if "DEADLINE_EXCEEDED" in status:

@@ -1,0 +1,37 @@
+"""12-factor settings: flags beat VISLOC_* environment variables, which beat defaults."""
+
+from __future__ import annotations
+
+import pytest
+
+from swc_service.config import load_settings
+
+
+def test_flags_env_and_defaults():
+    env = {"VISLOC_BUNDLE": "/b", "VISLOC_TRITON_URL": "triton:8001", "VISLOC_MAX_BATCH": "8",
+           "VISLOC_PD_SCALES_KM": "2500,1,25", "VISLOC_EXIF_TRANSPOSE": "true"}  # fmt: skip
+    s = load_settings(["--max-batch", "4"], env)
+    assert s.bundle == "/b" and s.triton_url == "triton:8001"
+    assert s.max_batch == 4  # the flag wins
+    assert s.pd_scales_km == (1.0, 25.0, 2500.0) and s.exif_transpose is True
+    assert s.port == 50051 and s.batch_window_ms == 2.0
+    assert "triton_url = 'triton:8001'" in s.describe()
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--conf-scale-km", "30"], "not one of pd_scales_km"),
+        (["--preprocessing", "squash"], "preprocessing must be one of"),
+        (["--workers", "0"], ">= 1"),
+        (["--batch-window-ms", "-1"], ">= 0"),
+    ],
+)
+def test_bad_settings_are_refused(argv, message):
+    with pytest.raises(ValueError, match=message):
+        load_settings(["--bundle", "/b", *argv], {})
+
+
+def test_bundle_is_required():
+    with pytest.raises(SystemExit, match="--bundle"):
+        load_settings([], {})
