@@ -9,6 +9,7 @@ import argparse
 import dataclasses
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 from .method import (
     DEFAULT_CONF_SCALE_KM,
@@ -50,6 +51,11 @@ class Settings:
     eps_km: float = DEFAULT_EPS_KM
     conf_scale_km: float = DEFAULT_CONF_SCALE_KM
     conf_threshold: float = DEFAULT_CONF_THRESHOLD
+    auth_token_file: str = ""  # bearer token required on Locator calls (health stays open)
+    auth_token: str = ""  # the same, given directly (env VISLOC_AUTH_TOKEN); the file wins
+    tls_cert_file: str = ""  # PEM server certificate chain: TLS on the gRPC port when set
+    tls_key_file: str = ""
+    tls_client_ca_file: str = ""  # PEM CA: require client certificates (mutual TLS) when set
     log_level: str = "INFO"
     quiet_settings: bool = False
 
@@ -62,10 +68,27 @@ class Settings:
             raise ValueError("workers, max_batch and preprocess_threads must be >= 1")
         if self.batch_window_ms < 0:
             raise ValueError("batch_window_ms must be >= 0")
+        if bool(self.tls_cert_file) != bool(self.tls_key_file):
+            raise ValueError("tls_cert_file and tls_key_file go together")
+        if self.tls_client_ca_file and not self.tls_cert_file:
+            raise ValueError("tls_client_ca_file needs tls_cert_file and tls_key_file")
         return self
 
+    def token(self) -> str | None:
+        """The bearer token callers must present, or None when auth is off."""
+        if self.auth_token_file:
+            token = Path(self.auth_token_file).read_text().strip()
+            if not token:
+                raise ValueError(f"auth token file {self.auth_token_file} is empty")
+            return token
+        return self.auth_token or None
+
     def describe(self) -> str:
-        return "\n".join(f"  {f.name} = {getattr(self, f.name)!r}" for f in dataclasses.fields(self))
+        def shown(name: str):
+            value = getattr(self, name)
+            return "<redacted>" if name == "auth_token" and value else value
+
+        return "\n".join(f"  {f.name} = {shown(f.name)!r}" for f in dataclasses.fields(self))
 
 
 def _floats(text: str) -> tuple[float, ...]:

@@ -29,3 +29,7 @@ class InferenceFailed(LocateFailure):
     """Triton answered with an error that is not the caller's fault."""
 
     code = grpc.StatusCode.INTERNAL
+
+
+class Unauthenticated(LocateFailure):
+    code = grpc.StatusCode.UNAUTHENTICATED

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import logging
 import time
@@ -12,7 +13,7 @@ from collections.abc import Awaitable, Callable
 import grpc
 
 from . import metrics
-from .errors import LocateFailure
+from .errors import LocateFailure, Unauthenticated
 
 log = logging.getLogger("swc_service.access")
 
@@ -21,14 +22,30 @@ def _method_name(full: str) -> str:
     return full.rsplit("/", 1)[-1]
 
 
-class StatusInterceptor(grpc.aio.ServerInterceptor):
-    """Maps :class:`LocateFailure` to its status (no stack traces to callers), counts and logs calls.
+def check_token(expected: str | None, metadata) -> None:
+    """Bearer-token check (constant-time); a no-op when no token is configured."""
+    if expected is None:
+        return
+    presented = ""
+    for key, value in metadata or ():
+        if key == "authorization":
+            presented = value if isinstance(value, str) else value.decode("latin-1")
+            break
+    scheme, _, token = presented.partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), expected.encode()):
+        raise Unauthenticated("a valid 'authorization: Bearer <token>' header is required")
 
-    Applies to the Locator service; health and reflection pass through untouched.
+
+class StatusInterceptor(grpc.aio.ServerInterceptor):
+    """Maps :class:`LocateFailure` to its status (no stack traces to callers), checks the bearer
+    token, counts and logs calls.
+
+    Applies to the Locator service; health and reflection pass through untouched (open).
     """
 
-    def __init__(self, service_prefix: str = "/visloc.v1.Locator/"):
+    def __init__(self, service_prefix: str = "/visloc.v1.Locator/", token: str | None = None):
         self.prefix = service_prefix
+        self.token = token
 
     async def intercept_service(
         self,
@@ -69,11 +86,12 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):
             if hasattr(request, "request_id") and not request_id:
                 request_id = request.request_id = uuid.uuid4().hex
             try:
+                check_token(self.token, context.invocation_metadata())
                 response = await behaviour(request, context)
             except LocateFailure as exc:
                 self._finish(method, exc.code, started, request_id, str(exc))
                 await context.abort(exc.code, str(exc))
-            except asyncio.CancelledError:
+            except (asyncio.CancelledError, grpc.aio.AbortError):
                 self._finish(method, grpc.StatusCode.CANCELLED, started, request_id)
                 raise
             except Exception:
@@ -89,12 +107,13 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):
         async def wrapper(request_iterator, context: grpc.aio.ServicerContext):
             started = time.perf_counter()
             try:
+                check_token(self.token, context.invocation_metadata())
                 async for item in behaviour(request_iterator, context):
                     yield item
             except LocateFailure as exc:
                 self._finish(method, exc.code, started, "", str(exc))
                 await context.abort(exc.code, str(exc))
-            except asyncio.CancelledError:
+            except (asyncio.CancelledError, grpc.aio.AbortError):
                 self._finish(method, grpc.StatusCode.CANCELLED, started, "")
                 raise
             except Exception:

@@ -54,6 +54,18 @@ def grpc_options(settings: Settings) -> list[tuple[str, int]]:
     ]
 
 
+def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
+    """TLS (and mutual TLS with a client CA) from PEM files; None means plaintext."""
+    if not settings.tls_cert_file:
+        return None
+    chain = Path(settings.tls_cert_file).read_bytes()
+    key = Path(settings.tls_key_file).read_bytes()
+    client_ca = Path(settings.tls_client_ca_file).read_bytes() if settings.tls_client_ca_file else None
+    return grpc.ssl_server_credentials(
+        [(key, chain)], root_certificates=client_ca, require_client_auth=client_ca is not None
+    )
+
+
 async def _watch_triton(inference, health_servicer: health.aio.HealthServicer, interval: float, draining) -> None:
     """SERVING only while Triton and the model are ready (and we are not draining)."""
     from . import metrics
@@ -84,7 +96,7 @@ async def serve(settings: Settings, *, on_started=None) -> None:
     inference = TritonInference(settings.triton_url, settings.triton_model, settings.triton_timeout_s)
     locator = Locator(settings, bundle, inference)
     server = grpc.aio.server(
-        interceptors=[StatusInterceptor()],
+        interceptors=[StatusInterceptor(token=settings.token())],
         options=grpc_options(settings),
         maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
     )
@@ -96,12 +108,15 @@ async def serve(settings: Settings, *, on_started=None) -> None:
     reflection.enable_server_reflection(
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
     )
-    port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+    address = f"{settings.host}:{settings.port}"
+    credentials = server_credentials(settings)
+    port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
     await server.start()
     log.info(
-        "listening on %s:%d (bundle %s, %s, M=%d, N=%d) after %.2f s",
-        settings.host, port, bundle.bundle_id, bundle.source, bundle.num_cells, bundle.num_background,
-        process_age_s(),
+        "listening on %s:%d (%s%s; bundle %s, %s, M=%d, N=%d) after %.2f s",
+        settings.host, port, "TLS" if credentials else "plaintext",
+        ", bearer token required" if settings.token() else "",
+        bundle.bundle_id, bundle.source, bundle.num_cells, bundle.num_background, process_age_s(),
     )  # fmt: skip
     if on_started is not None:
         on_started(port)
