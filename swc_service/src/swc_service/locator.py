@@ -72,6 +72,31 @@ def _top_cells(probs: np.ndarray, n: int) -> np.ndarray:
     return pool[np.argsort(-probs[pool], kind="stable")][:n]
 
 
+@dataclass(frozen=True)
+class PreparedInput:
+    array: np.ndarray  # uint8 [H, W, 3], what Triton gets
+    width: int  # of the decoded image
+    height: int
+    decode_s: float
+    preprocess_s: float
+
+
+def prepare_input(data: bytes, settings: Settings, limits: Limits) -> PreparedInput:
+    """Decode and preprocess one image (runs in the thread pool); bad bytes -> INVALID_ARGUMENT."""
+    if len(data) == 0:
+        raise InvalidArgument("image is empty (0 bytes)")
+    try:
+        t0 = time.perf_counter()
+        img = decode(data, limits, exif_transpose=settings.exif_transpose)
+        t1 = time.perf_counter()
+        arr = prepare_image(img, limits)
+        if settings.preprocessing == "center_crop_300":
+            arr = center_crop(arr)
+    except ImageError as exc:
+        raise InvalidArgument(str(exc)) from exc
+    return PreparedInput(arr, img.size[0], img.size[1], t1 - t0, time.perf_counter() - t1)
+
+
 class Locator:
     """Holds the bundle, the PD index, the thread pool and the Triton batcher."""
 
@@ -93,29 +118,16 @@ class Locator:
             bundle.bundle_id, bundle.source, bundle.model_version, str(bundle.num_cells), str(bundle.num_background)
         ).set(1)
 
-    def _prepare(self, data: bytes) -> tuple[np.ndarray, int, int, float, float]:
-        t0 = time.perf_counter()
-        img = decode(data, self.limits, exif_transpose=self.settings.exif_transpose)
-        t1 = time.perf_counter()
-        w, h = img.size
-        arr = prepare_image(img, self.limits)
-        if self.settings.preprocessing == "center_crop_300":
-            arr = center_crop(arr)
-        return arr, w, h, t1 - t0, time.perf_counter() - t1
-
     async def locate(self, request: pb.LocateRequest, deadline: float | None = None) -> pb.LocateResponse:
         """Locate one image. ``deadline`` is a ``time.monotonic()`` instant, or None."""
         t_start = time.perf_counter()
         request_id = request.request_id or uuid.uuid4().hex
         opts = resolve_options(request.options, self.settings, self.density.scales_km)
-        if len(request.image) == 0:
-            raise InvalidArgument("image is empty (0 bytes)")
         metrics.IMAGE_BYTES.observe(len(request.image))
         loop = asyncio.get_running_loop()
-        try:
-            arr, w, h, t_decode, t_pre = await loop.run_in_executor(self.pool, self._prepare, request.image)
-        except ImageError as exc:
-            raise InvalidArgument(str(exc)) from exc
+        prepared = await loop.run_in_executor(self.pool, prepare_input, request.image, self.settings, self.limits)
+        arr, w, h = prepared.array, prepared.width, prepared.height
+        t_decode, t_pre = prepared.decode_s, prepared.preprocess_s
         metrics.IMAGE_PIXELS.observe(w * h)
 
         out = await self.batcher.submit(arr, deadline)
