@@ -1,0 +1,1 @@
+"""Benchmarks and bounded load commands (``make bench``, ``make soak``): measurements, not tests."""
