@@ -8,46 +8,14 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from sklearn.cluster import DBSCAN
 
-from swc_service.geo import haversine_km
+from bench.seed_style import reference_pd, reference_swc
 from swc_service.method import (
     DensityIndex,
     cluster_labels,
-    prediction_density_reference,
     search_within_cell,
     top_cell,
 )
-
-
-def _ref_haversine(x, y):
-    """The reference's callable metric: rows are (lat, lon)."""
-    return float(haversine_km(x[0], x[1], y[0], y[1]))
-
-
-def reference_swc(embedding, features, labels, top_k, eps):
-    """The reference's SwC (argsort + sklearn DBSCAN + un-renormalised mean), stable on ties."""
-    sims = features.astype(np.float32) @ embedding.astype(np.float32)
-    nns = np.argsort(-sims, kind="stable")[:top_k]
-    cands = labels[nns]
-    db = DBSCAN(eps=eps, min_samples=1, metric=_ref_haversine).fit(cands)
-    groups = [cands[db.labels_ == c] for c in np.unique(db.labels_)]
-    members = sorted(groups, key=len, reverse=True)[0]  # stable: lowest label on ties
-    vec = np.sum(
-        [
-            [
-                math.cos(math.radians(la)) * math.cos(math.radians(lo)),
-                math.cos(math.radians(la)) * math.sin(math.radians(lo)),
-                math.sin(math.radians(la)),
-            ]
-            for la, lo in members
-        ],
-        axis=0,
-    ) / len(members)
-    lat = math.asin(vec[2]) / math.pi * 180
-    lon = math.atan2(vec[1], vec[0]) / math.pi * 180
-    return lat, lon, db.labels_
-
 
 latlon = st.tuples(st.floats(-80, 80), st.floats(-179.9, 179.9))
 
@@ -123,7 +91,7 @@ def test_density_index_equals_reference(world):
     for _ in range(50):
         probs = rng.dirichlet(np.full(len(world), 0.05)).astype(np.float32)
         c = int(rng.integers(0, len(world)))
-        np.testing.assert_array_equal(idx.density(c, probs), prediction_density_reference(c, probs, world))
+        np.testing.assert_array_equal(idx.density(c, probs), reference_pd(c, probs, world))
 
 
 def test_density_boundary_cells_decided_by_haversine(world):
@@ -137,4 +105,4 @@ def test_density_boundary_cells_decided_by_haversine(world):
         centres[j + 1] = (lat0 + dlat, lon0)
     idx = DensityIndex(centres)
     probs = np.full(len(centres), 1.0 / len(centres), dtype=np.float32)
-    np.testing.assert_array_equal(idx.density(c, probs), prediction_density_reference(c, probs, centres))
+    np.testing.assert_array_equal(idx.density(c, probs), reference_pd(c, probs, centres))

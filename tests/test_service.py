@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import math
 import struct
 import threading
 import time
@@ -18,12 +17,10 @@ from conftest import ServiceProcess, free_port, wait_serving
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from PIL import Image
-from sklearn.cluster import DBSCAN
 
+from bench.seed_style import reference_pd, reference_swc
 from swc_service import samples
 from swc_service.bundle import load_bundle
-from swc_service.geo import haversine_km
-from swc_service.method import prediction_density_reference
 from swc_service.preprocessing import preprocess
 from visloc_client.v1 import locator_pb2 as pb
 from visloc_client.v1 import locator_pb2_grpc as pb_grpc
@@ -40,26 +37,15 @@ def stub(live_target):
 
 def _reference_answer(bundle, sess, data: bytes):
     """Recompute a Locate answer the reference's way from raw ONNX outputs."""
-    x = preprocess(data).array[None]
-    probs, emb = sess.run(None, {"image": x})
+    probs, emb = sess.run(None, {"image": preprocess(data).array[None]})
     probs, emb = probs[0], emb[0]
     c = int(np.argmax(probs))
-    pd = prediction_density_reference(c, probs, bundle.centres)
+    pd = reference_pd(c, probs, bundle.centres)
     a, b = int(bundle.offsets[c]), int(bundle.offsets[c + 1])
     if a == b:
         return c, tuple(bundle.centres[c]), pd, "cell"
-    feats = np.asarray(bundle.features[a:b], dtype=np.float32)
-    sims = feats @ emb
-    nns = np.argsort(-sims, kind="stable")[:10]
-    cands = np.asarray(bundle.labels[a:b])[nns]
-    labels = DBSCAN(eps=1.0, min_samples=1, metric=lambda u, v: haversine_km(u[0], u[1], v[0], v[1])).fit(cands).labels_
-    members = sorted([cands[labels == k] for k in np.unique(labels)], key=len, reverse=True)[0]
-    vec = np.mean(
-        [[math.cos(la / 180 * math.pi) * math.cos(lo / 180 * math.pi),
-          math.cos(la / 180 * math.pi) * math.sin(lo / 180 * math.pi),
-          math.sin(la / 180 * math.pi)] for la, lo in members], axis=0,
-    )  # fmt: skip
-    return c, (math.asin(vec[2]) / math.pi * 180, math.atan2(vec[1], vec[0]) / math.pi * 180), pd, "swc"
+    lat, lon, _ = reference_swc(emb, np.asarray(bundle.features[a:b], dtype=np.float32), bundle.labels[a:b])
+    return c, (lat, lon), pd, "swc"
 
 
 def test_locate_equals_reference_recomputation(stub, demo_bundle):

@@ -154,10 +154,3 @@ class DensityIndex:
             out[i] = cell_probs[within].sum()
         return out
 
-
-def prediction_density_reference(
-    cell: int, cell_probs: np.ndarray, centres: np.ndarray, scales_km=DEFAULT_SCALES_KM
-) -> np.ndarray:
-    """PD the reference's way (haversine to every cell). The oracle for :class:`DensityIndex`."""
-    d = haversine_km(centres[cell, 0], centres[cell, 1], centres[:, 0], centres[:, 1])
-    return np.array([cell_probs[d <= s].sum() for s in scales_km], dtype=np.float64)
