@@ -1,0 +1,412 @@
+"""``make bench``: every figure as a ratio of two things measured side by side in one run.
+
+1. model ceiling: in-process onnxruntime at batch 1..16;
+2. raw Triton (tritonclient gRPC, asyncio) at concurrency 1..32;
+3. the service end to end (Locate, LocateStream), same images and concurrencies;
+4. the seed-style pipeline (PyTorch eager, background in RAM, sklearn DBSCAN, full PD);
+5. SwC+PD alone at upstream scale, ours vs the seed's code;
+6. memory and start-up at upstream scale, ours vs the seed's loading;
+7. a realistic mix of photo shapes: exact preprocessing vs centre crop.
+
+Results: bench/results/bench.json; docs/BENCHMARKS.md and PNG plots (bench/report.py).
+Everything runs on loopback, bounded in time and count.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+
+from bench.load import run_load
+from bench.procstat import proc_stat, tree_cpu_s
+from swc_service import samples
+from swc_service.bundle import load_bundle
+from swc_service.method import DensityIndex, search_within_cell
+from swc_service.preprocessing import preprocess
+from visloc_client.v1 import locator_pb2 as pb
+from visloc_client.v1 import locator_pb2_grpc as pb_grpc
+
+CONCURRENCIES = (1, 4, 8, 16, 32)
+BATCHES = (1, 2, 4, 8, 16)
+SHAPE = (400, 300)  # (width, height) of the uniform-shape images: a 300x400 model input
+MIX = ((400, 300), (300, 400), (533, 300), (300, 300))  # 4:3, 3:4, 16:9, 1:1
+
+
+def log(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# --------------------------------------------------------------------------- 1. ORT ceiling
+
+
+def ort_ceiling(bundle, seconds: float, threads: int) -> dict:
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    sess = ort.InferenceSession(str(bundle.model_path), opts, providers=["CPUExecutionProvider"])
+    images = [preprocess(samples.photo_bytes(s, SHAPE)).array for s in range(16)]
+    out = {}
+    for b in BATCHES:
+        batch = np.stack(images[:b])
+        sess.run(None, {"image": batch})  # warm-up
+        n, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < seconds:
+            sess.run(None, {"image": batch})
+            n += b
+        out[b] = n / (time.perf_counter() - t0)
+        log(f"ORT in-process batch {b}: {out[b]:.1f} img/s")
+    best = max(out, key=out.get)
+    return {"per_batch": out, "best_batch": best, "best_per_s": out[best], "threads": threads}
+
+
+# --------------------------------------------------------------------------- 2/3. Triton and service
+
+
+def measure(coro_factory, pids: dict[str, int], concurrency: int, seconds: float) -> dict:
+    """Run a load and account CPU seconds per image to each process tree (and the generator)."""
+    before = {name: tree_cpu_s(pid) for name, pid in pids.items()}
+    me = time.process_time()
+    result = asyncio.run(coro_factory(concurrency, seconds))
+    cpu = {name: tree_cpu_s(pid) - before[name] for name, pid in pids.items()}
+    cpu["load_generator"] = time.process_time() - me
+    row = result.as_dict()
+    row["cpu_ms_per_image"] = {k: 1e3 * v / max(1, result.calls) for k, v in cpu.items()}
+    return row
+
+
+def raw_triton(triton, concurrency: int, seconds: float):
+    import tritonclient.grpc.aio as tc
+
+    from swc_service.triton_infer import CHANNEL_ARGS
+
+    arrays = [preprocess(samples.photo_bytes(s, SHAPE)).array[None] for s in range(16)]
+
+    async def go():
+        client = tc.InferenceServerClient(triton.grpc_url, channel_args=CHANNEL_ARGS)
+
+        async def call(i: int):
+            inp = tc.InferInput("image", list(arrays[i % 16].shape), "UINT8")
+            inp.set_data_from_numpy(arrays[i % 16])
+            await client.infer("visloc", [inp])
+
+        try:
+            return await run_load(call, concurrency, seconds, warmup_calls=2)
+        finally:
+            await client.close()
+
+    return go()
+
+
+def locate_unary(target: str, images: list[bytes], concurrency: int, seconds: float):
+    async def go():
+        async with grpc.aio.insecure_channel(target) as ch:
+            stub = pb_grpc.LocatorStub(ch)
+
+            async def call(i: int):
+                await stub.Locate(pb.LocateRequest(image=images[i % len(images)]), timeout=120)
+
+            return await run_load(call, concurrency, seconds, warmup_calls=2)
+
+    return go()
+
+
+def locate_stream(target: str, images: list[bytes], in_flight: int, seconds: float) -> dict:
+    """One LocateStream keeping ``in_flight`` images outstanding."""
+
+    async def go() -> dict:
+        async with grpc.aio.insecure_channel(target) as ch:
+            stream = pb_grpc.LocatorStub(ch).LocateStream(timeout=600)
+            sent = done = errors = 0
+            t0 = time.perf_counter()
+            while sent < in_flight:
+                await stream.write(pb.LocateRequest(image=images[sent % len(images)]))
+                sent += 1
+            async for resp in stream:
+                done += 1
+                errors += resp.WhichOneof("outcome") == "error"
+                if time.perf_counter() - t0 < seconds:
+                    await stream.write(pb.LocateRequest(image=images[sent % len(images)]))
+                    sent += 1
+                elif done == sent:
+                    break
+            await stream.done_writing()
+            elapsed = time.perf_counter() - t0
+            return {"in_flight": in_flight, "images": done, "errors": errors, "per_s": done / elapsed}
+
+    return asyncio.run(go())
+
+
+class Service:
+    """swc-service as a subprocess for the benchmark."""
+
+    def __init__(self, bundle: Path, triton_url: str, *extra: str):
+        self.port = free_port()
+        self.target = f"127.0.0.1:{self.port}"
+        cmd = [sys.executable, "-m", "swc_service.server", "--bundle", str(bundle), "--port", str(self.port),
+               "--metrics-port", "0", "--triton-url", triton_url, "--log-level", "WARNING", *extra]  # fmt: skip
+        self.started = time.monotonic()
+        self.proc = subprocess.Popen(cmd)
+        self.startup_s = self._wait_serving()
+
+    def _wait_serving(self, timeout: float = 120) -> float:
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        with grpc.insecure_channel(self.target) as ch:
+            stub = health_pb2_grpc.HealthStub(ch)
+            while time.monotonic() - self.started < timeout:
+                try:
+                    if stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status == 1:
+                        return time.monotonic() - self.started
+                except grpc.RpcError:
+                    pass
+                time.sleep(0.01)
+        raise TimeoutError("service not SERVING")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(60)
+
+
+# --------------------------------------------------------------------------- 4. seed-style pipeline
+
+
+def seed_pipeline(bundle, images: list[bytes], seconds: float, background) -> dict:
+    """PyTorch eager at batch 1 + the seed's post-processing, per image, as evaluation.py does."""
+    import torch
+
+    from bench.seed_style import timed
+    from visloc_export.build import demo_net_for
+
+    torch.set_num_threads(2)
+    net = demo_net_for(bundle).eval()
+    n, t0, post = 0, time.perf_counter(), []
+    with torch.no_grad():
+        while time.perf_counter() - t0 < seconds:
+            x = torch.from_numpy(preprocess(images[n % len(images)]).array[None])
+            probs, emb = net(x)
+            _, dt = timed(background.postprocess, probs[0].numpy(), emb[0].numpy(), bundle.centres)
+            post.append(dt)
+            n += 1
+    per_s = n / (time.perf_counter() - t0)
+    log(f"seed-style pipeline: {per_s:.1f} img/s")
+    return {"per_s": per_s, "images": n, "postprocess_p50_ms": 1e3 * float(np.median(post))}
+
+
+def seed_background(bundle):
+    from bench.seed_style import SeedBackground
+
+    offsets = bundle.offsets
+    rows = np.arange(bundle.num_background)
+    assignments = {c: rows[offsets[c] : offsets[c + 1]] for c in range(bundle.num_cells) if offsets[c + 1] > offsets[c]}
+    return SeedBackground(np.asarray(bundle.features, dtype=np.float32), bundle.labels, assignments)
+
+
+# --------------------------------------------------------------------------- 5. post-processing
+
+
+def postprocessing(bundle, background, count: int) -> dict:
+    """SwC+PD per image at the bundle's scale: ours (mmap, CSR slice, DensityIndex) vs the seed's."""
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(bundle.model_path), providers=["CPUExecutionProvider"])
+    outs = [sess.run(None, {"image": preprocess(samples.photo_bytes(s, SHAPE)).array[None]}) for s in range(8)]
+    density = DensityIndex(bundle.centres)
+    rng = np.random.default_rng(0)
+    sizes = np.diff(bundle.offsets)
+    ours, seed = [], []
+    for i in range(count):
+        probs, emb = outs[i % len(outs)][0][0], outs[i % len(outs)][1][0]
+        target = int(rng.integers(0, bundle.num_cells))  # move the top cell: cover every cell size
+        probs = np.roll(probs, target - int(np.argmax(probs)))
+        t = time.perf_counter()
+        c = int(np.argmax(probs))
+        feats, labels, _ = bundle.cell_slice(c)
+        if feats.shape[0]:
+            search_within_cell(emb, feats, labels)
+        density.density(c, probs)
+        ours.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        background.postprocess(probs, emb, bundle.centres)
+        seed.append(time.perf_counter() - t)
+    pct = lambda xs, q: 1e3 * float(np.percentile(xs, q))  # noqa: E731
+    res = {
+        "images": count,
+        "ours_p50_ms": pct(ours, 50), "ours_p99_ms": pct(ours, 99),
+        "seed_p50_ms": pct(seed, 50), "seed_p99_ms": pct(seed, 99),
+        "cells_with_rows": int((sizes > 0).sum()), "rows_p99": float(np.percentile(sizes[sizes > 0], 99)),
+    }  # fmt: skip
+    log(f"SwC+PD ours p50 {res['ours_p50_ms']:.3f} p99 {res['ours_p99_ms']:.3f} ms; "
+        f"seed p50 {res['seed_p50_ms']:.3f} p99 {res['seed_p99_ms']:.3f} ms")  # fmt: skip
+    return res
+
+
+# --------------------------------------------------------------------------- 6. memory and start-up
+
+
+SEED_LOAD = r"""
+import json, sys, time, re
+t0 = time.monotonic()
+import h5py, numpy as np, torch
+from swc_service.bundle import load_bundle
+from visloc_export.model import VislocNet
+b = load_bundle(sys.argv[1])
+net = VislocNet(b.num_cells).eval()            # the seed builds the torch model in-process
+with h5py.File(sys.argv[2], "r") as h5:        # evaluation.py: all features in RAM, float32, transposed
+    feats = h5["features"][:, :].T.astype(np.float32)
+    labels = h5["labels"][:, :]
+status = open("/proc/self/status").read()
+kb = lambda k: int(re.search(k + r":\s+(\d+)", status).group(1))
+print(json.dumps({"seconds": time.monotonic() - t0, "rss_kb": kb("VmRSS"), "hwm_kb": kb("VmHWM")}))
+"""
+
+
+def write_seed_hdf5(bundle, path: Path) -> None:
+    import h5py
+
+    if path.exists():
+        return
+    log(f"writing the seed-style HDF5 background ({bundle.num_background} rows, float32) to {path}")
+    tmp = path.with_suffix(".tmp")
+    with h5py.File(tmp, "w") as h5:
+        f = h5.create_dataset("features", (bundle.num_background, bundle.features.shape[1]), dtype=np.float32)
+        for a in range(0, bundle.num_background, 65536):
+            f[a : a + 65536] = np.asarray(bundle.features[a : a + 65536], dtype=np.float32)
+        h5["labels"] = np.asarray(bundle.labels)
+    tmp.rename(path)
+
+
+def memory_and_startup(bundle_dir: Path, bundle, triton_url: str, hdf5: Path, images: list[bytes]) -> dict:
+    svc = Service(bundle_dir, triton_url)
+    try:
+        asyncio.run(locate_unary(svc.target, images, 4, 5))  # serve a while first
+        ours = proc_stat(svc.proc.pid)
+        startup = svc.startup_s
+    finally:
+        svc.stop()
+    write_seed_hdf5(bundle, hdf5)
+    out = subprocess.run([sys.executable, "-c", SEED_LOAD, str(bundle_dir), str(hdf5)],
+                         capture_output=True, text=True, check=True)  # fmt: skip
+    seed = json.loads(out.stdout.strip().splitlines()[-1])
+    res = {
+        "ours_rss_mb": ours.rss_kb / 1024, "ours_private_mb": ours.rss_anon_kb / 1024,
+        "ours_startup_s": startup, "seed_rss_mb": seed["rss_kb"] / 1024, "seed_peak_mb": seed["hwm_kb"] / 1024,
+        "seed_startup_s": seed["seconds"],
+    }  # fmt: skip
+    log(f"memory: ours {res['ours_rss_mb']:.0f} MB RSS, start-up {startup:.2f} s; seed {res['seed_rss_mb']:.0f} "
+        f"MB RSS (peak {res['seed_peak_mb']:.0f}), {res['seed_startup_s']:.1f} s")  # fmt: skip
+    return res
+
+
+# --------------------------------------------------------------------------- main
+
+
+def ensure_bundle(path: Path, cells: int, background: int) -> None:
+    if (path / "manifest.json").exists():
+        return
+    log(f"building the benchmark bundle M={cells} N={background} at {path} (once)")
+    subprocess.run([sys.executable, "-m", "visloc_export.cli", "demo", "--out", str(path), "--cells", str(cells),
+                    "--background", str(background)], check=True)  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    from swc_service.triton_local import LocalTriton
+
+    p = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__)
+    p.add_argument("--bundle", default=".cache/bench/bundle-upstream-scale")
+    p.add_argument("--cells", type=int, default=31_145)
+    p.add_argument("--background", type=int, default=763_265)
+    p.add_argument("--seconds", type=float, default=8.0, help="per measured point")
+    p.add_argument("--threads", type=int, default=2, help="onnxruntime intra-op threads (model ceiling and Triton)")
+    p.add_argument("--out", default="bench/results/bench.json")
+    p.add_argument("--skip-memory", action="store_true", help="skip the upstream-scale seed-style load (5.5 GB)")
+    args = p.parse_args(argv)
+
+    bundle_dir = Path(args.bundle)
+    ensure_bundle(bundle_dir, args.cells, args.background)
+    bundle = load_bundle(bundle_dir)
+    images = [samples.photo_bytes(s, SHAPE) for s in range(16)]
+    mixed = [samples.photo_bytes(s, MIX[s % len(MIX)]) for s in range(16)]
+    results: dict = {
+        "machine": {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(),
+                    "python": platform.python_version(), "when": time.strftime("%Y-%m-%d %H:%M:%S")},
+        "bundle": {"cells": bundle.num_cells, "background": bundle.num_background, "id": bundle.bundle_id},
+        "seconds_per_point": args.seconds,
+    }  # fmt: skip
+
+    log("1. model ceiling (in-process onnxruntime)")
+    results["ort"] = ort_ceiling(bundle, args.seconds, args.threads)
+
+    with LocalTriton(bundle_dir, threads=args.threads) as triton:
+        log("2. raw Triton")
+        results["triton"] = [
+            measure(lambda c, s: raw_triton(triton, c, s), {"triton": triton.pid}, c, args.seconds)
+            for c in CONCURRENCIES
+        ]
+        for row in results["triton"]:
+            log(f"   c={row['concurrency']:>2}: {row['per_s']:.1f} req/s p99 {row['p99_ms']:.0f} ms")
+        log("3. the service (exact preprocessing)")
+        svc = Service(bundle_dir, triton.grpc_url)
+        try:
+            pids = {"service": svc.proc.pid, "triton": triton.pid}
+            results["locate"] = [
+                measure(lambda c, s: locate_unary(svc.target, images, c, s), pids, c, args.seconds)
+                for c in CONCURRENCIES
+            ]
+            for row in results["locate"]:
+                log(f"   c={row['concurrency']:>2}: {row['per_s']:.1f} img/s p99 {row['p99_ms']:.0f} ms")
+            results["stream"] = locate_stream(svc.target, images, 16, args.seconds)
+            log(f"   LocateStream 16 in flight: {results['stream']['per_s']:.1f} img/s")
+            log("7. mixed shapes, exact")
+            results["mixed_exact"] = measure(lambda c, s: locate_unary(svc.target, mixed, c, s), pids, 16, args.seconds)
+        finally:
+            svc.stop()
+        svc = Service(bundle_dir, triton.grpc_url, "--preprocessing", "center_crop_300")
+        try:
+            log("7. mixed shapes, centre crop")
+            pids = {"service": svc.proc.pid, "triton": triton.pid}
+            results["mixed_crop"] = measure(lambda c, s: locate_unary(svc.target, mixed, c, s), pids, 16, args.seconds)
+        finally:
+            svc.stop()
+
+        log("4/5. seed-style pipeline and post-processing (background in RAM as float32)")
+        background = seed_background(bundle)
+        results["seed"] = seed_pipeline(bundle, images, args.seconds, background)
+        results["postprocess"] = postprocessing(bundle, background, 2000)
+        del background
+        if not args.skip_memory:
+            log("6. memory and start-up")
+            results["memory"] = memory_and_startup(
+                bundle_dir, bundle, triton.grpc_url, bundle_dir.parent / "back_coll_features.hdf5", images
+            )
+
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+    log(f"wrote {args.out}")
+    from bench.report import write_report
+
+    write_report(results, Path("docs/BENCHMARKS.md"), Path("docs/img"))
+    log("wrote docs/BENCHMARKS.md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
