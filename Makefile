@@ -55,3 +55,30 @@ bench: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache .ruff_cache .hypothesis
+
+# Deployment checks (tests/test_deploy.py, tests/test_prometheus.py) run Debian's promtool and
+# prometheus: install the package when they are missing (as root, like CI).
+.PHONY: deploy-tools deploy-render
+test: deploy-tools
+
+deploy-tools:
+	@if command -v promtool >/dev/null && command -v prometheus >/dev/null; then :; else \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus; fi
+
+# Re-render k8s/ copies of the Triton config, alerts and dashboard after editing their sources.
+deploy-render: $(STAMP)
+	$(PY) deploy/render.py
+
+# The web page (docs/web.md). Its browser test (tests/test_web_browser.py) drives Debian's
+# chromium with Playwright (pip; no browser download): install the package when it is missing.
+.PHONY: web-browser web-vendor
+test: web-browser
+
+web-browser:
+	@if [ -x /usr/bin/chromium ]; then :; else \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium; fi
+
+# Re-vendor the page's front-end libraries (d3-geo, topojson-client, world-atlas) from
+# client/web/package-lock.json into client/src/visloc_client/web/static/vendor/ (+ MANIFEST.json).
+web-vendor:
+	cd client/web && npm ci --ignore-scripts --no-audit --no-fund && node vendor.mjs
