@@ -288,3 +288,44 @@ def test_several_workers_share_one_port(demo_bundle, local_triton):
         assert ok and float(ok[0].split()[-1]) == 8.0  # aggregated over the workers
     finally:
         assert svc.stop() == 0
+
+
+def test_a_model_that_does_not_match_the_bundle_is_not_served(local_triton, tmp_path):
+    """A bundle of another cell count than Triton's model: NOT_SERVING, the reason logged."""
+    from swc_service import bundle as B
+
+    with B.BundleWriter(tmp_path / "other") as w:
+        w.path(B.MODEL).write_bytes(b"not the model Triton serves")
+        w.save(B.CELLS, np.zeros((7, 2)))
+        w.save(B.OFFSETS, np.zeros(8, dtype=np.int64))
+        w.save(B.FEATURES, np.zeros((0, 1792), dtype=np.float16))
+        w.save(B.LABELS, np.zeros((0, 2)))
+        w.save(B.ROW_IDS, np.zeros(0, dtype=np.int64))
+        w.commit(source="demo", tool="test")
+    svc = ServiceProcess(tmp_path / "other", local_triton.grpc_url)
+    try:
+        deadline = time.monotonic() + 30
+        while "does not match the bundle" not in svc.log_text():
+            assert time.monotonic() < deadline, svc.log_text()
+            time.sleep(0.1)
+        assert "[1, 2000]" in svc.log_text() and "[1, 7]" in svc.log_text()
+        with grpc.insecure_channel(svc.target) as ch:
+            status = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=5).status
+        assert status == health_pb2.HealthCheckResponse.NOT_SERVING
+    finally:
+        svc.stop()
+
+
+def test_supervisor_exits_when_a_worker_dies(demo_bundle, local_triton):
+    import os
+    import re
+
+    svc = ServiceProcess(demo_bundle, local_triton.grpc_url, "--workers", "2", port=free_port())
+    try:
+        wait_serving(svc.target)
+        worker = int(re.search(r"\[(\d+)\] listening on", svc.log_text()).group(1))
+        os.kill(worker, 9)
+        assert svc.proc.wait(30) != 0  # the orchestrator sees the pod fail and restarts it
+        assert "exited; stopping the others" in svc.log_text()
+    finally:
+        svc.stop()

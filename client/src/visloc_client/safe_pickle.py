@@ -31,9 +31,7 @@ class RestrictedUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) in _ALLOWED:
             return getattr(__import__("builtins"), name)
-        raise UnsafePickleError(
-            f"refused to load {module}.{name}: only builtin containers and scalars are allowed"
-        )
+        raise UnsafePickleError(f"refused to load {module}.{name}: only builtin containers and scalars are allowed")
 
     def persistent_load(self, pid: Any) -> Any:
         raise UnsafePickleError("refused a persistent id: only builtin containers and scalars are allowed")

@@ -22,7 +22,7 @@ from . import __version__, metrics
 from .batcher import ShapeBatcher
 from .bundle import Bundle
 from .config import Settings
-from .errors import InvalidArgument, LocateFailure
+from .errors import InferenceFailed, InvalidArgument, LocateFailure
 from .method import DensityIndex, search_within_cell, top_cell
 from .preprocessing import ImageError, Limits, center_crop, decode, prepare_image
 from .triton_infer import TritonInference
@@ -133,6 +133,11 @@ class Locator:
         out = await self.batcher.submit(arr, deadline)
         probs = out.cell_probs
         emb = out.embedding
+        if probs.shape != (self.bundle.num_cells,) or emb.shape != (self.bundle.features.shape[1],):
+            raise InferenceFailed(
+                f"Triton's model returned {probs.shape[0]} cells / {emb.shape[0]}-d embeddings; the bundle "
+                f"has {self.bundle.num_cells} / {self.bundle.features.shape[1]}: model and bundle disagree"
+            )
 
         t0 = time.perf_counter()
         c = top_cell(probs)

@@ -51,7 +51,11 @@ def grpc_options(settings: Settings) -> list[tuple[str, int]]:
         ("grpc.so_reuseport", 1 if settings.reuse_port else 0),
         ("grpc.keepalive_time_ms", 60_000),
         ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
-    ]
+        # Clients re-resolve (and reach new pods after a scale-up) when connections age out.
+        *([("grpc.max_connection_age_ms", int(settings.max_connection_age_s * 1000)),
+           ("grpc.max_connection_age_grace_ms", int(settings.grace_s * 1000))]
+          if settings.max_connection_age_s > 0 else []),
+    ]  # fmt: skip
 
 
 def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
@@ -66,13 +70,25 @@ def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
     )
 
 
-async def _watch_triton(inference, health_servicer: health.aio.HealthServicer, interval: float, draining) -> None:
-    """SERVING only while Triton and the model are ready (and we are not draining)."""
+async def _watch_triton(
+    inference, bundle, health_servicer: health.aio.HealthServicer, interval: float, draining
+) -> None:
+    """SERVING only while Triton and the model are ready, the model answers with the bundle's
+    shapes (checked by one small inference each time Triton comes up), and we are not draining."""
     from . import metrics
 
     last = None
+    verified = False
     while not draining.is_set():
         ready = await inference.ready(timeout_s=max(0.2, interval))
+        if ready and not verified:
+            problem = await inference.check_model(bundle.num_cells, int(bundle.features.shape[1]))
+            if problem:
+                log.error("Triton's model does not match the bundle: %s", problem)
+            verified = problem is None
+        if not ready:
+            verified = False
+        ready = ready and verified
         metrics.TRITON_READY.set(1 if ready else 0)
         status = health_pb2.HealthCheckResponse.SERVING if ready else health_pb2.HealthCheckResponse.NOT_SERVING
         if status != last:
@@ -126,7 +142,7 @@ async def serve(settings: Settings, *, on_started=None) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, draining.set)
     watcher = asyncio.create_task(
-        _watch_triton(inference, health_servicer, settings.triton_health_interval_s, draining)
+        _watch_triton(inference, bundle, health_servicer, settings.triton_health_interval_s, draining)
     )
     await draining.wait()
     log.info("draining: NOT_SERVING, refusing new calls, %.1f s grace for calls in flight", settings.grace_s)
@@ -163,15 +179,27 @@ def _supervise(settings: Settings, argv: list[str]) -> int:
     children = [subprocess.Popen(cmd, env=env) for _ in range(settings.workers)]
     log.info("supervisor: %d workers (pids %s)", len(children), [c.pid for c in children])
 
+    stopping = False
+
     def forward(signum: int, _frame) -> None:
+        nonlocal stopping
+        stopping = True
         for child in children:
             if child.poll() is None:
                 child.send_signal(signum)
 
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
+    # A worker that dies on its own takes the others down with it, so the supervisor exits and
+    # the orchestrator restarts the whole pod: the port would otherwise stay open on fewer workers.
+    while not stopping and all(child.poll() is None for child in children):
+        time.sleep(0.2)
+    if not stopping:
+        dead = [c.pid for c in children if c.poll() is not None]
+        log.error("supervisor: worker(s) %s exited; stopping the others", dead)
+        forward(signal.SIGTERM, None)
     codes = [child.wait() for child in children]
-    return max(abs(c) for c in codes)
+    return 1 if not stopping and all(c == 0 for c in codes) else max(abs(c) for c in codes)
 
 
 def main(argv: list[str] | None = None) -> int:

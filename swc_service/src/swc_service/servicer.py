@@ -42,6 +42,9 @@ async def locate_within(locator: Locator, request: pb.LocateRequest, deadline: f
     except asyncio.CancelledError:
         code = grpc.StatusCode.CANCELLED
         raise
+    except Exception:
+        code = grpc.StatusCode.INTERNAL
+        raise
     finally:
         metrics.IN_FLIGHT.dec()
         metrics.IMAGES.labels(code.name).inc()

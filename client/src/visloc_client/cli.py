@@ -1,0 +1,430 @@
+"""The ``visloc`` command: locate images, evaluate a dataset, describe the service.
+
+Everything goes through the live service; the CLI only reads files, fetches URLs on the
+caller's machine, and does the evaluation arithmetic on what the service returns.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from visloc_client import __version__
+from visloc_client._common import TLSConfig
+from visloc_client.client import LocatorClient
+from visloc_client.dataset import list_images, load_metadata, match_id
+from visloc_client.errors import LocateError
+from visloc_client.evaluation import format_split, haversine_km, split_summary
+from visloc_client.fetch import DEFAULT_MAX_BYTES, FetchError, fetch_url, is_url
+from visloc_client.progress import Progress
+from visloc_client.results import LocateResult
+from visloc_client.web.serve import add_arguments as web_arguments
+
+DEFAULT_TARGET = "127.0.0.1:50051"
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+
+def _err(message: str) -> None:
+    print(f"visloc: {message}", file=sys.stderr)
+
+
+def _describe(error: BaseException) -> str:
+    if isinstance(error, LocateError):
+        return f"{error.code.name}: {error.reason}"
+    return f"{type(error).__name__}: {error}"
+
+
+# --- arguments -------------------------------------------------------------------------------
+
+
+def _connection_args(parser: argparse.ArgumentParser, *, suppress: bool) -> None:
+    """Connection options, accepted before or after the subcommand. On the subcommands the
+    defaults are suppressed so that they only override what the main parser already set."""
+
+    def default(value: Any) -> Any:
+        return argparse.SUPPRESS if suppress else value
+
+    g = parser.add_argument_group("connection")
+    g.add_argument(
+        "--target",
+        default=default(os.environ.get("VISLOC_TARGET", DEFAULT_TARGET)),
+        help=f"HOST:PORT of the Locate service (env VISLOC_TARGET; default {DEFAULT_TARGET})",
+    )
+    g.add_argument("--tls", action="store_true", default=default(False), help="use TLS (system roots)")
+    g.add_argument("--ca", default=default(None), help="PEM root certificates (implies --tls)")
+    g.add_argument("--cert", default=default(None), help="client certificate for mutual TLS")
+    g.add_argument("--key", default=default(None), help="client private key for mutual TLS")
+    g.add_argument(
+        "--token-file",
+        default=default(None),
+        help="file holding a bearer token (else env VISLOC_TOKEN)",
+    )
+    g.add_argument(
+        "--timeout",
+        type=float,
+        default=default(30.0),
+        help="seconds per call, retries included (default 30)",
+    )
+    g.add_argument(
+        "--retries",
+        type=int,
+        default=default(3),
+        help="retries on UNAVAILABLE, with backoff (default 3)",
+    )
+
+
+def _option_args(parser: argparse.ArgumentParser, *, returns: bool) -> None:
+    g = parser.add_argument_group("Locate options (unset: the server's defaults)")
+    g.add_argument("--top-k", type=int, help="neighbours considered by SwC")
+    g.add_argument("--eps-km", type=float, help="DBSCAN radius in km")
+    g.add_argument("--conf-scale-km", type=float, help="PD scale that gives the confidence")
+    g.add_argument("--conf-threshold", type=float, help="localizable when confidence > this")
+    if returns:
+        g.add_argument("--neighbours", type=int, default=0, help="SwC neighbours to return")
+        g.add_argument("--top-cells", type=int, default=0, help="most probable cells to return")
+
+
+def _options(args: argparse.Namespace) -> dict[str, Any]:
+    names = ("top_k", "eps_km", "conf_scale_km", "conf_threshold", "neighbours", "top_cells")
+    return {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="visloc", description="Ask the visloc Locate service where photos were taken."
+    )
+    parser.add_argument("--version", action="version", version=f"visloc {__version__}")
+    _connection_args(parser, suppress=False)
+    common = argparse.ArgumentParser(add_help=False)
+    _connection_args(common, suppress=True)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser(
+        "locate",
+        parents=[common],
+        help="locate images, URLs or stdin",
+        description="One line per image: name, lat, lon, confidence, localizable, method "
+        "(tab-separated), or JSON lines with --json. Exits 1 if any image failed.",
+    )
+    p.add_argument("images", nargs="+", metavar="IMAGE|URL|-", help="files, http(s) URLs, or - for stdin")
+    _option_args(p, returns=True)
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
+    p.add_argument(
+        "--max-bytes",
+        type=int,
+        default=DEFAULT_MAX_BYTES,
+        help="largest URL or stdin body to read (default 20 MiB)",
+    )
+    p.add_argument("--fetch-timeout", type=float, default=30.0, help="seconds to fetch a URL")
+    p.set_defaults(func=cmd_locate)
+
+    p = sub.add_parser(
+        "evaluate",
+        parents=[common],
+        help="evaluate a labelled image folder through the service",
+        description="Acc@{0.1,1,25,200,750,2500}km and the median error, for all, localizable "
+        "and non-localizable images, as the reference evaluation reports them; failures are "
+        "counted and listed. Ctrl-C prints the partial report.",
+    )
+    p.add_argument("--images", required=True, help="folder of images (not recursive)")
+    p.add_argument("--metadata", required=True, help="upstream .pkl or a CSV with header id,lat,lon")
+    p.add_argument("--concurrency", type=int, default=16, help="images in flight (default 16)")
+    p.add_argument("--out", help="write the JSON report here")
+    p.add_argument("--plot", help="write a cumulative accuracy plot here (PNG; needs matplotlib)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    _option_args(p, returns=False)
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("info", parents=[common], help="what the service is serving")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser(
+        "web",
+        parents=[common],
+        help="serve the web page: drop a photo, see where it was taken (docs/web.md)",
+        description="One page in front of the Locate service, which it calls through this client.",
+    )
+    web_arguments(p)
+    p.set_defaults(func=cmd_web)
+    return parser
+
+
+def _client(args: argparse.Namespace) -> LocatorClient:
+    tls: bool | TLSConfig = False
+    if args.tls or args.ca or args.cert or args.key:
+        tls = TLSConfig(ca=args.ca, cert=args.cert, key=args.key)
+    if args.token_file:
+        token: str | None = Path(args.token_file).read_text().strip()
+    else:
+        token = os.environ.get("VISLOC_TOKEN") or None
+    return LocatorClient(args.target, tls=tls, token=token, timeout=args.timeout, retries=args.retries)
+
+
+# --- locate ----------------------------------------------------------------------------------
+
+
+def _read_stdin(max_bytes: int) -> bytes:
+    data = sys.stdin.buffer.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise FetchError(f"stdin: more than the limit of {max_bytes} bytes")
+    return data
+
+
+def _load_input(spec: str, args: argparse.Namespace) -> bytes:
+    if spec == "-":
+        return _read_stdin(args.max_bytes)
+    if is_url(spec):
+        return fetch_url(spec, max_bytes=args.max_bytes, timeout=args.fetch_timeout)
+    return Path(spec).read_bytes()
+
+
+def result_line(name: str, result: LocateResult) -> str:
+    flag = "localizable" if result.localizable else "not-localizable"
+    return f"{name}\t{result.lat:.6f}\t{result.lon:.6f}\t{result.confidence:.4f}\t{flag}\t{result.method.value}"
+
+
+def cmd_locate(args: argparse.Namespace) -> int:
+    options = _options(args)
+    failed = 0
+    with _client(args) as client:
+        for spec in args.images:
+            name = "<stdin>" if spec == "-" else spec
+            try:
+                result = client.locate(_load_input(spec, args), **options)
+            except (OSError, LocateError) as err:
+                failed += 1
+                _err(f"{name}: {_describe(err)}")
+                if args.json:
+                    error = err.to_dict() if isinstance(err, LocateError) else {"code": "LOCAL", "reason": str(err)}
+                    print(json.dumps({"source": name, "error": error}), flush=True)
+                continue
+            if args.json:
+                print(json.dumps({"source": name, **result.to_dict()}), flush=True)
+            else:
+                print(result_line(name, result), flush=True)
+    return EXIT_FAILED if failed else 0
+
+
+# --- info ------------------------------------------------------------------------------------
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        try:
+            info = client.info()
+        except LocateError as err:
+            _err(_describe(err))
+            return EXIT_FAILED
+    if args.json:
+        print(json.dumps(info.to_dict(), indent=2))
+        return 0
+    d = info.defaults
+    rows = [
+        ("service", info.service_version),
+        ("model", f"{info.model_name} {info.model_version}"),
+        ("bundle", f"{info.bundle_id} ({info.bundle_source})"),
+        ("background", f"{info.background_version}: {info.num_background} images"),
+        ("cells", str(info.num_cells)),
+        ("embedding dim", str(info.embedding_dim)),
+        ("PD scales (km)", ", ".join(f"{s:g}" for s in info.pd_scales_km)),
+        ("preprocessing", info.preprocessing),
+        (
+            "defaults",
+            f"top_k={d.top_k} eps_km={d.eps_km} conf_scale_km={d.conf_scale_km} "
+            f"conf_threshold={d.conf_threshold} neighbours={d.neighbours} top_cells={d.top_cells}",
+        ),
+        ("max image bytes", str(info.max_image_bytes)),
+        ("max image pixels", str(info.max_image_pixels)),
+    ]
+    if info.bundle_warning:
+        rows.append(("WARNING", info.bundle_warning))
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        print(f"{key:<{width}}  {value}")
+    return 0
+
+
+# --- web -------------------------------------------------------------------------------------
+
+
+def cmd_web(args: argparse.Namespace) -> int:
+    from visloc_client.web.serve import serve
+
+    return serve(args, _client(args))
+
+
+# --- evaluate --------------------------------------------------------------------------------
+
+_LISTED = 20  # with --out, the console lists this many failures; the report lists them all
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    if args.plot:
+        from visloc_client.plot import require_matplotlib
+
+        try:
+            require_matplotlib()
+        except RuntimeError as err:
+            _err(str(err))
+            return EXIT_USAGE
+    try:
+        metadata = load_metadata(args.metadata)
+        files = list_images(args.images)
+    except (OSError, ValueError) as err:
+        _err(_describe(err))
+        return EXIT_USAGE
+    jobs: list[tuple[Path, str]] = []
+    no_metadata: list[str] = []
+    for path in files:
+        image_id = match_id(path.name, metadata)
+        if image_id is None:
+            no_metadata.append(path.name)
+        else:
+            jobs.append((path, image_id))
+    print(
+        f"evaluating {len(jobs)} images against {args.target} ({len(no_metadata)} of {len(files)} have no metadata)",
+        file=sys.stderr,
+    )
+
+    records: list[dict[str, Any]] = []
+    failures: list[dict[str, Any]] = []
+    progress = Progress(len(jobs), enabled=not args.no_progress)
+    interrupted = False
+    stream_error: LocateError | None = None
+    start = time.monotonic()
+    with _client(args) as client:
+        items = client.locate_many(
+            (path for path, _ in jobs), concurrency=args.concurrency, ordered=False, **_options(args)
+        )
+        try:
+            with contextlib.closing(items):
+                for item in items:
+                    path, image_id = jobs[item.index]
+                    if item.result is None:
+                        failures.append(_failure(path.name, image_id, item.error))
+                    else:
+                        records.append(_record(path.name, image_id, metadata[image_id], item.result))
+                    progress.update(failed=int(item.result is None))
+        except KeyboardInterrupt:
+            interrupted = True
+        except LocateError as err:
+            stream_error = err
+    progress.close()
+    elapsed = time.monotonic() - start
+
+    records.sort(key=lambda r: r["file"])
+    split = split_summary([r["error_km"] for r in records], [r["localizable"] for r in records])
+    not_run = len(jobs) - len(records) - len(failures)
+    report = {
+        "target": args.target,
+        "images": str(args.images),
+        "metadata": str(args.metadata),
+        "options": _options(args),
+        "complete": not_run == 0,
+        "interrupted": interrupted,
+        "stream_error": stream_error.to_dict() if stream_error else None,
+        "elapsed_s": round(elapsed, 3),
+        "counts": {
+            "files": len(files),
+            "evaluated": len(records),
+            "failed": len(failures),
+            "no_metadata": len(no_metadata),
+            "not_run": not_run,
+        },
+        "summary": split.to_dict(),
+        "records": records,
+        "failures": failures,
+        "no_metadata": no_metadata,
+    }
+
+    print(format_split(split))
+    _print_list(f"Failed images: {len(failures)}", [_failure_line(f) for f in failures], args.out)
+    _print_list(f"Images without metadata: {len(no_metadata)}", no_metadata, args.out)
+    if interrupted:
+        print(f"\nInterrupted: partial report, {not_run} of {len(jobs)} images not evaluated")
+    if stream_error:
+        print(f"\nStopped by a stream failure ({_describe(stream_error)}): {not_run} images not evaluated")
+    if args.out:
+        Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
+        print(f"report: {args.out}", file=sys.stderr)
+    if args.plot:
+        from visloc_client.plot import plot_cumulative
+
+        loc = [r["error_km"] for r in records if r["localizable"]]
+        non = [r["error_km"] for r in records if not r["localizable"]]
+        plot_cumulative(
+            args.plot,
+            [("all", [r["error_km"] for r in records]), ("localizable", loc), ("non-localizable", non)],
+            title=f"Cumulative accuracy: {Path(args.images).name}",
+        )
+        print(f"plot: {args.plot}", file=sys.stderr)
+    if interrupted:
+        return EXIT_INTERRUPTED
+    return EXIT_FAILED if failures or stream_error else 0
+
+
+def _record(name: str, image_id: str, gt: tuple[float, float], result: LocateResult) -> dict[str, Any]:
+    return {
+        "file": name,
+        "id": image_id,
+        "gt_lat": gt[0],
+        "gt_lon": gt[1],
+        "pred_lat": result.lat,
+        "pred_lon": result.lon,
+        "error_km": haversine_km(gt[0], gt[1], result.lat, result.lon),
+        "confidence": result.confidence,
+        "localizable": result.localizable,
+        "method": result.method.value,
+    }
+
+
+def _failure(name: str, image_id: str, error: BaseException | None) -> dict[str, Any]:
+    if isinstance(error, LocateError):
+        code, reason = error.code.name, error.reason
+    else:
+        code, reason = "LOCAL", f"{type(error).__name__}: {error}"
+    return {"file": name, "id": image_id, "code": code, "reason": reason}
+
+
+def _failure_line(failure: dict[str, Any]) -> str:
+    return f"{failure['file']}: {failure['code']}: {failure['reason']}"
+
+
+def _print_list(title: str, lines: list[str], out: str | None) -> None:
+    if not lines:
+        return
+    print(f"\n{title}")
+    shown = lines if out is None else lines[:_LISTED]
+    for line in shown:
+        print(f"  {line}")
+    if len(shown) < len(lines):
+        print(f"  ... and {len(lines) - len(shown)} more (all listed in {out})")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args))
+    except ValueError as err:  # bad option values, e.g. a negative --neighbours
+        _err(str(err))
+        return EXIT_USAGE
+    except OSError as err:  # e.g. an unreadable --token-file or TLS file
+        _err(_describe(err))
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

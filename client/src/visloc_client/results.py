@@ -1,0 +1,253 @@
+"""Typed, protobuf-free views of what the service returns, so callers never touch generated code."""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from visloc_client.errors import LocateError
+from visloc_client.v1 import locator_pb2 as pb
+
+
+class Method(str, enum.Enum):
+    """How the location was obtained (a ``str`` so it prints and serialises as its value)."""
+
+    UNSPECIFIED = "unspecified"
+    SWC = "swc"
+    CELL = "cell"
+
+    @classmethod
+    def from_pb(cls, value: int) -> Method:
+        return {pb.METHOD_SWC: cls.SWC, pb.METHOD_CELL: cls.CELL}.get(value, cls.UNSPECIFIED)
+
+
+def _check_int(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+
+
+def _check_real(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+        raise ValueError(f"{name} must be a number, got {value!r}")
+
+
+@dataclass(frozen=True)
+class LocateOptions:
+    """Per-request options; ``None`` means the server's default (see ``ServiceInfo.defaults``).
+
+    Only types are checked here; ranges are the server's to judge (it answers INVALID_ARGUMENT).
+    """
+
+    top_k: int | None = None
+    eps_km: float | None = None
+    conf_scale_km: float | None = None
+    conf_threshold: float | None = None
+    neighbours: int = 0
+    top_cells: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("top_k", "neighbours", "top_cells"):
+            value = getattr(self, name)
+            if value is not None:
+                _check_int(name, value)
+        for name in ("eps_km", "conf_scale_km", "conf_threshold"):
+            value = getattr(self, name)
+            if value is not None:
+                _check_real(name, value)
+
+    def to_pb(self) -> pb.LocateOptions:
+        msg = pb.LocateOptions(return_neighbours=self.neighbours, return_top_cells=self.top_cells)
+        for name in ("top_k", "eps_km", "conf_scale_km", "conf_threshold"):
+            value = getattr(self, name)
+            if value is not None:
+                setattr(msg, name, value)
+        return msg
+
+    @classmethod
+    def from_pb(cls, msg: pb.LocateOptions) -> LocateOptions:
+        return cls(
+            top_k=msg.top_k if msg.HasField("top_k") else None,
+            eps_km=msg.eps_km if msg.HasField("eps_km") else None,
+            conf_scale_km=msg.conf_scale_km if msg.HasField("conf_scale_km") else None,
+            conf_threshold=msg.conf_threshold if msg.HasField("conf_threshold") else None,
+            neighbours=msg.return_neighbours,
+            top_cells=msg.return_top_cells,
+        )
+
+
+@dataclass(frozen=True)
+class Cell:
+    id: int
+    lat: float
+    lon: float
+    probability: float
+
+    @classmethod
+    def from_pb(cls, msg: pb.Cell) -> Cell:
+        return cls(id=msg.id, lat=msg.lat, lon=msg.lon, probability=msg.probability)
+
+
+@dataclass(frozen=True)
+class Neighbour:
+    """A background image that SwC considered; ``row_id`` indexes the upstream collection."""
+
+    row_id: int
+    similarity: float
+    lat: float
+    lon: float
+    cluster: int
+    in_prediction: bool
+
+    @classmethod
+    def from_pb(cls, msg: pb.Neighbour) -> Neighbour:
+        return cls(
+            row_id=msg.row_id,
+            similarity=msg.similarity,
+            lat=msg.lat,
+            lon=msg.lon,
+            cluster=msg.cluster,
+            in_prediction=msg.in_prediction,
+        )
+
+
+@dataclass(frozen=True)
+class ScaleDensity:
+    scale_km: float
+    density: float
+
+
+@dataclass(frozen=True)
+class Timings:
+    """Server-side milliseconds per stage (``queue_ms``: waiting to be batched for Triton)."""
+
+    decode_ms: float = 0.0
+    preprocess_ms: float = 0.0
+    queue_ms: float = 0.0
+    triton_ms: float = 0.0
+    swc_ms: float = 0.0
+    pd_ms: float = 0.0
+    total_ms: float = 0.0
+
+    @classmethod
+    def from_pb(cls, msg: pb.StageTimings) -> Timings:
+        return cls(**{f.name: getattr(msg, f.name) for f in dataclasses.fields(cls)})
+
+
+@dataclass(frozen=True)
+class LocateResult:
+    """One prediction. ``confidence`` is the PD at ``conf_scale_km``; ``localizable`` is
+    ``confidence > conf_threshold`` as decided by the server."""
+
+    request_id: str
+    lat: float
+    lon: float
+    method: Method
+    confidence: float
+    localizable: bool
+    top_cell: Cell | None = None
+    prediction_density: tuple[ScaleDensity, ...] = ()
+    neighbours: tuple[Neighbour, ...] = ()
+    top_cells: tuple[Cell, ...] = ()
+    model_version: str = ""
+    background_version: str = ""
+    timings: Timings = field(default_factory=Timings)
+    image_width: int = 0
+    image_height: int = 0
+    input_width: int = 0
+    input_height: int = 0
+    batch_size: int = 0
+
+    @classmethod
+    def from_pb(cls, msg: pb.LocateResponse) -> LocateResult:
+        return cls(
+            request_id=msg.request_id,
+            lat=msg.lat,
+            lon=msg.lon,
+            method=Method.from_pb(msg.method),
+            confidence=msg.confidence,
+            localizable=msg.localizable,
+            top_cell=Cell.from_pb(msg.top_cell) if msg.HasField("top_cell") else None,
+            prediction_density=tuple(ScaleDensity(d.scale_km, d.density) for d in msg.prediction_density),
+            neighbours=tuple(Neighbour.from_pb(n) for n in msg.neighbours),
+            top_cells=tuple(Cell.from_pb(c) for c in msg.top_cells),
+            model_version=msg.model_version,
+            background_version=msg.background_version,
+            timings=Timings.from_pb(msg.timings),
+            image_width=msg.image_width,
+            image_height=msg.image_height,
+            input_width=msg.input_width,
+            input_height=msg.input_height,
+            batch_size=msg.batch_size,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready data (the method as its string value)."""
+        data = dataclasses.asdict(self)
+        data["method"] = self.method.value
+        return data
+
+
+@dataclass(frozen=True)
+class ServiceInfo:
+    """What GetInfo says is being served, including option defaults and input limits."""
+
+    service_version: str
+    model_name: str
+    model_version: str
+    bundle_id: str
+    bundle_source: str
+    background_version: str
+    num_cells: int
+    num_background: int
+    embedding_dim: int
+    pd_scales_km: tuple[float, ...]
+    defaults: LocateOptions
+    max_image_bytes: int
+    max_image_pixels: int
+    preprocessing: str
+    bundle_warning: str
+
+    @classmethod
+    def from_pb(cls, msg: pb.GetInfoResponse) -> ServiceInfo:
+        return cls(
+            service_version=msg.service_version,
+            model_name=msg.model_name,
+            model_version=msg.model_version,
+            bundle_id=msg.bundle_id,
+            bundle_source=msg.bundle_source,
+            background_version=msg.background_version,
+            num_cells=msg.num_cells,
+            num_background=msg.num_background,
+            embedding_dim=msg.embedding_dim,
+            pd_scales_km=tuple(msg.pd_scales_km),
+            defaults=LocateOptions.from_pb(msg.defaults),
+            max_image_bytes=msg.max_image_bytes,
+            max_image_pixels=msg.max_image_pixels,
+            preprocessing=msg.preprocessing,
+            bundle_warning=msg.bundle_warning,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class BatchItem:
+    """One outcome of ``locate_many``: exactly one of ``result`` and ``error`` is set.
+
+    ``index`` is the position in the input iterable; ``source`` the path for path inputs (None
+    for bytes). ``error`` is a ``LocateError`` for a service-side failure or an ``OSError`` when
+    the image could not be read locally.
+    """
+
+    index: int
+    source: str | None
+    result: LocateResult | None = None
+    error: LocateError | OSError | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
