@@ -9,7 +9,7 @@ BUNDLE ?=
 DEMO_BUNDLE := .cache/demo-bundle
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test lint format proto bench clean help
+.PHONY: setup demo test lint format proto bench soak clean help
 
 help:
 	@echo "make demo      local Triton + Locate service + sample images (DEMO_ONESHOT=1 to exit after)"
@@ -52,6 +52,10 @@ proto: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m bench.run
+
+# A bounded soak at saturation on loopback (SOAK_SECONDS, default 600): 0 errors, no growth.
+soak: $(STAMP) $(DEMO_BUNDLE)/manifest.json
+	$(PY) -m bench.soak --bundle $(DEMO_BUNDLE)
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache .ruff_cache .hypothesis
