@@ -75,7 +75,7 @@ deploy-render: $(STAMP)
 
 # The web page (docs/web.md). Its browser test (tests/test_web_browser.py) drives Debian's
 # chromium with Playwright (pip; no browser download): install the package when it is missing.
-.PHONY: web-browser web-vendor
+.PHONY: web-browser web-vendor web-screenshots
 test: web-browser
 
 web-browser:
@@ -86,3 +86,7 @@ web-browser:
 # client/web/package-lock.json into client/src/visloc_client/web/static/vendor/ (+ MANIFEST.json).
 web-vendor:
 	cd client/web && npm ci --ignore-scripts --no-audit --no-fund && node vendor.mjs
+
+# Refresh docs/img/web-desktop.png and web-phone.png from the browser test (live demo stack).
+web-screenshots: $(STAMP) web-browser
+	VISLOC_WEB_DOCS_IMG=1 $(PY) -m pytest tests/test_web_browser.py -q
