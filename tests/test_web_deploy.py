@@ -184,7 +184,10 @@ def _render(tmp_path: Path, overlay: str, components: list[Path]) -> list[dict]:
     here.mkdir()
     rel = lambda p: os.path.relpath(p, here)  # noqa: E731 - kustomize wants relative paths
     base = ROOT / "k8s" / "overlays" / overlay
-    namespace = yaml.safe_load((base / "kustomization.yaml").read_text())["namespace"]
+    overlay_doc = yaml.safe_load((base / "kustomization.yaml").read_text())
+    namespace = overlay_doc["namespace"]
+    wired = {(base / c).resolve() for c in overlay_doc.get("components", [])}
+    components = [c for c in components if Path(c).resolve() not in wired]  # already in the overlay
     (here / "kustomization.yaml").write_text(
         yaml.safe_dump(
             {
@@ -192,7 +195,7 @@ def _render(tmp_path: Path, overlay: str, components: list[Path]) -> list[dict]:
                 "kind": "Kustomization",
                 "namespace": namespace,
                 "resources": [rel(base)],
-                "components": [rel(c) for c in components],
+                **({"components": [rel(c) for c in components]} if components else {}),
             }
         )
     )

@@ -18,6 +18,8 @@ import time
 from pathlib import Path
 
 from visloc_client import LocatorClient
+from visloc_client.web import WebApp
+from visloc_client.web import start as start_web
 
 from . import samples
 from .bundle import load_bundle
@@ -95,10 +97,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"NOTE: {bundle.manifest.get('warning', 'demo bundle')}\n")
     grpc_port, metrics_port = _port(50051), _port(9090)
     workdir = Path(".cache/triton")
-    triton = LocalTriton(
-        args.bundle, workdir, grpc_port=_port(8001), http_port=_port(8000), metrics_port=_port(8002)
-    )
-    service = None
+    triton = LocalTriton(args.bundle, workdir, grpc_port=_port(8001), http_port=_port(8000), metrics_port=_port(8002))
+    service = web = web_client = None
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:
@@ -127,6 +127,9 @@ def main(argv: list[str] | None = None) -> int:
         failed = sum(isinstance(r, Exception) for _, r in rows)
         if args.oneshot:
             return 1 if failed else 0
+        web_client = LocatorClient(target, timeout=60)
+        web = start_web(WebApp(web_client), "127.0.0.1", _port(8080))
+        print(f"Web page        {web.url}   (drop a photo there)")
         print("\nServing until Ctrl-C ...", flush=True)
         while not stop.is_set() and service.poll() is None and triton.running():
             stop.wait(0.5)
@@ -134,6 +137,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 0
     finally:
+        if web is not None:
+            web.shutdown()
+            web.server_close()
+        if web_client is not None:
+            web_client.close()
         if service is not None and service.poll() is None:
             service.send_signal(signal.SIGTERM)
             try:
