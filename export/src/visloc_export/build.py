@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import sys
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import h5py
 import numpy as np
@@ -44,11 +43,7 @@ class ParityReport:
 
     @property
     def ok(self) -> bool:
-        return (
-            self.top5_equal
-            and self.max_log_prob_diff <= LOG_PROB_TOL
-            and self.max_embedding_diff <= EMBEDDING_TOL
-        )
+        return self.top5_equal and self.max_log_prob_diff <= LOG_PROB_TOL and self.max_embedding_diff <= EMBEDDING_TOL
 
     def as_dict(self) -> dict:
         return asdict(self) | {
@@ -76,9 +71,7 @@ def parity_batches(images: list[bytes] | None = None) -> list[np.ndarray]:
 
 
 @torch.no_grad()
-def check_parity(
-    net: VislocNet, onnx_path: str | os.PathLike[str], batches: list[np.ndarray]
-) -> ParityReport:
+def check_parity(net: VislocNet, onnx_path: str | os.PathLike[str], batches: list[np.ndarray]) -> ParityReport:
     """PyTorch vs onnxruntime on the same uint8 batches: log-prob, embedding and top-5 diffs."""
     net = net.eval()
     sess = onnx_session(onnx_path)
@@ -164,9 +157,7 @@ def demo_net_for(bundle: B.Bundle) -> VislocNet:
 # --------------------------------------------------------------------------- upstream
 
 
-def read_assignments(
-    path: str | os.PathLike[str], num_cells: int, num_rows: int
-) -> tuple[np.ndarray, np.ndarray]:
+def read_assignments(path: str | os.PathLike[str], num_cells: int, num_rows: int) -> tuple[np.ndarray, np.ndarray]:
     """``cells_assignments.pkl`` -> (order, offsets): rows grouped by cell, ascending within.
 
     Checked: every key a cell id in [0, M), every row an int in [0, N), each row exactly once.
@@ -264,20 +255,3 @@ def import_upstream(
                     "parity": parity.as_dict(),
                 },
             )
-
-
-def place_model(bundle_dir: str | os.PathLike[str], repository: str | os.PathLike[str]) -> Path:
-    """Copy (hard-link when possible) a bundle's model into ``<repository>/visloc/1/model.onnx``."""
-    b = B.load_bundle(bundle_dir)
-    dest = Path(repository) / "visloc" / "1" / "model.onnx"
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_suffix(".onnx.tmp")
-    tmp.unlink(missing_ok=True)
-    try:
-        os.link(b.model_path, tmp)
-    except OSError:
-        import shutil
-
-        shutil.copyfile(b.model_path, tmp)
-    os.replace(tmp, dest)
-    return dest

@@ -73,10 +73,10 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 
 
 def _cmd_place(args: argparse.Namespace) -> int:
-    from .build import place_model
+    from swc_service.triton_local import place_model
 
     dest = place_model(args.bundle, args.repository)
-    print(f"placed {dest}")
+    print(f"placed {dest} (config sized for the bundle's cells)")
     return 0
 
 
@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (BundleError, ValueError, OSError) as exc:
+    except (BundleError, ValueError, OSError, RuntimeError) as exc:
         print(f"visloc-export: error: {exc}", file=sys.stderr)
         return 2
 
