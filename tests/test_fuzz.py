@@ -92,6 +92,7 @@ def option_sets(draw) -> pb.LocateOptions:
     return pb.LocateOptions(**kwargs)
 
 
+@pytest.mark.filterwarnings("ignore::UserWarning")  # Pillow's notes on the corrupt metadata we feed it
 @settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck), database=None)
 @given(data=mutated_images(), options=option_sets())
 def test_mutated_images_and_options_never_escape_as_internal(data, options):
