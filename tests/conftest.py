@@ -14,6 +14,34 @@ from pathlib import Path
 import pytest
 
 
+def dependency_closure(*roots: str) -> set[str]:
+    """Every distribution that installing ``roots`` (no extras) pulls in, walked through the
+    installed distributions' metadata (offline)."""
+    import contextlib
+    import importlib.metadata as md
+    import re
+
+    def requirements(dist: str) -> set[str]:
+        out = set()
+        for req in md.requires(dist) or []:
+            if "extra ==" in req or "extra==" in req:
+                continue
+            if ";" in req and "python_version" in req and "<" in req.split(";", 1)[1]:
+                continue  # backports for older Pythons
+            out.add(re.split(r"[ ;<>=!~\[(]", req, maxsplit=1)[0].lower().replace("_", "-"))
+        return out
+
+    seen, todo = set(), list(roots)
+    while todo:
+        dist = todo.pop()
+        if dist in seen:
+            continue
+        seen.add(dist)
+        with contextlib.suppress(md.PackageNotFoundError):
+            todo += requirements(dist)
+    return seen
+
+
 def free_port() -> int:
     """A free TCP port on 127.0.0.1 (tests only ever listen on loopback)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import importlib.metadata as md
 import importlib.util
 import json
 import os
@@ -25,7 +24,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import free_port
+from conftest import dependency_closure, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "k8s"
@@ -607,24 +606,7 @@ def test_service_image_dependencies_have_no_torch():
     """What `pip install ./client ./swc_service` pulls in (the image's install, no extras),
     walked through the installed distributions' metadata: no torch, no Triton server, no onnxruntime."""
 
-    def requirements(dist: str) -> set[str]:
-        out = set()
-        for req in md.requires(dist) or []:
-            if "extra ==" in req or "extra==" in req:
-                continue
-            if ";" in req and "python_version" in req and "<" in req.split(";", 1)[1]:
-                continue  # backports for older Pythons
-            out.add(re.split(r"[ ;<>=!~\[(]", req, maxsplit=1)[0].lower().replace("_", "-"))
-        return out
-
-    seen, todo = set(), ["visloc-swc-service", "visloc-client"]
-    while todo:
-        dist = todo.pop()
-        if dist in seen:
-            continue
-        seen.add(dist)
-        with contextlib.suppress(md.PackageNotFoundError):
-            todo += requirements(dist)
+    seen = dependency_closure("visloc-swc-service", "visloc-client")
     assert {"grpcio", "numpy", "pillow", "tritonclient", "prometheus-client"} <= seen
     banned = {d for d in seen if d in {"torch", "nvidia-pytriton", "onnxruntime", "onnx"} or d.startswith("nvidia-")}
     assert not banned, f"the service image would install {banned}"
