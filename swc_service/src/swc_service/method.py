@@ -141,16 +141,21 @@ class DensityIndex:
         self._thresholds = np.cos(np.asarray(self.scales_km) / EARTH_RADIUS_KM)
 
     def density(self, cell: int, cell_probs: np.ndarray) -> np.ndarray:
-        """PD at every scale for top cell ``cell`` (float64 array aligned with ``scales_km``)."""
+        """PD at every scale for top cell ``cell`` (float64 array aligned with ``scales_km``).
+
+        Work happens on the cells that can be within the largest scale (one pass over all M),
+        kept in index order, so each masked sum adds the same float32 values in the same order
+        as the reference's ``probs[d <= s].sum()`` and gives the same number, bit for bit.
+        """
         dots = self._units @ self._units[cell]
+        near = np.flatnonzero(dots >= self._thresholds.min() - self.BAND)
+        d, p = dots[near], cell_probs[near]
         out = np.empty(len(self.scales_km), dtype=np.float64)
         for i, (scale, t) in enumerate(zip(self.scales_km, self._thresholds)):
-            within = dots > t + self.BAND
-            band = np.flatnonzero(np.abs(dots - t) <= self.BAND)
+            within = d > t + self.BAND
+            band = np.flatnonzero(np.abs(d - t) <= self.BAND)
             if band.size:
-                c = self.centres
-                d = haversine_km(c[cell, 0], c[cell, 1], c[band, 0], c[band, 1])
-                within[band] = d <= scale
-            out[i] = cell_probs[within].sum()
+                c = self.centres[near[band]]
+                within[band] = haversine_km(self.centres[cell, 0], self.centres[cell, 1], c[:, 0], c[:, 1]) <= scale
+            out[i] = p[within].sum()
         return out
-
