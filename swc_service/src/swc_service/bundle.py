@@ -107,6 +107,14 @@ class Bundle:
         a, b = self.cell_rows(cell)
         return self.features[a:b], self.labels[a:b], self.row_ids[a:b]
 
+    def prefetch(self) -> None:
+        """Ask the kernel to read the background into the page cache in the background
+        (MADV_WILLNEED returns at once): the first requests then do not wait on the disk."""
+        for array in (self.features, self.labels, self.row_ids):
+            mapping = getattr(array, "_mmap", None)
+            if mapping is not None and hasattr(_mmap_module, "MADV_WILLNEED"):
+                mapping.madvise(_mmap_module.MADV_WILLNEED)
+
     def verify_checksums(self) -> list[str]:
         """Files whose sha256 differs from the manifest (reads everything: not for start-up)."""
         bad = []

@@ -44,6 +44,7 @@ class Settings:
     max_image_pixels: int = DEFAULT_MAX_PIXELS
     max_input_side: int = DEFAULT_MAX_SIDE
     max_concurrent_rpcs: int = 1024
+    prefetch_background: bool = True  # start reading the background into the page cache at start-up
     max_connection_age_s: float = 0.0  # > 0: close client connections after this long (rebalancing)
     stream_in_flight: int = 64
     grace_s: float = 10.0
