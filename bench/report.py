@@ -126,7 +126,9 @@ def write_report(r: dict, md_path: Path, img_dir: Path) -> None:
         f"- SwC+PD per image at M={r['bundle']['cells']}, N={r['bundle']['background']} "
         f"({pp['images']} images, top cells drawn over all cells; p99 cell has {pp['rows_p99']:.0f} rows): "
         f"ours p50 {pp['ours_p50_ms']:.3f} ms / p99 {pp['ours_p99_ms']:.3f} ms; seed-style p50 "
-        f"{pp['seed_p50_ms']:.3f} ms / p99 {pp['seed_p99_ms']:.3f} ms.",
+        f"{pp['seed_p50_ms']:.3f} ms / p99 {pp['seed_p99_ms']:.3f} ms. With float32 storage "
+        f"(`--features-dtype float32`, twice the bytes): p50 {pp['ours_f32_p50_ms']:.3f} ms / p99 "
+        f"{pp['ours_f32_p99_ms']:.3f} ms.",
     ]
     if "memory" in r:
         m = r["memory"]
