@@ -178,7 +178,8 @@ def _analysis(r: dict, q: dict) -> list[str]:
         "- **Profiling found one real leak, now fixed**: numpy's multi-threaded OpenBLAS left worker threads "
         "spinning after every small matrix product in SwC/PD, ~60 ms of CPU per image taken from Triton on the "
         "same cores (per-thread CPU accounting from /proc, py-spy for the stacks). The service now pins BLAS to "
-        "one thread: Locate at concurrency 1 went from 5.6 to 8.7 images/s (M=2000 demo bundle, same machine, same run conditions).",
+        "one thread: Locate at concurrency 1 went from 5.6 to 8.7 images/s (M=2000 demo bundle, same "
+        "machine, same conditions).",
         "- **Triton-served / in-process ORT** is measured on a shared 2-core VM with windows of "
         f"{r['seconds_per_point']:.0f} s; across today's three runs it ranged 0.85-1.05 (this run "
         f"{q['triton_vs_ort']:.2f}). The Python backend adds IPC through shared memory and a stub process, about "
