@@ -83,6 +83,18 @@ class Connection:
     retry: RetryPolicy
     max_message_bytes: int
 
+    def open_channel(self, channels: Any) -> Any:
+        """A channel from ``grpc`` or ``grpc.aio`` (the same two calls exist on both)."""
+        if self.credentials is None:
+            return channels.insecure_channel(self.target, options=self.options)
+        return channels.secure_channel(self.target, self.credentials, options=self.options)
+
+    def locate_request(self, image: ImageInput, options: pb.LocateOptions) -> pb.LocateRequest:
+        """Read the image (bytes or a path), check its size locally, build the request."""
+        data = read_image(image)
+        check_size(data, self.max_message_bytes)
+        return pb.LocateRequest(image=data, options=options)
+
 
 def connection(
     target: str,

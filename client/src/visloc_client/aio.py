@@ -17,10 +17,8 @@ from visloc_client._common import (
     ImageInput,
     RetryPolicy,
     TLSConfig,
-    check_size,
     connection,
     make_options,
-    read_image,
     stall_error,
     unanswered_error,
 )
@@ -60,10 +58,7 @@ class AsyncLocatorClient:
             retries=retries,
             max_message_bytes=max_message_bytes,
         )
-        if self._conn.credentials is None:
-            self._channel = grpc.aio.insecure_channel(target, options=self._conn.options)
-        else:
-            self._channel = grpc.aio.secure_channel(target, self._conn.credentials, options=self._conn.options)
+        self._channel = self._conn.open_channel(grpc.aio)
         self._stub = pb_grpc.LocatorStub(self._channel)
 
     async def __aenter__(self) -> AsyncLocatorClient:
@@ -104,10 +99,8 @@ class AsyncLocatorClient:
         top_cells: int = 0,
     ) -> LocateResult:
         """Locate one image (bytes or a path). Unset options take the server's defaults."""
-        data = read_image(image)
-        check_size(data, self._conn.max_message_bytes)
         options = make_options(top_k, eps_km, conf_scale_km, conf_threshold, neighbours, top_cells)
-        response = await self._unary(self._stub.Locate, pb.LocateRequest(image=data, options=options))
+        response = await self._unary(self._stub.Locate, self._conn.locate_request(image, options))
         return LocateResult.from_pb(response)
 
     async def info(self) -> ServiceInfo:

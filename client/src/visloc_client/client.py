@@ -16,10 +16,8 @@ from visloc_client._common import (
     ImageInput,
     RetryPolicy,
     TLSConfig,
-    check_size,
     connection,
     make_options,
-    read_image,
     stall_error,
     unanswered_error,
 )
@@ -67,10 +65,7 @@ class LocatorClient:
             retries=retries,
             max_message_bytes=max_message_bytes,
         )
-        if self._conn.credentials is None:
-            self._channel = grpc.insecure_channel(target, options=self._conn.options)
-        else:
-            self._channel = grpc.secure_channel(target, self._conn.credentials, options=self._conn.options)
+        self._channel = self._conn.open_channel(grpc)
         self._stub = pb_grpc.LocatorStub(self._channel)
 
     def __enter__(self) -> LocatorClient:
@@ -111,10 +106,8 @@ class LocatorClient:
         top_cells: int = 0,
     ) -> LocateResult:
         """Locate one image (bytes or a path). Unset options take the server's defaults."""
-        data = read_image(image)
-        check_size(data, self._conn.max_message_bytes)
         options = make_options(top_k, eps_km, conf_scale_km, conf_threshold, neighbours, top_cells)
-        response = self._unary(self._stub.Locate, pb.LocateRequest(image=data, options=options))
+        response = self._unary(self._stub.Locate, self._conn.locate_request(image, options))
         return LocateResult.from_pb(response)
 
     def info(self) -> ServiceInfo:
