@@ -5,6 +5,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+KERNELS := $(VENV)/.kernels
 BUNDLE ?=
 DEMO_BUNDLE := .cache/demo-bundle
 PYTEST_ARGS ?=
@@ -17,20 +18,27 @@ help:
 	@echo "make demo BUNDLE=DIR   serve another bundle (e.g. imported with visloc-export upstream)"
 	@echo "make bench     benchmarks -> bench/results, docs/BENCHMARKS.md"
 
-$(STAMP): client/pyproject.toml swc_service/pyproject.toml export/pyproject.toml requirements-dev.txt
+$(STAMP): client/pyproject.toml swc_service/pyproject.toml swc_service/setup.py export/pyproject.toml requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# torch first and pinned: the CPU build on this machine's disk, never the CUDA one.
 	$(PY) -m pip install -q "torch==2.13.0"
 	$(PY) -m pip install -q -e "./client[plot]" -e "./swc_service[triton]" -e ./export -r requirements-dev.txt
 	touch $(STAMP)
+	touch $(KERNELS)
 
-setup: $(STAMP)
+# The service's C extension (SwC/PD inner loops) is built by the editable install; rebuild it
+# when its source changes (an editable install does not notice).
+$(KERNELS): $(STAMP) swc_service/src/swc_service/_kernels.c swc_service/setup.py
+	$(PY) -m pip install -q --no-deps -e ./swc_service
+	touch $(KERNELS)
 
-$(DEMO_BUNDLE)/manifest.json: | $(STAMP)
+setup: $(KERNELS)
+
+$(DEMO_BUNDLE)/manifest.json: | $(KERNELS)
 	$(VENV)/bin/visloc-export demo --out $(DEMO_BUNDLE)
 
-demo: $(STAMP) $(if $(BUNDLE),,$(DEMO_BUNDLE)/manifest.json)
+demo: $(KERNELS) $(if $(BUNDLE),,$(DEMO_BUNDLE)/manifest.json)
 	$(PY) -m swc_service.demo --bundle $(if $(BUNDLE),$(BUNDLE),$(DEMO_BUNDLE))
 
 lint: $(STAMP)
@@ -41,7 +49,7 @@ format: $(STAMP)
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
 
-test: $(STAMP)
+test: $(KERNELS)
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest $(PYTEST_ARGS)
 
@@ -50,11 +58,11 @@ proto: $(STAMP)
 	cd client/src && ../../$(PY) -m grpc_tools.protoc -I . --python_out=. --pyi_out=. \
 		--grpc_python_out=. visloc_client/v1/locator.proto
 
-bench: $(STAMP)
+bench: $(KERNELS)
 	$(PY) -m bench.run
 
 # A bounded soak at saturation on loopback (SOAK_SECONDS, default 600): 0 errors, no growth.
-soak: $(STAMP) $(DEMO_BUNDLE)/manifest.json
+soak: $(KERNELS) $(DEMO_BUNDLE)/manifest.json
 	$(PY) -m bench.soak --bundle $(DEMO_BUNDLE)
 
 clean:

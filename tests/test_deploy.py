@@ -600,6 +600,16 @@ def test_service_dockerfile():
     assert "http://" not in text and "https://" not in text
     ignore = (DEPLOY / "service.Dockerfile.dockerignore").read_text().split()
     assert ignore[ignore.index("*") :][:1] == ["*"] and "!export/src/**" not in ignore  # no exporter, no torch
+    _check_extension_build(ins, ignore)
+
+
+def _check_extension_build(ins: list[tuple[str, str]], ignore: list[str]) -> None:
+    """swc_service compiles its kernels: setup.py in the context, a compiler in the build stage
+    only, and no shared object from a developer's checkout copied in."""
+    assert "!swc_service/setup.py" in ignore and "**/*.so" in ignore
+    build_runs = " ".join(a for op, a in ins[: len(ins) - len(final_stage(ins))] if op == "RUN")
+    assert "gcc" in build_runs
+    assert not any("gcc" in a for op, a in final_stage(ins) if op == "RUN")
 
 
 def test_service_image_dependencies_have_no_torch():
@@ -637,6 +647,7 @@ def test_exporter_dockerfile():
     assert entry == ["visloc-export"]
     text = (DEPLOY / "exporter.Dockerfile").read_text()
     assert "http://" not in text and "https://" not in text
+    _check_extension_build(ins, (DEPLOY / "exporter.Dockerfile.dockerignore").read_text().split())
 
 
 # --------------------------------------------------------------------------- compose

@@ -139,9 +139,7 @@ def test_bad_bytes_are_refused_precisely(data, reason):
 
 def test_truncated_jpeg_is_refused():
     buf = io.BytesIO()
-    Image.fromarray(np.random.default_rng(0).integers(0, 256, (400, 400, 3), dtype=np.uint8)).save(
-        buf, format="JPEG"
-    )
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (400, 400, 3), dtype=np.uint8)).save(buf, format="JPEG")
     with pytest.raises(ImageError, match="could not be decoded"):
         preprocess(buf.getvalue()[: len(buf.getvalue()) // 2])
 

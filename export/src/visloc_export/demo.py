@@ -125,7 +125,7 @@ def build_demo_net(num_cells: int, centres: np.ndarray, seed: int) -> tuple[Visl
     z = (feats - mu) / sigma
 
     def localizable_fraction(s: float) -> float:
-        probs = torch.softmax(s * z @ w0.T, dim=1).numpy()
+        probs = torch.softmax(s * z @ w0.T, dim=1).float().numpy()  # the model serves float32
         conf = [density.density(top_cell(p), p)[0] for p in probs]
         return float(np.mean(np.asarray(conf) > DEFAULT_CONF_THRESHOLD))
 

@@ -1,0 +1,501 @@
+/* The two inner loops of SwC and PD, compiled: see method.py for the semantics.
+ *
+ * dot_f16 / dot_f32: one float32 similarity per background row. The features stay in the
+ *   memory-mapped bundle (float16 by default) and are converted in registers (F16C), so nothing
+ *   the size of a cell is allocated or copied. Every row is summed the same way: 32 float32
+ *   partial sums (four 8-lane fused multiply-adds over consecutive elements), a fixed
+ *   reduction tree, then the tail with fmaf. The portable path performs the same operations in
+ *   the same order, so the AVX2 and portable paths give the same bits, on every machine.
+ *
+ * pd_select / pd_sums: Prediction Density's masked sums over the cells near the top cell.
+ *   Scales come largest first. pd_select decides "within scale s" by the dot product of unit
+ *   vectors against cos(s / R): a cell within a scale is within every larger one, so one
+ *   level per cell says which; it also reports the cells too close to a threshold to decide
+ *   that way (method.py settles those with the reference haversine). pd_sums adds the selected float32
+ *   probabilities in index order exactly as numpy 1.x's float32 add.reduce does: pairwise
+ *   summation over chunks of the ufunc buffer size (8192), chunk sums accumulated in order,
+ *   so each PD value equals the reference's probs[d <= s].sum() bit for bit.
+ *
+ * swc_cluster: DBSCAN(min_samples=1) over the top-k candidates and the mean of the largest
+ *   cluster, the arithmetic of geo.py and method.py in the same order.
+ *
+ * No numpy headers: arguments are buffers; method.py checks dtypes and shapes first and the
+ * functions here check sizes again. The GIL is released while they run.
+ *
+ * Build with -ffp-contract=off: the compiler must not fuse or reorder the float arithmetic.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+#include <immintrin.h>
+#define VISLOC_X86 1
+#else
+#define VISLOC_X86 0
+#endif
+
+#define LANES 32             /* partial sums per row: 4 vectors x 8 float32 lanes */
+#define NUMPY_BUFSIZE 8192   /* numpy's default ufunc buffer size (np.getbufsize()) */
+#define PW_BLOCKSIZE 128     /* numpy's pairwise summation block */
+#define MAX_SCALES 32
+
+static int use_simd = 0;
+
+/* ------------------------------------------------------------------ float16 -> float32 */
+
+static float half_to_float(uint16_t h)
+{
+    uint32_t sign = (uint32_t)(h & 0x8000u) << 16;
+    uint32_t exponent = (h >> 10) & 0x1fu;
+    uint32_t mantissa = h & 0x3ffu;
+    uint32_t bits;
+    float f;
+    if (exponent == 0) {
+        /* zero or subnormal: mantissa * 2^-24, exact in float32 */
+        f = (float)mantissa * 5.9604644775390625e-8f;
+        memcpy(&bits, &f, sizeof bits);
+        bits |= sign;
+    }
+    else if (exponent == 31) {
+        bits = sign | 0x7f800000u | (mantissa << 13); /* inf, nan */
+    }
+    else {
+        bits = sign | ((exponent + 112u) << 23) | (mantissa << 13);
+    }
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+/* ------------------------------------------------------------------ dot products */
+
+/* The reduction tree of the 32 partial sums: lane l of the four vectors first, then 8 -> 4
+ * -> 2 -> 1 lanes (the AVX2 path below does exactly this with vector adds). */
+static float reduce_lanes(const float acc[LANES])
+{
+    float s[8], h4[4], h2[2];
+    for (int l = 0; l < 8; l++)
+        s[l] = (acc[l] + acc[8 + l]) + (acc[16 + l] + acc[24 + l]);
+    for (int l = 0; l < 4; l++)
+        h4[l] = s[l] + s[l + 4];
+    for (int l = 0; l < 2; l++)
+        h2[l] = h4[l] + h4[l + 2];
+    return h2[0] + h2[1];
+}
+
+static void dot_rows_portable(const void *rows, int half, Py_ssize_t n, Py_ssize_t d, const float *q, float *out)
+{
+    Py_ssize_t body = d - d % LANES;
+    for (Py_ssize_t r = 0; r < n; r++) {
+        float acc[LANES] = {0};
+        float total;
+        if (half) {
+            const uint16_t *x = (const uint16_t *)rows + r * d;
+            for (Py_ssize_t j = 0; j < body; j += LANES)
+                for (int l = 0; l < LANES; l++)
+                    acc[l] = fmaf(half_to_float(x[j + l]), q[j + l], acc[l]);
+            total = reduce_lanes(acc);
+            for (Py_ssize_t j = body; j < d; j++)
+                total = fmaf(half_to_float(x[j]), q[j], total);
+        }
+        else {
+            const float *x = (const float *)rows + r * d;
+            for (Py_ssize_t j = 0; j < body; j += LANES)
+                for (int l = 0; l < LANES; l++)
+                    acc[l] = fmaf(x[j + l], q[j + l], acc[l]);
+            total = reduce_lanes(acc);
+            for (Py_ssize_t j = body; j < d; j++)
+                total = fmaf(x[j], q[j], total);
+        }
+        out[r] = total;
+    }
+}
+
+#if VISLOC_X86
+__attribute__((target("avx2,fma,f16c"))) static float reduce_vectors(__m256 a0, __m256 a1, __m256 a2, __m256 a3)
+{
+    __m256 s = _mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3));
+    __m128 h4 = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
+    __m128 h2 = _mm_add_ps(h4, _mm_movehl_ps(h4, h4));
+    return _mm_cvtss_f32(_mm_add_ss(h2, _mm_shuffle_ps(h2, h2, 1)));
+}
+
+__attribute__((target("avx2,fma,f16c"))) static void dot_rows_avx2(const void *rows, int half, Py_ssize_t n,
+                                                                    Py_ssize_t d, const float *q, float *out)
+{
+    Py_ssize_t body = d - d % LANES;
+    for (Py_ssize_t r = 0; r < n; r++) {
+        __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+        __m256 a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
+        float total;
+        if (half) {
+            const uint16_t *x = (const uint16_t *)rows + r * d;
+#define LOADH(off) _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(x + j + (off))))
+            for (Py_ssize_t j = 0; j < body; j += LANES) {
+                a0 = _mm256_fmadd_ps(LOADH(0), _mm256_loadu_ps(q + j), a0);
+                a1 = _mm256_fmadd_ps(LOADH(8), _mm256_loadu_ps(q + j + 8), a1);
+                a2 = _mm256_fmadd_ps(LOADH(16), _mm256_loadu_ps(q + j + 16), a2);
+                a3 = _mm256_fmadd_ps(LOADH(24), _mm256_loadu_ps(q + j + 24), a3);
+            }
+#undef LOADH
+            total = reduce_vectors(a0, a1, a2, a3);
+            for (Py_ssize_t j = body; j < d; j++)
+                total = fmaf(half_to_float(x[j]), q[j], total);
+        }
+        else {
+            const float *x = (const float *)rows + r * d;
+            for (Py_ssize_t j = 0; j < body; j += LANES) {
+                a0 = _mm256_fmadd_ps(_mm256_loadu_ps(x + j), _mm256_loadu_ps(q + j), a0);
+                a1 = _mm256_fmadd_ps(_mm256_loadu_ps(x + j + 8), _mm256_loadu_ps(q + j + 8), a1);
+                a2 = _mm256_fmadd_ps(_mm256_loadu_ps(x + j + 16), _mm256_loadu_ps(q + j + 16), a2);
+                a3 = _mm256_fmadd_ps(_mm256_loadu_ps(x + j + 24), _mm256_loadu_ps(q + j + 24), a3);
+            }
+            total = reduce_vectors(a0, a1, a2, a3);
+            for (Py_ssize_t j = body; j < d; j++)
+                total = fmaf(x[j], q[j], total);
+        }
+        out[r] = total;
+    }
+}
+#endif
+
+static PyObject *dot_rows(PyObject *args, int half)
+{
+    Py_buffer rows, query, out;
+    int simd = 1;
+    if (!PyArg_ParseTuple(args, "y*y*w*|p", &rows, &query, &out, &simd))
+        return NULL;
+    PyObject *result = NULL;
+    Py_ssize_t item = half ? 2 : 4;
+    Py_ssize_t d = query.len / 4, n = out.len / 4;
+    if (query.len % 4 || out.len % 4 || d == 0 || rows.len != n * d * item) {
+        PyErr_Format(PyExc_ValueError, "dot_%s: %zd bytes of rows do not make %zd rows of %zd values",
+                     half ? "f16" : "f32", rows.len, n, d);
+        goto done;
+    }
+    Py_BEGIN_ALLOW_THREADS
+#if VISLOC_X86
+    if (simd && use_simd)
+        dot_rows_avx2(rows.buf, half, n, d, (const float *)query.buf, (float *)out.buf);
+    else
+#endif
+        dot_rows_portable(rows.buf, half, n, d, (const float *)query.buf, (float *)out.buf);
+    Py_END_ALLOW_THREADS
+    result = Py_NewRef(Py_None);
+done:
+    PyBuffer_Release(&rows);
+    PyBuffer_Release(&query);
+    PyBuffer_Release(&out);
+    return result;
+}
+
+static PyObject *dot_f16(PyObject *self, PyObject *args) { return dot_rows(args, 1); }
+static PyObject *dot_f32(PyObject *self, PyObject *args) { return dot_rows(args, 0); }
+
+/* ------------------------------------------------------------------ Prediction Density */
+
+#define DOT_BLOCK 256
+
+/* Dot products of a block of unit vectors (structure of arrays) with the top cell's: a plain
+ * elementwise loop the compiler vectorises without changing a single rounding. */
+static void block_dots(const double *x, const double *y, const double *z, Py_ssize_t n, double cx, double cy,
+                       double cz, double *dots)
+{
+    for (Py_ssize_t j = 0; j < n; j++)
+        dots[j] = x[j] * cx + y[j] * cy + z[j] * cz;
+}
+
+/* For the cells that can be within the largest scale, in index order: the level (how many
+ * scales, largest first, the dot product alone shows the cell to be within) and how many of
+ * the next scales are too close to call (|dot - cos(s/R)| <= band). */
+static PyObject *pd_select(PyObject *self, PyObject *args)
+{
+    Py_buffer units, thresholds, near, levels, bands;
+    Py_ssize_t cell;
+    double band;
+    if (!PyArg_ParseTuple(args, "y*ny*dw*w*w*", &units, &cell, &thresholds, &band, &near, &levels, &bands))
+        return NULL;
+    PyObject *result = NULL;
+    Py_ssize_t m = units.len / (3 * (Py_ssize_t)sizeof(double));
+    Py_ssize_t s = thresholds.len / (Py_ssize_t)sizeof(double);
+    Py_ssize_t n_near = 0, n_band = 0;
+    const double *t = (const double *)thresholds.buf;
+    if (units.len % (3 * sizeof(double)) || cell < 0 || cell >= m) {
+        PyErr_Format(PyExc_ValueError, "pd_select: cell %zd outside %zd cells", cell, m);
+        goto done;
+    }
+    if (s < 1 || s > MAX_SCALES || thresholds.len % sizeof(double)) {
+        PyErr_Format(PyExc_ValueError, "pd_select: 1 to %d scales, got %zd", MAX_SCALES, s);
+        goto done;
+    }
+    for (Py_ssize_t i = 1; i < s; i++) {
+        if (!(t[i - 1] <= t[i])) {
+            PyErr_SetString(PyExc_ValueError, "pd_select: thresholds must ascend (scales descend)");
+            goto done;
+        }
+    }
+    if (near.len != m * 4 || levels.len != m * 4 || bands.len != m * 4) {
+        PyErr_SetString(PyExc_ValueError, "pd_select: the output buffers must hold one 4-byte value per cell");
+        goto done;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    /* units: [3, M] (x row, y row, z row) */
+    const double *ux = (const double *)units.buf, *uy = ux + m, *uz = ux + 2 * m;
+    const double cx = ux[cell], cy = uy[cell], cz = uz[cell];
+    const double lowest = t[0] - band;
+    double above[MAX_SCALES], below[MAX_SCALES], dots[DOT_BLOCK];
+    for (Py_ssize_t i = 0; i < s; i++) {
+        above[i] = t[i] + band;
+        below[i] = t[i] - band;
+    }
+    int32_t *near_out = (int32_t *)near.buf;
+    uint32_t *level_out = (uint32_t *)levels.buf, *band_out = (uint32_t *)bands.buf;
+    int32_t candidates[DOT_BLOCK];
+    for (Py_ssize_t start = 0; start < m; start += DOT_BLOCK) {
+        Py_ssize_t len = m - start < DOT_BLOCK ? m - start : DOT_BLOCK, n_cand = 0;
+        block_dots(ux + start, uy + start, uz + start, len, cx, cy, cz, dots);
+        /* Near and far cells interleave in index order: compact without a branch. */
+        for (Py_ssize_t j = 0; j < len; j++) {
+            candidates[n_cand] = (int32_t)j;
+            n_cand += dots[j] >= lowest;
+        }
+        for (Py_ssize_t c = 0; c < n_cand; c++) {
+            const Py_ssize_t j = candidates[c];
+            const double dot = dots[j];
+            uint32_t level = 0, unsure = 0;
+            while (level < s && dot > above[level]) /* most near cells stop after the first */
+                level++;
+            while (level + unsure < s && dot >= below[level + unsure]) /* almost never */
+                unsure++;
+            near_out[n_near] = (int32_t)(start + j);
+            level_out[n_near] = level;
+            band_out[n_near] = unsure;
+            n_near += (level | unsure) != 0;
+            n_band += unsure != 0;
+        }
+    }
+    Py_END_ALLOW_THREADS
+    result = Py_BuildValue("nn", n_near, n_band);
+done:
+    PyBuffer_Release(&units);
+    PyBuffer_Release(&thresholds);
+    PyBuffer_Release(&near);
+    PyBuffer_Release(&levels);
+    PyBuffer_Release(&bands);
+    return result;
+}
+
+/* numpy 1.x FLOAT_pairwise_sum (numpy/core/src/umath/loops_utils.h.src), contiguous. */
+static float pairwise_sum(const float *a, Py_ssize_t n)
+{
+    if (n < 8) {
+        float res = -0.0f;
+        for (Py_ssize_t i = 0; i < n; i++)
+            res += a[i];
+        return res;
+    }
+    if (n <= PW_BLOCKSIZE) {
+        float r[8];
+        Py_ssize_t i;
+        for (int k = 0; k < 8; k++)
+            r[k] = a[k];
+        for (i = 8; i < n - (n % 8); i += 8)
+            for (int k = 0; k < 8; k++)
+                r[k] += a[i + k];
+        float res = ((r[0] + r[1]) + (r[2] + r[3])) + ((r[4] + r[5]) + (r[6] + r[7]));
+        for (; i < n; i++)
+            res += a[i];
+        return res;
+    }
+    Py_ssize_t n2 = n / 2;
+    n2 -= n2 % 8;
+    return pairwise_sum(a, n2) + pairwise_sum(a + n2, n - n2);
+}
+
+/* np.add.reduce over a contiguous float32 array: the identity, then each buffer-sized chunk. */
+static float numpy_sum(const float *a, Py_ssize_t n)
+{
+    float res = 0.0f;
+    for (Py_ssize_t start = 0; start < n; start += NUMPY_BUFSIZE)
+        res += pairwise_sum(a + start, n - start < NUMPY_BUFSIZE ? n - start : NUMPY_BUFSIZE);
+    return res;
+}
+
+/* sums[i] = the float32 sum of probs over the near cells with level > i, in index order. */
+static PyObject *pd_sums(PyObject *self, PyObject *args)
+{
+    Py_buffer probs, near, levels, out, scratch;
+    Py_ssize_t n_near;
+    if (!PyArg_ParseTuple(args, "y*y*y*nw*w*", &probs, &near, &levels, &n_near, &out, &scratch))
+        return NULL;
+    PyObject *result = NULL;
+    Py_ssize_t m = probs.len / 4, s = out.len / (Py_ssize_t)sizeof(double);
+    if (probs.len % 4 || n_near < 0 || n_near > m || near.len < n_near * 4 || levels.len < n_near * 4 || s < 1 ||
+        s > MAX_SCALES || out.len % sizeof(double) || scratch.len < s * n_near * 4) {
+        PyErr_SetString(PyExc_ValueError, "pd_sums: buffer sizes do not match");
+        goto done;
+    }
+    const int32_t *idx = (const int32_t *)near.buf;
+    const uint32_t *level = (const uint32_t *)levels.buf;
+    for (Py_ssize_t k = 0; k < n_near; k++) {
+        if (idx[k] < 0 || idx[k] >= m || level[k] > (uint32_t)s) {
+            PyErr_Format(PyExc_ValueError, "pd_sums: cell %d / level %u outside %zd cells / %zd scales", idx[k],
+                         level[k], m, s);
+            goto done;
+        }
+    }
+    Py_BEGIN_ALLOW_THREADS
+    const float *p = (const float *)probs.buf;
+    float *buf = (float *)scratch.buf; /* s runs of n_near values: each scale's selection, in order */
+    double *sums = (double *)out.buf;
+    Py_ssize_t count[MAX_SCALES] = {0};
+    for (Py_ssize_t k = 0; k < n_near; k++) {
+        const float v = p[idx[k]];
+        for (uint32_t i = 0; i < level[k]; i++)
+            buf[i * n_near + count[i]++] = v;
+    }
+    for (Py_ssize_t i = 0; i < s; i++)
+        sums[i] = (double)numpy_sum(buf + i * n_near, count[i]);
+    Py_END_ALLOW_THREADS
+    result = Py_NewRef(Py_None);
+done:
+    PyBuffer_Release(&probs);
+    PyBuffer_Release(&near);
+    PyBuffer_Release(&levels);
+    PyBuffer_Release(&out);
+    PyBuffer_Release(&scratch);
+    return result;
+}
+
+/* ------------------------------------------------------------------ SwC clusters */
+
+#define PI 3.141592653589793
+#define EARTH_RADIUS_KM 6371.0
+
+/* geo.haversine_km, operation for operation (numpy's float64 sin, cos, arcsin are the C
+ * library's on x86-64 without AVX-512 and on arm64; a test checks the two agree). */
+static double haversine_km(double lat1, double lon1, double lat2, double lon2)
+{
+    lat1 *= PI / 180.0;
+    lon1 *= PI / 180.0;
+    lat2 *= PI / 180.0;
+    lon2 *= PI / 180.0;
+    double dlon = lon2 - lon1, dlat = lat2 - lat1;
+    double s1 = sin(dlat / 2.0), s2 = sin(dlon / 2.0);
+    double a = s1 * s1 + cos(lat1) * cos(lat2) * (s2 * s2);
+    return EARTH_RADIUS_KM * (2 * asin(sqrt(a > 1.0 ? 1.0 : a)));
+}
+
+/* The candidates' clusters and the SwC prediction, as method.py documents it:
+ * DBSCAN(min_samples=1) = connected components of "haversine <= eps", labelled in order of
+ * their first member (scikit-learn's numbering); the largest cluster, the lowest label on a
+ * tie; the mean of its members' unit vectors (summed in candidate order) mapped back without
+ * renormalising. */
+static PyObject *swc_cluster(PyObject *self, PyObject *args)
+{
+    Py_buffer latlon, labels;
+    double eps_km;
+    if (!PyArg_ParseTuple(args, "y*dw*", &latlon, &eps_km, &labels))
+        return NULL;
+    PyObject *result = NULL;
+    Py_ssize_t k = labels.len / 8;
+    if (labels.len % 8 || k < 1 || latlon.len != k * 16) {
+        PyErr_Format(PyExc_ValueError, "swc_cluster: %zd bytes of (lat, lon) for %zd candidates", latlon.len, k);
+        goto done;
+    }
+    Py_ssize_t *work = PyMem_Malloc((size_t)k * 2 * sizeof(Py_ssize_t));
+    if (work == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    Py_ssize_t chosen = 0, members = 0;
+    double lat = 0.0, lon = 0.0;
+    Py_BEGIN_ALLOW_THREADS
+    const double *ll = (const double *)latlon.buf;
+    int64_t *label = (int64_t *)labels.buf;
+    Py_ssize_t *stack = work, *size = work + k, clusters = 0;
+    for (Py_ssize_t i = 0; i < k; i++)
+        label[i] = -1;
+    for (Py_ssize_t i = 0; i < k; i++) {
+        if (label[i] >= 0)
+            continue;
+        Py_ssize_t top = 0;
+        label[i] = clusters;
+        size[clusters] = 1;
+        stack[top++] = i;
+        while (top) {
+            Py_ssize_t u = stack[--top];
+            for (Py_ssize_t v = 0; v < k; v++) {
+                if (label[v] < 0 && haversine_km(ll[2 * u], ll[2 * u + 1], ll[2 * v], ll[2 * v + 1]) <= eps_km) {
+                    label[v] = clusters;
+                    size[clusters]++;
+                    stack[top++] = v;
+                }
+            }
+        }
+        clusters++;
+    }
+    for (Py_ssize_t c = 1; c < clusters; c++)
+        if (size[c] > size[chosen])
+            chosen = c;
+    members = size[chosen];
+    double x = 0.0, y = 0.0, z = 0.0;
+    for (Py_ssize_t i = 0; i < k; i++) {
+        if (label[i] != chosen)
+            continue;
+        double la = ll[2 * i] / 180 * PI, lo = ll[2 * i + 1] / 180 * PI;
+        x += cos(la) * cos(lo);
+        y += cos(la) * sin(lo);
+        z += sin(la);
+    }
+    x /= (double)members;
+    y /= (double)members;
+    z /= (double)members;
+    lat = asin(z > 1.0 ? 1.0 : (z < -1.0 ? -1.0 : z)) / PI * 180;
+    lon = atan2(y, x) / PI * 180;
+    Py_END_ALLOW_THREADS
+    PyMem_Free(work);
+    result = Py_BuildValue("nndd", chosen, members, lat, lon);
+done:
+    PyBuffer_Release(&latlon);
+    PyBuffer_Release(&labels);
+    return result;
+}
+
+/* ------------------------------------------------------------------ module */
+
+static PyMethodDef methods[] = {
+    {"dot_f16", dot_f16, METH_VARARGS,
+     "dot_f16(rows_uint16, query_f32, out_f32, simd=True): out[r] = rows[r] . query (float16 rows)"},
+    {"dot_f32", dot_f32, METH_VARARGS,
+     "dot_f32(rows_f32, query_f32, out_f32, simd=True): out[r] = rows[r] . query (float32 rows)"},
+    {"pd_select", pd_select, METH_VARARGS,
+     "pd_select(units_f64_3xM, cell, thresholds_ascending_f64, band, near_i32, levels_u32, unsure_u32) -> (n_near, n_band)"},
+    {"pd_sums", pd_sums, METH_VARARGS,
+     "pd_sums(probs_f32, near_i32, levels_u32, n_near, out_f64, scratch_f32): numpy's float32 sums per scale"},
+    {"swc_cluster", swc_cluster, METH_VARARGS,
+     "swc_cluster(latlon_f64, eps_km, labels_i64) -> (chosen, members, lat, lon): DBSCAN(min_samples=1) and the mean"},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_kernels", "SwC and PD inner loops.", -1, methods};
+
+PyMODINIT_FUNC PyInit__kernels(void)
+{
+#if VISLOC_X86
+    __builtin_cpu_init();
+    use_simd = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+#endif
+    PyObject *m = PyModule_Create(&module);
+    if (m == NULL)
+        return NULL;
+    if (PyModule_AddStringConstant(m, "SIMD", use_simd ? "avx2+fma+f16c" : "portable") < 0 ||
+        PyModule_AddIntConstant(m, "LANES", LANES) < 0 || PyModule_AddIntConstant(m, "MAX_SCALES", MAX_SCALES) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}

@@ -1,0 +1,187 @@
+"""The compiled SwC/PD kernels (swc_service/_kernels.c): rounding, determinism, exactness, bad input."""
+
+from __future__ import annotations
+
+import math
+import threading
+
+import numpy as np
+import pytest
+
+from bench.seed_style import reference_pd
+from swc_service import _kernels
+from swc_service.geo import haversine_km
+from swc_service.method import DensityIndex, cluster_labels, similarities
+
+SHAPES = [(1, 1), (3, 7), (5, 31), (4, 32), (6, 33), (9, 95), (17, 1792)]
+
+
+def _exact_dots(rows: np.ndarray, query: np.ndarray) -> np.ndarray:
+    """Correctly rounded dot products: float32 x float32 products are exact in float64; fsum."""
+    r, q = rows.astype(np.float64), query.astype(np.float64)
+    return np.array([math.fsum(row * q) for row in r])
+
+
+@pytest.mark.parametrize("n,d", SHAPES)
+def test_dot_simd_and_portable_paths_give_the_same_bits(n, d):
+    rng = np.random.default_rng(n * 1000 + d)
+    rows = rng.standard_normal((n, d)).astype(np.float16)
+    query = rng.standard_normal(d).astype(np.float32)
+    fast, portable = np.empty(n, np.float32), np.empty(n, np.float32)
+    _kernels.dot_f16(rows, query, fast, True)
+    _kernels.dot_f16(rows, query, portable, False)
+    np.testing.assert_array_equal(fast.view(np.uint32), portable.view(np.uint32))
+    rows32 = rows.astype(np.float32)  # float16 -> float32 is exact: same values, same bits
+    _kernels.dot_f32(rows32, query, fast, True)
+    _kernels.dot_f32(rows32, query, portable, False)
+    np.testing.assert_array_equal(fast.view(np.uint32), portable.view(np.uint32))
+    np.testing.assert_array_equal(similarities(query, rows), fast)
+
+
+@pytest.mark.parametrize("n,d", SHAPES)
+def test_dot_is_float32_accurate(n, d):
+    rng = np.random.default_rng(d)
+    rows = rng.standard_normal((n, d)).astype(np.float32)
+    query = rng.standard_normal(d).astype(np.float32)
+    got = similarities(query, rows).astype(np.float64)
+    exact = _exact_dots(rows, query)
+    # A float32 sum of d products: error <= ~d * 2^-24 * sum |x q| (here far smaller in practice).
+    bound = d * 2.0**-24 * (np.abs(rows.astype(np.float64)) @ np.abs(query.astype(np.float64)))
+    assert np.all(np.abs(got - exact) <= bound + 1e-30)
+    # ... and as close to BLAS as two float32 summation orders can be.
+    np.testing.assert_allclose(got, rows @ query, rtol=1e-5, atol=1e-5)
+
+
+def test_equal_rows_get_equal_similarities_wherever_they_sit():
+    """Ties are real ties: a row's similarity does not depend on its position or alignment."""
+    rng = np.random.default_rng(3)
+    d = 37  # rows start at every alignment
+    row = rng.standard_normal(d).astype(np.float16)
+    rows = rng.standard_normal((50, d)).astype(np.float16)
+    rows[[0, 7, 13, 31, 49]] = row
+    query = rng.standard_normal(d).astype(np.float32)
+    sims = similarities(query, rows)
+    assert len(set(sims[[0, 7, 13, 31, 49]].tolist())) == 1
+    assert similarities(query, rows[13:14])[0] == sims[0]
+
+
+def test_every_float16_value_converts_exactly():
+    halves = np.arange(65536, dtype=np.uint32).astype(np.uint16).view(np.float16)
+    halves = halves[np.isfinite(halves)]
+    halves = halves[: len(halves) // 32 * 32].reshape(-1, 32)
+    query = np.zeros(32, np.float32)
+    query[5] = 1.0
+    for simd in (True, False):
+        out = np.empty(len(halves), np.float32)
+        _kernels.dot_f16(halves, query, out, simd)
+        # x * 1 + 0 * others: the exact float32 value of each half, signed zeros included.
+        np.testing.assert_array_equal(out, halves[:, 5].astype(np.float32))
+
+
+def test_dot_rejects_mismatched_buffers():
+    rows = np.zeros((4, 8), np.float16)
+    with pytest.raises(ValueError, match="do not make"):
+        _kernels.dot_f16(rows, np.zeros(7, np.float32), np.empty(4, np.float32))
+    with pytest.raises(ValueError, match="do not make"):
+        _kernels.dot_f16(rows, np.zeros(8, np.float32), np.empty(5, np.float32))
+    with pytest.raises(ValueError, match=r"features \[n, D\] and an embedding \[D\]"):
+        similarities(np.zeros(7, np.float32), rows)
+
+
+def test_cluster_haversine_is_geo_haversine():
+    """The kernel's distances are geo.haversine_km's: eps = d joins a pair, the next float below splits it."""
+    rng = np.random.default_rng(11)
+    exact = 0
+    for _ in range(300):
+        a = np.array([rng.uniform(-89, 89), rng.uniform(-180, 180)])
+        b = a + rng.normal(0, rng.choice([1e-4, 1e-2, 1.0]), 2)
+        d = float(haversine_km(a[0], a[1], b[0], b[1]))
+        if d == 0.0:
+            continue
+        pts = np.stack([a, b])
+        joined = cluster_labels(pts, d).tolist() == [0, 0]
+        split = cluster_labels(pts, float(np.nextafter(d, 0))).tolist() == [0, 1]
+        exact += joined and split
+    # numpy's float64 sin/cos/arcsin are the C library's unless numpy dispatches to AVX-512 SVML
+    # (then the two may differ in the last bit on a few pairs).
+    svml = np.core._multiarray_umath.__cpu_features__.get("AVX512_SKX", False)
+    assert exact >= (290 if svml else 300)
+
+
+def test_pd_sums_equal_numpy_beyond_one_ufunc_buffer():
+    """Selections longer than numpy's 8192-value buffer are summed chunk by chunk, as numpy does."""
+    rng = np.random.default_rng(5)
+    centres = np.stack([rng.uniform(-60, 70, 20000), rng.uniform(-180, 180, 20000)], axis=1)
+    scales = (30000.0, 12000.0, 1.0, 25.0, 25.0, 8000.0)  # unsorted, a duplicate, beyond pi R
+    idx = DensityIndex(centres, scales)
+    for c in rng.integers(0, len(centres), 5):
+        probs = (rng.random(len(centres)) ** 6).astype(np.float32)
+        got = idx.density(int(c), probs)
+        np.testing.assert_array_equal(got, reference_pd(int(c), probs, centres, scales))
+        assert got[0] == probs.sum()  # 30000 km: every cell
+
+
+def test_pd_boundary_cells_take_the_haversine_path():
+    """Cells placed at the scale's distance are 'unsure' for the dot product; haversine decides."""
+    rng = np.random.default_rng(9)
+    centres = np.stack([rng.uniform(-60, 70, 500), rng.uniform(-180, 180, 500)], axis=1)
+    c = 0
+    lat0, lon0 = centres[c]
+    scales = (1.0, 25.0, 200.0)
+    for j, scale in enumerate(scales):
+        centres[j + 1] = (lat0 + scale / 6371.0 * 180 / math.pi, lon0)
+        centres[j + 4] = (lat0, lon0 + scale / 6371.0 * 180 / math.pi / math.cos(math.radians(lat0)))
+    idx = DensityIndex(centres, scales)
+    m = len(centres)
+    near, levels, unsure = np.empty(m, np.int32), np.empty(m, np.uint32), np.empty(m, np.uint32)
+    _, n_band = _kernels.pd_select(idx._units, c, idx._thresholds, idx.BAND, near, levels, unsure)
+    assert n_band >= 3  # the boundary path really runs
+    probs = rng.dirichlet(np.ones(m)).astype(np.float32)
+    np.testing.assert_array_equal(idx.density(c, probs), reference_pd(c, probs, centres, scales))
+
+
+def test_density_is_thread_safe():
+    rng = np.random.default_rng(2)
+    centres = np.stack([rng.uniform(-60, 70, 3000), rng.uniform(-180, 180, 3000)], axis=1)
+    idx = DensityIndex(centres)
+    cases = [(int(rng.integers(0, 3000)), rng.dirichlet(np.ones(3000)).astype(np.float32)) for _ in range(40)]
+    want = [reference_pd(c, p, centres) for c, p in cases]
+    got: list = [None] * (4 * len(cases))
+
+    def work(t: int) -> None:
+        for i, (c, p) in enumerate(cases):
+            got[t * len(cases) + i] = idx.density(c, p)
+
+    threads = [threading.Thread(target=work, args=(t,)) for t in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for k, g in enumerate(got):
+        np.testing.assert_array_equal(g, want[k % len(cases)])
+
+
+def test_density_rejects_bad_input():
+    idx = DensityIndex(np.array([[0.0, 0.0], [1.0, 1.0]]))
+    with pytest.raises(ValueError, match="float32"):
+        idx.density(0, np.array([0.5, 0.5]))  # float64: not the model's output
+    with pytest.raises(ValueError, match=r"float32 \[2\]"):
+        idx.density(0, np.ones(3, np.float32))
+    with pytest.raises(ValueError, match="outside the 2 cells"):
+        idx.density(2, np.ones(2, np.float32))
+    with pytest.raises(ValueError, match="at most"):
+        DensityIndex(np.zeros((2, 2)), tuple(float(s) for s in range(1, 40)))
+    with pytest.raises(ValueError, match="outside"):
+        _kernels.pd_sums(
+            np.ones(2, np.float32),
+            np.array([0, 5], np.int32),
+            np.ones(2, np.uint32),
+            2,
+            np.empty(1),
+            np.empty(4, np.float32),
+        )
+    with pytest.raises(ValueError, match="ascend"):
+        m = np.empty(2, np.int32)
+        _kernels.pd_select(
+            idx._units, 0, np.array([0.5, 0.1]), 1e-12, m, m.view(np.uint32).copy(), m.view(np.uint32).copy()
+        )
