@@ -239,14 +239,17 @@ def _analysis(r: dict, q: dict) -> list[str]:
         "- **Profiling found one real leak earlier, fixed**: numpy's multi-threaded OpenBLAS left worker threads "
         "spinning after every small matrix product in SwC/PD, ~60 ms of CPU per image taken from Triton on the "
         "same cores. The service pins BLAS to one thread (Locate at concurrency 1: 5.6 -> 8.7 images/s).",
-        f"- **SwC+PD: p99 {pp['ours_p99_ms']:.3f} ms.** One small C extension (`swc_service/_kernels.c`, "
-        "no numpy headers, run-time AVX2/F16C dispatch with a portable path that gives the same bits) holds "
-        "the inner loops: float16 dot products straight from the memory-mapped bundle (no conversion copy), "
-        "the pass over all cells for PD with one level per cell and no unpredictable branches, numpy 1.x's "
-        "pairwise float32 summation reproduced (chunks of 8192, blocks of 128, 8 accumulators) so every PD "
-        "value equals the reference's `probs[d <= s].sum()` bit for bit, and DBSCAN(min_samples=1) plus the "
-        "cluster mean with geo.py's arithmetic in the same order. Before it: p99 2.0 ms (float16 conversion in "
-        "numpy's scalar loop, five masked numpy sums, ~40 small numpy calls in the clustering).",
+        f"- **SwC+PD: p50 {pp['ours_p50_ms']:.3f} ms, p99 {pp['ours_p99_ms']:.3f} ms.** One small C extension "
+        "(`swc_service/_kernels.c`, no numpy headers, run-time AVX2/F16C dispatch with a portable path that "
+        "gives the same bits) holds the work: SwC in one call (float16 dot products straight from the "
+        "memory-mapped bundle, a stable top k, DBSCAN(min_samples=1) and the cluster mean with geo.py's "
+        "arithmetic in the same order); PD over a 5-degree grid of the cells whose squares beyond the largest "
+        "scale are skipped whole, a bitmap restoring index order, and numpy 1.x's pairwise float32 summation "
+        "reproduced (chunks of 8192, blocks of 128, 8 accumulators), so every PD value equals the reference's "
+        "`probs[d <= s].sum()` bit for bit. Before it: p99 2.0 ms (float16 conversion in numpy's scalar loop, "
+        "five masked numpy sums over all cells, ~40 small numpy calls in the clustering). The measurement "
+        "interleaves ours with the seed's code, so each call starts with caches another workload filled, as "
+        "in a serving process; back to back with nothing in between it is about half as long.",
     ]
     missed = [
         label for label, key, op, goal in TARGETS if key in q and not (q[key] >= goal if op == ">=" else q[key] <= goal)

@@ -133,8 +133,9 @@ def test_pd_boundary_cells_take_the_haversine_path():
         centres[j + 4] = (lat0, lon0 + scale / 6371.0 * 180 / math.pi / math.cos(math.radians(lat0)))
     idx = DensityIndex(centres, scales)
     m = len(centres)
-    near, levels, unsure = np.empty(m, np.int32), np.empty(m, np.uint32), np.empty(m, np.uint32)
-    _, n_band = _kernels.pd_select(idx._units, c, idx._thresholds, idx.BAND, near, levels, unsure)
+    near, levels, unsure, _, bitmap, by_cell = idx._buffers()
+    args = (idx._theta_max, c, idx._thresholds, idx.BAND, near, levels, unsure, bitmap, by_cell)
+    _, n_band = _kernels.pd_select(*idx._index, *args)
     assert n_band >= 3  # the boundary path really runs
     probs = rng.dirichlet(np.ones(m)).astype(np.float32)
     np.testing.assert_array_equal(idx.density(c, probs), reference_pd(c, probs, centres, scales))
@@ -177,11 +178,76 @@ def test_density_rejects_bad_input():
             np.array([0, 5], np.int32),
             np.ones(2, np.uint32),
             2,
+            np.zeros(1, np.int64),
             np.empty(1),
             np.empty(4, np.float32),
         )
-    with pytest.raises(ValueError, match="ascend"):
-        m = np.empty(2, np.int32)
-        _kernels.pd_select(
-            idx._units, 0, np.array([0.5, 0.1]), 1e-12, m, m.view(np.uint32).copy(), m.view(np.uint32).copy()
+    with pytest.raises(ValueError, match="permutation"):
+        _kernels.pd_sums(
+            np.ones(2, np.float32),
+            np.zeros(1, np.int32),
+            np.ones(1, np.uint32),
+            1,
+            np.array([3]),
+            np.empty(1),
+            np.empty(4, np.float32),
         )
+    near, levels, unsure, _, bitmap, by_cell = idx._buffers()
+    args = (idx._theta_max, 0, np.array([0.5, 0.1]), 1e-12, near, levels, unsure, bitmap, by_cell)
+    with pytest.raises(ValueError, match="ascend"):
+        _kernels.pd_select(*idx._index, *args)
+    with pytest.raises(ValueError, match="do not match"):
+        _kernels.pd_select(idx._index[0][:, :1].copy(), *idx._index[1:], *args)
+    with pytest.raises(ValueError, match="centres must be finite"):
+        DensityIndex(np.array([[0.0, 0.0], [np.nan, 1.0]]))
+
+
+@pytest.mark.parametrize("top_k", [1, 3, 10, 64, 200])
+def test_swc_top_k_is_a_stable_descending_order_with_nan_last(top_k):
+    """The kernel's top k equals numpy's stable argsort of -sims (NaN last), ties and all."""
+    from swc_service.method import search_within_cell
+
+    rng = np.random.default_rng(top_k)
+    n, d = 150, 8
+    rows = rng.integers(-3, 4, (n, d)).astype(np.float16)  # small integers: many exact ties
+    rows[rng.integers(0, n, 10)] = np.nan  # NaN similarities
+    query = rng.integers(-3, 4, d).astype(np.float32)
+    labels = np.stack([rng.uniform(-60, 60, n), rng.uniform(-180, 180, n)], axis=1)
+    sims = similarities(query, rows)
+    want = np.argsort(-sims, kind="stable")[:top_k]
+    got = search_within_cell(query, rows, labels, top_k=top_k, eps_km=1.0)
+    np.testing.assert_array_equal(got.candidates, want)
+    np.testing.assert_array_equal(got.similarities, sims[want])
+    assert len(np.unique(sims[~np.isnan(sims)])) < n // 2  # the case really has ties
+
+
+def test_swc_rejects_bad_shapes():
+    from swc_service.method import search_within_cell
+
+    feats = np.zeros((3, 4), np.float16)
+    with pytest.raises(ValueError, match="labels \\[n, 2\\]"):
+        search_within_cell(np.zeros(4, np.float32), feats, np.zeros((2, 2)))
+    with pytest.raises(ValueError, match="at least one"):
+        search_within_cell(np.zeros(4, np.float32), feats[:0], np.zeros((0, 2)))
+    with pytest.raises(ValueError, match="top_k"):
+        search_within_cell(np.zeros(4, np.float32), feats, np.zeros((3, 2)), top_k=0)
+    with pytest.raises(ValueError, match="outputs"):
+        _kernels.swc(feats, True, np.zeros((3, 2)), np.zeros(4, np.float32), 1.0,
+                     np.empty(4, np.int64), np.empty(4, np.float32), np.empty(4, np.int64))  # fmt: skip
+
+
+def test_pd_grid_index_is_exact_at_the_poles_and_the_antimeridian():
+    """Grid squares that wrap in longitude or shrink at the poles never hide a near cell."""
+    rng = np.random.default_rng(4)
+    parts = [
+        np.stack([rng.uniform(80, 90, 400), rng.uniform(-180, 180, 400)], axis=1),
+        np.stack([rng.uniform(-90, -82, 300), rng.uniform(-180, 180, 300)], axis=1),
+        np.stack([rng.uniform(-10, 10, 400), rng.choice([-1, 1], 400) * rng.uniform(175, 180, 400)], axis=1),
+        np.array([[90.0, 0.0], [-90.0, 45.0], [0.0, 180.0], [0.0, -180.0]]),
+    ]
+    centres = np.concatenate(parts)
+    scales = (1.0, 25.0, 200.0, 750.0, 2500.0)
+    idx = DensityIndex(centres, scales)
+    probs = rng.dirichlet(np.ones(len(centres))).astype(np.float32)
+    for c in [*rng.integers(0, len(centres), 40).tolist(), len(centres) - 4, len(centres) - 1]:
+        np.testing.assert_array_equal(idx.density(c, probs), reference_pd(c, probs, centres, scales))

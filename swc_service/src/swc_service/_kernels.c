@@ -16,8 +16,9 @@
  *   summation over chunks of the ufunc buffer size (8192), chunk sums accumulated in order,
  *   so each PD value equals the reference's probs[d <= s].sum() bit for bit.
  *
- * swc_cluster: DBSCAN(min_samples=1) over the top-k candidates and the mean of the largest
- *   cluster, the arithmetic of geo.py and method.py in the same order.
+ * swc / swc_cluster: all of SwC in one call (dot products, a stable top k, DBSCAN(min_samples=1)
+ *   over the candidates, the mean of the largest cluster), the arithmetic of geo.py and
+ *   method.py in the same order; swc_cluster is the clustering alone.
  *
  * No numpy headers: arguments are buffers; method.py checks dtypes and shapes first and the
  * functions here check sizes again. The GIL is released while they run.
@@ -42,6 +43,7 @@
 #define NUMPY_BUFSIZE 8192   /* numpy's default ufunc buffer size (np.getbufsize()) */
 #define PW_BLOCKSIZE 128     /* numpy's pairwise summation block */
 #define MAX_SCALES 32
+#define PI 3.141592653589793
 
 static int use_simd = 0;
 
@@ -197,33 +199,33 @@ static PyObject *dot_f32(PyObject *self, PyObject *args) { return dot_rows(args,
 
 /* ------------------------------------------------------------------ Prediction Density */
 
-#define DOT_BLOCK 256
-
-/* Dot products of a block of unit vectors (structure of arrays) with the top cell's: a plain
- * elementwise loop the compiler vectorises without changing a single rounding. */
-static void block_dots(const double *x, const double *y, const double *z, Py_ssize_t n, double cx, double cy,
-                       double cz, double *dots)
-{
-    for (Py_ssize_t j = 0; j < n; j++)
-        dots[j] = x[j] * cx + y[j] * cy + z[j] * cz;
-}
-
 /* For the cells that can be within the largest scale, in index order: the level (how many
  * scales, largest first, the dot product alone shows the cell to be within) and how many of
- * the next scales are too close to call (|dot - cos(s/R)| <= band). */
+ * the next scales are too close to call (|dot - cos(s/R)| <= band).
+ *
+ * The cells come grouped by a 5-degree grid (method.py builds the index): a group whose
+ * spherical cap (centre, radius) lies beyond the largest scale is skipped whole, so only the
+ * cells near the top cell are touched. A bitmap over cell indices then puts the near cells
+ * back in index order, the order the sums need. */
 static PyObject *pd_select(PyObject *self, PyObject *args)
 {
-    Py_buffer units, thresholds, near, levels, bands;
+    Py_buffer units, cell_at, position_of, starts, caps, thresholds, near, levels, bands, bitmap, by_cell;
     Py_ssize_t cell;
-    double band;
-    if (!PyArg_ParseTuple(args, "y*ny*dw*w*w*", &units, &cell, &thresholds, &band, &near, &levels, &bands))
+    double theta_max, band;
+    if (!PyArg_ParseTuple(args, "y*y*y*y*y*dny*dw*w*w*w*w*", &units, &cell_at, &position_of, &starts, &caps,
+                          &theta_max, &cell, &thresholds, &band, &near, &levels, &bands, &bitmap, &by_cell))
         return NULL;
     PyObject *result = NULL;
-    Py_ssize_t m = units.len / (3 * (Py_ssize_t)sizeof(double));
-    Py_ssize_t s = thresholds.len / (Py_ssize_t)sizeof(double);
+    Py_ssize_t m = cell_at.len / 4, groups = starts.len / 4 - 1;
+    Py_ssize_t s = thresholds.len / (Py_ssize_t)sizeof(double), words = (m + 63) / 64;
     Py_ssize_t n_near = 0, n_band = 0;
     const double *t = (const double *)thresholds.buf;
-    if (units.len % (3 * sizeof(double)) || cell < 0 || cell >= m) {
+    if (m < 1 || cell_at.len % 4 || units.len != 3 * m * 8 || position_of.len != m * 4 || groups < 1 ||
+        caps.len != groups * 6 * 8 || bitmap.len < words * 8 || by_cell.len < 2 * m) {
+        PyErr_SetString(PyExc_ValueError, "pd_select: the cell index buffers do not match");
+        goto done;
+    }
+    if (cell < 0 || cell >= m) {
         PyErr_Format(PyExc_ValueError, "pd_select: cell %zd outside %zd cells", cell, m);
         goto done;
     }
@@ -242,49 +244,76 @@ static PyObject *pd_select(PyObject *self, PyObject *args)
         goto done;
     }
     Py_BEGIN_ALLOW_THREADS
-    /* units: [3, M] (x row, y row, z row) */
+    /* units: [3, M] (x row, y row, z row) in grouped order */
     const double *ux = (const double *)units.buf, *uy = ux + m, *uz = ux + 2 * m;
-    const double cx = ux[cell], cy = uy[cell], cz = uz[cell];
+    const int32_t *index_at = (const int32_t *)cell_at.buf, *start = (const int32_t *)starts.buf;
+    const Py_ssize_t p = ((const int32_t *)position_of.buf)[cell];
+    const double cx = ux[p], cy = uy[p], cz = uz[p];
+    const double cos_max = cos(theta_max), sin_max = sin(theta_max);
     const double lowest = t[0] - band;
-    double above[MAX_SCALES], below[MAX_SCALES], dots[DOT_BLOCK];
+    double above[MAX_SCALES], below[MAX_SCALES];
     for (Py_ssize_t i = 0; i < s; i++) {
         above[i] = t[i] + band;
         below[i] = t[i] - band;
     }
-    int32_t *near_out = (int32_t *)near.buf;
-    uint32_t *level_out = (uint32_t *)levels.buf, *band_out = (uint32_t *)bands.buf;
-    int32_t candidates[DOT_BLOCK];
-    for (Py_ssize_t start = 0; start < m; start += DOT_BLOCK) {
-        Py_ssize_t len = m - start < DOT_BLOCK ? m - start : DOT_BLOCK, n_cand = 0;
-        block_dots(ux + start, uy + start, uz + start, len, cx, cy, cz, dots);
-        /* Near and far cells interleave in index order: compact without a branch. */
-        for (Py_ssize_t j = 0; j < len; j++) {
-            candidates[n_cand] = (int32_t)j;
-            n_cand += dots[j] >= lowest;
+    uint64_t *bits = (uint64_t *)bitmap.buf; /* all zero between calls */
+    uint8_t *level_of = (uint8_t *)by_cell.buf, *unsure_of = level_of + m;
+    for (Py_ssize_t g = 0; g < groups; g++) {
+        const double *cap = (const double *)caps.buf + 6 * g; /* centre xyz, cos r, sin r, r */
+        if (theta_max + cap[5] < PI) {
+            /* angle(c, centre) > theta_max + r: every cell of the group is beyond the largest scale */
+            const double dc = cap[0] * cx + cap[1] * cy + cap[2] * cz;
+            if (dc < cos_max * cap[3] - sin_max * cap[4] - 1e-9)
+                continue;
         }
-        for (Py_ssize_t c = 0; c < n_cand; c++) {
-            const Py_ssize_t j = candidates[c];
-            const double dot = dots[j];
+        for (Py_ssize_t q = start[g]; q < start[g + 1]; q++) {
+            const double dot = ux[q] * cx + uy[q] * cy + uz[q] * cz;
+            if (!(dot >= lowest))
+                continue;
             uint32_t level = 0, unsure = 0;
             while (level < s && dot > above[level]) /* most near cells stop after the first */
                 level++;
             while (level + unsure < s && dot >= below[level + unsure]) /* almost never */
                 unsure++;
-            near_out[n_near] = (int32_t)(start + j);
-            level_out[n_near] = level;
-            band_out[n_near] = unsure;
-            n_near += (level | unsure) != 0;
-            n_band += unsure != 0;
+            if (level | unsure) {
+                const int32_t j = index_at[q];
+                bits[j >> 6] |= (uint64_t)1 << (j & 63);
+                level_of[j] = (uint8_t)level;
+                unsure_of[j] = (uint8_t)unsure;
+                n_band += unsure != 0;
+            }
+        }
+    }
+    int32_t *near_out = (int32_t *)near.buf;
+    uint32_t *level_out = (uint32_t *)levels.buf, *band_out = (uint32_t *)bands.buf;
+    for (Py_ssize_t w = 0; w < words; w++) {
+        uint64_t word = bits[w];
+        if (!word)
+            continue;
+        bits[w] = 0;
+        while (word) {
+            const int32_t j = (int32_t)(w * 64 + __builtin_ctzll(word));
+            word &= word - 1;
+            near_out[n_near] = j;
+            level_out[n_near] = level_of[j];
+            band_out[n_near] = unsure_of[j];
+            n_near++;
         }
     }
     Py_END_ALLOW_THREADS
     result = Py_BuildValue("nn", n_near, n_band);
 done:
     PyBuffer_Release(&units);
+    PyBuffer_Release(&cell_at);
+    PyBuffer_Release(&position_of);
+    PyBuffer_Release(&starts);
+    PyBuffer_Release(&caps);
     PyBuffer_Release(&thresholds);
     PyBuffer_Release(&near);
     PyBuffer_Release(&levels);
     PyBuffer_Release(&bands);
+    PyBuffer_Release(&bitmap);
+    PyBuffer_Release(&by_cell);
     return result;
 }
 
@@ -324,19 +353,27 @@ static float numpy_sum(const float *a, Py_ssize_t n)
     return res;
 }
 
-/* sums[i] = the float32 sum of probs over the near cells with level > i, in index order. */
+/* The float32 sum of probs over the near cells with level > i, in index order, written to
+ * out[order[i]] (the caller's order of the scales). */
 static PyObject *pd_sums(PyObject *self, PyObject *args)
 {
-    Py_buffer probs, near, levels, out, scratch;
+    Py_buffer probs, near, levels, order, out, scratch;
     Py_ssize_t n_near;
-    if (!PyArg_ParseTuple(args, "y*y*y*nw*w*", &probs, &near, &levels, &n_near, &out, &scratch))
+    if (!PyArg_ParseTuple(args, "y*y*y*ny*w*w*", &probs, &near, &levels, &n_near, &order, &out, &scratch))
         return NULL;
     PyObject *result = NULL;
     Py_ssize_t m = probs.len / 4, s = out.len / (Py_ssize_t)sizeof(double);
     if (probs.len % 4 || n_near < 0 || n_near > m || near.len < n_near * 4 || levels.len < n_near * 4 || s < 1 ||
-        s > MAX_SCALES || out.len % sizeof(double) || scratch.len < s * n_near * 4) {
+        s > MAX_SCALES || out.len % sizeof(double) || order.len != s * 8 || scratch.len < s * n_near * 4) {
         PyErr_SetString(PyExc_ValueError, "pd_sums: buffer sizes do not match");
         goto done;
+    }
+    const int64_t *slot = (const int64_t *)order.buf;
+    for (Py_ssize_t i = 0; i < s; i++) {
+        if (slot[i] < 0 || slot[i] >= s) {
+            PyErr_SetString(PyExc_ValueError, "pd_sums: order is not a permutation of the scales");
+            goto done;
+        }
     }
     const int32_t *idx = (const int32_t *)near.buf;
     const uint32_t *level = (const uint32_t *)levels.buf;
@@ -358,13 +395,14 @@ static PyObject *pd_sums(PyObject *self, PyObject *args)
             buf[i * n_near + count[i]++] = v;
     }
     for (Py_ssize_t i = 0; i < s; i++)
-        sums[i] = (double)numpy_sum(buf + i * n_near, count[i]);
+        sums[slot[i]] = (double)numpy_sum(buf + i * n_near, count[i]);
     Py_END_ALLOW_THREADS
     result = Py_NewRef(Py_None);
 done:
     PyBuffer_Release(&probs);
     PyBuffer_Release(&near);
     PyBuffer_Release(&levels);
+    PyBuffer_Release(&order);
     PyBuffer_Release(&out);
     PyBuffer_Release(&scratch);
     return result;
@@ -372,7 +410,6 @@ done:
 
 /* ------------------------------------------------------------------ SwC clusters */
 
-#define PI 3.141592653589793
 #define EARTH_RADIUS_KM 6371.0
 
 /* geo.haversine_km, operation for operation (numpy's float64 sin, cos, arcsin are the C
@@ -393,30 +430,11 @@ static double haversine_km(double lat1, double lon1, double lat2, double lon2)
  * DBSCAN(min_samples=1) = connected components of "haversine <= eps", labelled in order of
  * their first member (scikit-learn's numbering); the largest cluster, the lowest label on a
  * tie; the mean of its members' unit vectors (summed in candidate order) mapped back without
- * renormalising. */
-static PyObject *swc_cluster(PyObject *self, PyObject *args)
+ * renormalising. ``ll`` is k (lat, lon) pairs; ``work`` holds 2k Py_ssize_t. No Python calls. */
+static void cluster_mean(const double *ll, Py_ssize_t k, double eps_km, int64_t *label, Py_ssize_t *work,
+                         Py_ssize_t *chosen_out, Py_ssize_t *members_out, double *lat_out, double *lon_out)
 {
-    Py_buffer latlon, labels;
-    double eps_km;
-    if (!PyArg_ParseTuple(args, "y*dw*", &latlon, &eps_km, &labels))
-        return NULL;
-    PyObject *result = NULL;
-    Py_ssize_t k = labels.len / 8;
-    if (labels.len % 8 || k < 1 || latlon.len != k * 16) {
-        PyErr_Format(PyExc_ValueError, "swc_cluster: %zd bytes of (lat, lon) for %zd candidates", latlon.len, k);
-        goto done;
-    }
-    Py_ssize_t *work = PyMem_Malloc((size_t)k * 2 * sizeof(Py_ssize_t));
-    if (work == NULL) {
-        PyErr_NoMemory();
-        goto done;
-    }
-    Py_ssize_t chosen = 0, members = 0;
-    double lat = 0.0, lon = 0.0;
-    Py_BEGIN_ALLOW_THREADS
-    const double *ll = (const double *)latlon.buf;
-    int64_t *label = (int64_t *)labels.buf;
-    Py_ssize_t *stack = work, *size = work + k, clusters = 0;
+    Py_ssize_t *stack = work, *size = work + k, clusters = 0, chosen = 0;
     for (Py_ssize_t i = 0; i < k; i++)
         label[i] = -1;
     for (Py_ssize_t i = 0; i < k; i++) {
@@ -441,7 +459,6 @@ static PyObject *swc_cluster(PyObject *self, PyObject *args)
     for (Py_ssize_t c = 1; c < clusters; c++)
         if (size[c] > size[chosen])
             chosen = c;
-    members = size[chosen];
     double x = 0.0, y = 0.0, z = 0.0;
     for (Py_ssize_t i = 0; i < k; i++) {
         if (label[i] != chosen)
@@ -451,17 +468,141 @@ static PyObject *swc_cluster(PyObject *self, PyObject *args)
         y += cos(la) * sin(lo);
         z += sin(la);
     }
-    x /= (double)members;
-    y /= (double)members;
-    z /= (double)members;
-    lat = asin(z > 1.0 ? 1.0 : (z < -1.0 ? -1.0 : z)) / PI * 180;
-    lon = atan2(y, x) / PI * 180;
+    x /= (double)size[chosen];
+    y /= (double)size[chosen];
+    z /= (double)size[chosen];
+    *chosen_out = chosen;
+    *members_out = size[chosen];
+    *lat_out = asin(z > 1.0 ? 1.0 : (z < -1.0 ? -1.0 : z)) / PI * 180;
+    *lon_out = atan2(y, x) / PI * 180;
+}
+
+static PyObject *swc_cluster(PyObject *self, PyObject *args)
+{
+    Py_buffer latlon, labels;
+    double eps_km;
+    if (!PyArg_ParseTuple(args, "y*dw*", &latlon, &eps_km, &labels))
+        return NULL;
+    PyObject *result = NULL;
+    Py_ssize_t k = labels.len / 8;
+    if (labels.len % 8 || k < 1 || latlon.len != k * 16) {
+        PyErr_Format(PyExc_ValueError, "swc_cluster: %zd bytes of (lat, lon) for %zd candidates", latlon.len, k);
+        goto done;
+    }
+    Py_ssize_t *work = PyMem_Malloc((size_t)k * 2 * sizeof(Py_ssize_t));
+    if (work == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    Py_ssize_t chosen, members;
+    double lat, lon;
+    Py_BEGIN_ALLOW_THREADS
+    cluster_mean((const double *)latlon.buf, k, eps_km, (int64_t *)labels.buf, work, &chosen, &members, &lat, &lon);
     Py_END_ALLOW_THREADS
     PyMem_Free(work);
     result = Py_BuildValue("nndd", chosen, members, lat, lon);
 done:
     PyBuffer_Release(&latlon);
     PyBuffer_Release(&labels);
+    return result;
+}
+
+/* ------------------------------------------------------------------ SwC, whole */
+
+/* Is (s, r) ranked before (t, q)? Higher similarity first, NaN last, lower row on ties. */
+static int ranks_before(float s, Py_ssize_t r, float t, Py_ssize_t q)
+{
+    if (isnan(s) || isnan(t))
+        return isnan(s) ? (isnan(t) && r < q) : 1;
+    return s > t || (s == t && r < q);
+}
+
+/* The k best rows in rank order: one pass keeping a sorted list (rows arrive in increasing
+ * order, so an equal similarity never displaces an earlier row). */
+static void top_k(const float *sims, Py_ssize_t n, Py_ssize_t k, int64_t *order, float *best)
+{
+    Py_ssize_t count = 0;
+    for (Py_ssize_t r = 0; r < n; r++) {
+        const float s = sims[r];
+        if (count == k && !ranks_before(s, r, best[k - 1], (Py_ssize_t)order[k - 1]))
+            continue;
+        Py_ssize_t lo = 0, hi = count < k ? count : k - 1; /* first position ranked after (s, r) */
+        while (lo < hi) {
+            Py_ssize_t mid = (lo + hi) / 2;
+            if (ranks_before((float)best[mid], (Py_ssize_t)order[mid], s, r))
+                lo = mid + 1;
+            else
+                hi = mid;
+        }
+        Py_ssize_t last = count < k ? count : k - 1;
+        memmove(order + lo + 1, order + lo, (size_t)(last - lo) * sizeof *order);
+        memmove(best + lo + 1, best + lo, (size_t)(last - lo) * sizeof *best);
+        order[lo] = r;
+        best[lo] = s;
+        if (count < k)
+            count++;
+    }
+}
+
+/* SwC in one call: similarities of the cell's rows, the top k (stable), their labels, clusters
+ * and the mean. Outputs: order (int64 k), sims (float32 k), clusters (int64 k). */
+static PyObject *swc(PyObject *self, PyObject *args)
+{
+    Py_buffer rows, labels, query, order, sims, clusters;
+    int half;
+    double eps_km;
+    if (!PyArg_ParseTuple(args, "y*py*y*dw*w*w*", &rows, &half, &labels, &query, &eps_km, &order, &sims, &clusters))
+        return NULL;
+    PyObject *result = NULL;
+    float *all = NULL;
+    double *cand = NULL;
+    Py_ssize_t *work = NULL;
+    Py_ssize_t item = half ? 2 : 4, d = query.len / 4, n = labels.len / 16, k = order.len / 8;
+    if (query.len % 4 || d == 0 || labels.len % 16 || n < 1 || rows.len != n * d * item) {
+        PyErr_Format(PyExc_ValueError, "swc: %zd bytes of rows and %zd of labels do not make rows of %zd values",
+                     rows.len, labels.len, d);
+        goto done;
+    }
+    if (order.len % 8 || k < 1 || k > n || sims.len != k * 4 || clusters.len != k * 8) {
+        PyErr_Format(PyExc_ValueError, "swc: outputs must hold 1 to %zd candidates", n);
+        goto done;
+    }
+    all = PyMem_Malloc((size_t)n * sizeof *all);
+    cand = PyMem_Malloc((size_t)k * 2 * sizeof *cand);
+    work = PyMem_Malloc((size_t)k * 2 * sizeof *work);
+    if (all == NULL || cand == NULL || work == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    Py_ssize_t chosen, members;
+    double lat, lon;
+    Py_BEGIN_ALLOW_THREADS
+#if VISLOC_X86
+    if (use_simd)
+        dot_rows_avx2(rows.buf, half, n, d, (const float *)query.buf, all);
+    else
+#endif
+        dot_rows_portable(rows.buf, half, n, d, (const float *)query.buf, all);
+    int64_t *idx = (int64_t *)order.buf;
+    top_k(all, n, k, idx, (float *)sims.buf);
+    const double *ll = (const double *)labels.buf;
+    for (Py_ssize_t i = 0; i < k; i++) {
+        cand[2 * i] = ll[2 * idx[i]];
+        cand[2 * i + 1] = ll[2 * idx[i] + 1];
+    }
+    cluster_mean(cand, k, eps_km, (int64_t *)clusters.buf, work, &chosen, &members, &lat, &lon);
+    Py_END_ALLOW_THREADS
+    result = Py_BuildValue("nndd", chosen, members, lat, lon);
+done:
+    PyMem_Free(all);
+    PyMem_Free(cand);
+    PyMem_Free(work);
+    PyBuffer_Release(&rows);
+    PyBuffer_Release(&labels);
+    PyBuffer_Release(&query);
+    PyBuffer_Release(&order);
+    PyBuffer_Release(&sims);
+    PyBuffer_Release(&clusters);
     return result;
 }
 
@@ -473,9 +614,11 @@ static PyMethodDef methods[] = {
     {"dot_f32", dot_f32, METH_VARARGS,
      "dot_f32(rows_f32, query_f32, out_f32, simd=True): out[r] = rows[r] . query (float32 rows)"},
     {"pd_select", pd_select, METH_VARARGS,
-     "pd_select(units_f64_3xM, cell, thresholds_ascending_f64, band, near_i32, levels_u32, unsure_u32) -> (n_near, n_band)"},
+     "pd_select(index..., theta_max, cell, thresholds_ascending_f64, band, near, levels, unsure, bitmap, by_cell) -> (n_near, n_band)"},
     {"pd_sums", pd_sums, METH_VARARGS,
-     "pd_sums(probs_f32, near_i32, levels_u32, n_near, out_f64, scratch_f32): numpy's float32 sums per scale"},
+     "pd_sums(probs_f32, near_i32, levels_u32, n_near, order_i64, out_f64, scratch_f32): numpy's float32 sums"},
+    {"swc", swc, METH_VARARGS,
+     "swc(rows, is_half, labels_f64, query_f32, eps_km, order_i64, sims_f32, clusters_i64) -> (chosen, members, lat, lon)"},
     {"swc_cluster", swc_cluster, METH_VARARGS,
      "swc_cluster(latlon_f64, eps_km, labels_i64) -> (chosen, members, lat, lon): DBSCAN(min_samples=1) and the mean"},
     {NULL, NULL, 0, NULL},

@@ -69,24 +69,6 @@ def similarities(embedding: np.ndarray, features: np.ndarray) -> np.ndarray:
     return out
 
 
-def top_k_by_similarity(embedding: np.ndarray, features: np.ndarray, top_k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Positions of the ``top_k`` rows most similar to ``embedding``, and their similarities.
-
-    A stable order puts the lower position first among equal similarities.
-    """
-    sims = similarities(embedding, features)
-    k = min(top_k, sims.shape[0])
-    if k < sims.shape[0] and sims.shape[0] > 4 * k:
-        # Partial selection, then a stable order over everything at least as similar as the
-        # k-th, so ties at the boundary are resolved by position exactly as a full sort would.
-        kth = np.partition(sims, sims.shape[0] - k)[sims.shape[0] - k]
-        pool = np.flatnonzero(sims >= kth)
-        order = pool[np.argsort(-sims[pool], kind="stable")][:k]
-    else:
-        order = np.argsort(-sims, kind="stable")[:k]
-    return order, sims[order]
-
-
 def _cluster(candidates: np.ndarray, eps_km: float) -> tuple[np.ndarray, int, float, float]:
     labels = np.empty(candidates.shape[0], dtype=np.int64)
     chosen, _, lat, lon = _kernels.swc_cluster(np.ascontiguousarray(candidates, dtype=np.float64), eps_km, labels)
@@ -111,13 +93,32 @@ def search_within_cell(
 ) -> SwcResult:
     """SwC over one cell's background rows (``features`` ``[n, D]``, ``labels`` ``[n, 2]``, n >= 1).
 
-    The clustering, the choice of the largest cluster (lowest label on a tie) and the mean of
-    its unit vectors run in the compiled kernel, with geo.py's arithmetic in the same order.
+    One call into the compiled kernel: the similarities (see :func:`similarities`), the
+    ``top_k`` most similar rows (a stable order: the lower position first among equal
+    similarities, NaN last), their clusters, the largest cluster (lowest label on a tie) and
+    the mean of its unit vectors, with geo.py's arithmetic in the same order.
     """
-    if features.shape[0] == 0:
+    rows = np.ascontiguousarray(features)
+    query = np.ascontiguousarray(embedding, dtype=np.float32)
+    latlon = np.ascontiguousarray(labels, dtype=np.float64)
+    n = rows.shape[0]
+    if n == 0:
         raise ValueError("search_within_cell needs at least one background row")
-    order, sims = top_k_by_similarity(embedding, features, top_k)
-    clusters, chosen, lat, lon = _cluster(np.asarray(labels[order], dtype=np.float64), eps_km)
+    if rows.ndim != 2 or query.shape != (rows.shape[1],) or rows.shape[1] == 0 or latlon.shape != (n, 2):
+        raise ValueError(
+            f"features [n, D], labels [n, 2] and an embedding [D] expected, got {rows.shape}, {latlon.shape}, "
+            f"{query.shape}"
+        )
+    if top_k < 1:
+        raise ValueError(f"top_k must be >= 1, got {top_k}")
+    half = rows.dtype == np.float16
+    if not half:
+        rows = np.ascontiguousarray(rows, dtype=np.float32)
+    k = min(top_k, n)
+    order = np.empty(k, dtype=np.int64)
+    sims = np.empty(k, dtype=np.float32)
+    clusters = np.empty(k, dtype=np.int64)
+    chosen, _, lat, lon = _kernels.swc(rows, half, latlon, query, eps_km, order, sims, clusters)
     return SwcResult(lat, lon, order, sims, clusters, chosen)
 
 
@@ -127,30 +128,72 @@ class DensityIndex:
     ``haversine(c, all) <= s`` is decided by the dot product of unit vectors (monotone in the
     distance) and only cells within a hair's breadth of the boundary (|dot - cos(s/R)| <= 1e-12)
     are settled by the reference haversine itself, so the selected cells, and hence the sums,
-    are the reference's. The pass over the cells and the sums run in the compiled kernel.
+    are the reference's. The cells are indexed by a 5-degree grid, each group with the
+    spherical cap that holds it, so a query touches only the groups that reach the largest
+    scale; the selection and the sums run in the compiled kernel.
     """
 
     BAND = 1e-12
+    GRID_DEG = 5.0
+    CAP_MARGIN_RAD = 1e-6  # ~6 m added to every group's radius: the skip test stays conservative
 
     def __init__(self, centres: np.ndarray, scales_km: tuple[float, ...] = DEFAULT_SCALES_KM):
         centres = np.asarray(centres, dtype=np.float64)
         if centres.ndim != 2 or centres.shape[1] != 2 or centres.shape[0] == 0:
             raise ValueError(f"cell centres must be [M, 2] with M >= 1, got {centres.shape}")
+        if not np.all(np.isfinite(centres)) or np.any(np.abs(centres[:, 0]) > 90):
+            raise ValueError("cell centres must be finite, with latitudes in [-90, 90]")
+        if centres.shape[0] >= 2**31:
+            raise ValueError(f"at most 2^31 - 1 cells, got {centres.shape[0]}")
         if not scales_km or any(not (s > 0 and math.isfinite(s)) for s in scales_km):
             raise ValueError(f"PD scales must be positive km, got {scales_km}")
         if len(scales_km) > _kernels.MAX_SCALES:
             raise ValueError(f"at most {_kernels.MAX_SCALES} PD scales, got {len(scales_km)}")
         self.centres = centres
         self.scales_km = tuple(float(s) for s in scales_km)
-        self._units = np.ascontiguousarray(latlon_to_unit(centres).T, dtype=np.float64)  # [3, M]
         # The kernel takes the scales largest first (cosines ascending); beyond half the
         # circumference every cell is within, and cos is not monotone past pi.
-        self._order = np.argsort(-np.asarray(self.scales_km), kind="stable")
+        self._order = np.argsort(-np.asarray(self.scales_km), kind="stable").astype(np.int64)
         self._sorted_km = np.asarray(self.scales_km)[self._order]
-        self._thresholds = np.cos(np.minimum(self._sorted_km / EARTH_RADIUS_KM, math.pi))
+        angles = np.minimum(self._sorted_km / EARTH_RADIUS_KM, math.pi)
+        self._thresholds = np.cos(angles)
+        self._theta_max = float(angles[0])
+        self._index = self._build_index(centres)
         self._scratch = threading.local()  # per-thread work buffers: the kernels release the GIL
 
-    def _buffers(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    @classmethod
+    def _build_index(cls, centres: np.ndarray) -> tuple[np.ndarray, ...]:
+        """Cells grouped by grid square: (units [3, M] in group order, cell index at each
+        position, position of each cell, group starts [G + 1], caps [G, 6])."""
+        m = centres.shape[0]
+        rows = np.clip(np.floor((centres[:, 0] + 90.0) / cls.GRID_DEG), 0, 180 / cls.GRID_DEG - 1)
+        cols = np.clip(np.floor(np.mod(centres[:, 1] + 180.0, 360.0) / cls.GRID_DEG), 0, 360 / cls.GRID_DEG - 1)
+        group = (rows * (360 / cls.GRID_DEG) + cols).astype(np.int64)
+        cell_at = np.argsort(group, kind="stable")
+        grouped = group[cell_at]
+        firsts = np.flatnonzero(np.r_[True, grouped[1:] != grouped[:-1]])
+        starts = np.r_[firsts, m]
+        units = latlon_to_unit(centres)[cell_at]  # [M, 3] in group order
+        centre = np.add.reduceat(units, firsts, axis=0)
+        centre /= np.linalg.norm(centre, axis=1, keepdims=True)  # a grid square spans < 90 degrees
+        member_of = np.repeat(np.arange(len(firsts)), np.diff(starts))
+        spread = np.arccos(np.clip(np.einsum("ij,ij->i", units, centre[member_of]), -1.0, 1.0))
+        radius = np.maximum.reduceat(spread, firsts) + cls.CAP_MARGIN_RAD
+        caps = np.column_stack([centre, np.cos(radius), np.sin(radius), radius])
+        position_of = np.empty(m, dtype=np.int32)
+        position_of[cell_at] = np.arange(m, dtype=np.int32)
+        index = (
+            np.ascontiguousarray(units.T),
+            cell_at.astype(np.int32),
+            position_of,
+            starts.astype(np.int32),
+            np.ascontiguousarray(caps),
+        )
+        for array in index:
+            array.flags.writeable = False  # the kernel trusts this structure: nothing may change it
+        return index
+
+    def _buffers(self) -> tuple[np.ndarray, ...]:
         bufs = getattr(self._scratch, "bufs", None)
         if bufs is None:
             m = self.centres.shape[0]
@@ -159,6 +202,8 @@ class DensityIndex:
                 np.empty(m, dtype=np.uint32),  # level: within the `level` largest scales
                 np.empty(m, dtype=np.uint32),  # how many next scales are too close to call
                 np.empty(len(self.scales_km) * m, dtype=np.float32),  # each scale's selection
+                np.zeros((m + 63) // 64, dtype=np.uint64),  # near cells by index (left all zero)
+                np.empty(2 * m, dtype=np.uint8),  # level and unsure count by cell index
             )
             self._scratch.bufs = bufs
         return bufs
@@ -176,14 +221,15 @@ class DensityIndex:
             raise ValueError(f"cell_probs must be float32 [{m}], got {probs.dtype} {probs.shape}")
         if not 0 <= cell < m:
             raise ValueError(f"cell {cell} outside the {m} cells")
-        near, levels, unsure, values = self._buffers()
-        n_near, n_band = _kernels.pd_select(self._units, cell, self._thresholds, self.BAND, near, levels, unsure)
+        bufs = self._buffers()
+        near, levels, unsure, values, bitmap, by_cell = bufs
+        n_near, n_band = _kernels.pd_select(
+            *self._index, self._theta_max, cell, self._thresholds, self.BAND, near, levels, unsure, bitmap, by_cell
+        )
         if n_band:
             self._settle_boundary(cell, near[:n_near], levels[:n_near], unsure[:n_near])
-        sums = np.empty(len(self.scales_km), dtype=np.float64)
-        _kernels.pd_sums(probs, near, levels, n_near, sums, values)
-        out = np.empty_like(sums)
-        out[self._order] = sums
+        out = np.empty(len(self.scales_km), dtype=np.float64)
+        _kernels.pd_sums(probs, near, levels, n_near, self._order, out, values)
         return out
 
     def _settle_boundary(self, cell: int, near: np.ndarray, levels: np.ndarray, unsure: np.ndarray) -> None:
