@@ -4,10 +4,11 @@ bookkeeping of a ``LocateStream`` batch (kept I/O-free so both drivers stay thin
 from __future__ import annotations
 
 import heapq
+import json
 import os
 import random
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Union
@@ -22,6 +23,8 @@ from visloc_client.v1 import locator_pb2 as pb
 DEFAULT_MAX_MESSAGE_BYTES = 20 * 1024 * 1024
 # Room for the request's other fields when checking an image against the message limit.
 _ENVELOPE_BYTES = 4096
+# Client-side load balancing policies (gRPC's names). None leaves gRPC's default, pick_first.
+LOAD_BALANCING_POLICIES = ("pick_first", "round_robin")
 
 ImageInput = Union[bytes, bytearray, memoryview, str, "os.PathLike[str]"]
 
@@ -96,6 +99,50 @@ class Connection:
         return pb.LocateRequest(image=data, options=options)
 
 
+def build_channel_options(
+    base: Sequence[tuple[str, Any]],
+    extra: Sequence[tuple[str, Any]] = (),
+    load_balancing: str | None = None,
+) -> tuple[tuple[str, Any], ...]:
+    """The channel options: the client's own (``base``), then the caller's (``extra``). A
+    caller's option replaces the client's option of the same name (one entry per name, so
+    the result never depends on which of two duplicates gRPC reads). ``load_balancing`` sets
+    ``loadBalancingConfig`` in ``grpc.service_config``, merged into a service config the
+    caller gave rather than replacing it."""
+    if load_balancing is not None and (
+        not isinstance(load_balancing, str) or load_balancing not in LOAD_BALANCING_POLICIES
+    ):
+        allowed = ", ".join(repr(p) for p in LOAD_BALANCING_POLICIES)
+        raise ValueError(
+            f"load_balancing must be {allowed} or None (gRPC's default, pick_first), not {load_balancing!r}"
+        )
+    if isinstance(extra, (str, bytes)):
+        raise TypeError("channel_options is a sequence of (name, value) pairs")
+    merged: dict[str, Any] = {}
+    for option in (*base, *extra):
+        if not (isinstance(option, (tuple, list)) and len(option) == 2 and isinstance(option[0], str)):
+            raise TypeError(f"a channel option is a (name, value) pair, not {option!r}")
+        merged[option[0]] = option[1]
+    if load_balancing is not None:
+        merged["grpc.service_config"] = _with_load_balancing(merged.get("grpc.service_config"), load_balancing)
+    return tuple(merged.items())
+
+
+def _with_load_balancing(service_config: Any, policy: str) -> str:
+    """``service_config`` (JSON text, or None) with ``policy`` as its load balancing config."""
+    config: Any = {}
+    if service_config is not None:
+        try:
+            config = json.loads(service_config)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"grpc.service_config is not JSON: {err}") from None
+        if not isinstance(config, dict):
+            raise ValueError("grpc.service_config must be a JSON object")
+        if "loadBalancingConfig" in config or "loadBalancingPolicy" in config:
+            raise ValueError("load_balancing is given twice: as an argument and in grpc.service_config; give it once")
+    return json.dumps({**config, "loadBalancingConfig": [{policy: {}}]}, separators=(",", ":"))
+
+
 def connection(
     target: str,
     *,
@@ -104,26 +151,34 @@ def connection(
     timeout: float | None,
     retries: int | RetryPolicy,
     max_message_bytes: int,
+    load_balancing: str | None = None,
+    channel_options: Sequence[tuple[str, Any]] = (),
 ) -> Connection:
     if timeout is not None and timeout <= 0:
         raise ValueError("timeout must be positive (or None for no deadline)")
     if max_message_bytes <= _ENVELOPE_BYTES:
         raise ValueError("max_message_bytes is too small")
     tls_config = TLSConfig() if tls is True else tls or None
-    options: list[tuple[str, Any]] = [
+    own: list[tuple[str, Any]] = [
         ("grpc.max_send_message_length", max_message_bytes),
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.primary_user_agent", f"visloc-client/{__version__}"),
     ]
     if tls_config is not None and tls_config.server_name:
-        options.append(("grpc.ssl_target_name_override", tls_config.server_name))
+        own.append(("grpc.ssl_target_name_override", tls_config.server_name))
+    options = build_channel_options(own, channel_options, load_balancing)
+    # Images are checked locally against the channel's send limit (gRPC would refuse them
+    # anyway, and in a stream that kills the whole call), also when channel_options set it.
+    send_limit = dict(options)["grpc.max_send_message_length"]
+    if isinstance(send_limit, int) and not isinstance(send_limit, bool) and send_limit > 0:
+        max_message_bytes = send_limit
     # Sent as plain metadata rather than call credentials so that it also works over a
     # plaintext hop to a TLS-terminating proxy; use TLS end to end in production.
     metadata = (("authorization", f"Bearer {token}"),) if token else ()
     return Connection(
         target=target,
         credentials=tls_config.credentials() if tls_config is not None else None,
-        options=tuple(options),
+        options=options,
         metadata=metadata,
         timeout=timeout,
         retry=retries if isinstance(retries, RetryPolicy) else RetryPolicy(retries=retries),
@@ -149,7 +204,7 @@ def check_size(data: bytes, max_message_bytes: int) -> None:
     if len(data) + _ENVELOPE_BYTES > max_message_bytes:
         raise LocateError(
             grpc.StatusCode.RESOURCE_EXHAUSTED,
-            f"image is {len(data)} bytes; the client's max_message_bytes is {max_message_bytes}",
+            f"image is {len(data)} bytes; the client's send limit (max_message_bytes) is {max_message_bytes}",
         )
 
 

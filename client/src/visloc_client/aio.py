@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from typing import Any, TypeVar
 
 import grpc
@@ -37,7 +37,8 @@ class _End:
 
 class AsyncLocatorClient:
     """An asyncio client for the visloc ``Locator`` service. Create it inside a running event
-    loop (grpc.aio binds the channel to it). Same semantics as ``LocatorClient``; image files
+    loop (grpc.aio binds the channel to it). Same semantics (and constructor arguments,
+    ``load_balancing`` and ``channel_options`` included) as ``LocatorClient``; image files
     are read synchronously (they are small and local)."""
 
     def __init__(
@@ -49,6 +50,8 @@ class AsyncLocatorClient:
         timeout: float | None = 30.0,
         retries: int | RetryPolicy = 3,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        load_balancing: str | None = None,
+        channel_options: Sequence[tuple[str, Any]] = (),
     ) -> None:
         self._conn = connection(
             target,
@@ -57,6 +60,8 @@ class AsyncLocatorClient:
             timeout=timeout,
             retries=retries,
             max_message_bytes=max_message_bytes,
+            load_balancing=load_balancing,
+            channel_options=channel_options,
         )
         self._channel = self._conn.open_channel(grpc.aio)
         self._stub = pb_grpc.LocatorStub(self._channel)

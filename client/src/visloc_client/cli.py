@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from visloc_client import __version__
-from visloc_client._common import TLSConfig
+from visloc_client._common import LOAD_BALANCING_POLICIES, TLSConfig
 from visloc_client.client import LocatorClient
 from visloc_client.dataset import list_images, load_metadata, match_id
 from visloc_client.errors import LocateError
@@ -57,7 +57,8 @@ def _connection_args(parser: argparse.ArgumentParser, *, suppress: bool) -> None
     g.add_argument(
         "--target",
         default=default(os.environ.get("VISLOC_TARGET", DEFAULT_TARGET)),
-        help=f"HOST:PORT of the Locate service (env VISLOC_TARGET; default {DEFAULT_TARGET})",
+        help="HOST:PORT of the Locate service, or any gRPC target such as dns:///NAME:PORT "
+        f"(env VISLOC_TARGET; default {DEFAULT_TARGET})",
     )
     g.add_argument("--tls", action="store_true", default=default(False), help="use TLS (system roots)")
     g.add_argument("--ca", default=default(None), help="PEM root certificates (implies --tls)")
@@ -79,6 +80,14 @@ def _connection_args(parser: argparse.ArgumentParser, *, suppress: bool) -> None
         type=int,
         default=default(3),
         help="retries on UNAVAILABLE, with backoff (default 3)",
+    )
+    g.add_argument(
+        "--load-balancing",
+        choices=LOAD_BALANCING_POLICIES,
+        default=default("pick_first"),
+        help="how calls are spread over the addresses the target resolves to: pick_first (the "
+        "default: all to one) or round_robin (each call to the next; with a headless Kubernetes "
+        "Service, e.g. --target dns:///swc-service.visloc.svc.cluster.local:50051, over all pods)",
     )
 
 
@@ -167,7 +176,11 @@ def _client(args: argparse.Namespace) -> LocatorClient:
         token: str | None = Path(args.token_file).read_text().strip()
     else:
         token = os.environ.get("VISLOC_TOKEN") or None
-    return LocatorClient(args.target, tls=tls, token=token, timeout=args.timeout, retries=args.retries)
+    # pick_first is gRPC's default: leave the service config unset for it.
+    balancing = None if args.load_balancing == "pick_first" else args.load_balancing
+    return LocatorClient(
+        args.target, tls=tls, token=token, timeout=args.timeout, retries=args.retries, load_balancing=balancing
+    )
 
 
 # --- locate ----------------------------------------------------------------------------------

@@ -5,7 +5,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from collections.abc import Callable, Generator, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from typing import Any, TypeVar
 
 import grpc
@@ -45,6 +45,12 @@ class LocatorClient:
     it bounds the wait for the next response while requests are outstanding. Calls that fail
     with UNAVAILABLE are retried with exponential backoff and jitter (``retries`` times); any
     other failure raises ``LocateError`` at once.
+
+    ``load_balancing``: None (gRPC's default, ``pick_first``: every call to one address),
+    ``"pick_first"``, or ``"round_robin"`` (calls spread over every address the target resolves to, e.g. the pods
+    behind a headless Service: ``dns:///swc-service.visloc.svc.cluster.local:50051``).
+    ``channel_options``: extra gRPC channel arguments, ``(name, value)`` pairs; one with the
+    name of an option the client sets (the message size limits, the user agent) replaces it.
     """
 
     def __init__(
@@ -56,6 +62,8 @@ class LocatorClient:
         timeout: float | None = 30.0,
         retries: int | RetryPolicy = 3,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        load_balancing: str | None = None,
+        channel_options: Sequence[tuple[str, Any]] = (),
     ) -> None:
         self._conn = connection(
             target,
@@ -64,6 +72,8 @@ class LocatorClient:
             timeout=timeout,
             retries=retries,
             max_message_bytes=max_message_bytes,
+            load_balancing=load_balancing,
+            channel_options=channel_options,
         )
         self._channel = self._conn.open_channel(grpc)
         self._stub = pb_grpc.LocatorStub(self._channel)
