@@ -312,8 +312,9 @@ def test_swc_service_probes_settings_and_bundle(name):
     s = load_settings([], env=data)  # the settings parse and validate as the service would
     assert s.host == "0.0.0.0" and s.triton_url.split(":")[0] == "triton"
     ports = {p["name"]: p["containerPort"] for p in c["ports"]}
-    assert ports == {"grpc": s.port, "metrics": s.metrics_port}
-    assert c["readinessProbe"]["grpc"] == {"port": s.port}  # native gRPC health (Triton-aware)
+    assert ports == {"grpc": s.port, "metrics": s.metrics_port, "grpc-health": s.health_port}
+    # Native gRPC health (Triton-aware) on the plaintext health-only port: works with in-pod TLS.
+    assert s.health_port and c["readinessProbe"]["grpc"] == {"port": s.health_port}
     assert c["livenessProbe"]["tcpSocket"]["port"] == "grpc"  # a Triton outage restarts nothing
     # Resources fit the workers; the bundle is read-only; /tmp is writable (root fs is not).
     cpu = c["resources"]["requests"]["cpu"]
@@ -374,6 +375,15 @@ def test_services_and_network_policy(name):
             assert "ipBlock" not in peer
             reachable.setdefault(who, set()).update(p["port"] for p in rule["ports"])
     assert reachable == {"swc-service": {"grpc"}, "prometheus": {"metrics"}}
+    # swc-service's probed health port is admitted exactly like its grpc port (probes come from
+    # the node, which the grpc port's rule admits).
+    admitted: dict[str, list] = {}
+    for policy in objects(name, "NetworkPolicy"):
+        if labels_match(policy["spec"]["podSelector"], swc_labels):
+            for rule in policy["spec"]["ingress"]:
+                for p in rule.get("ports", []):
+                    admitted.setdefault(p["port"], []).append(rule.get("from"))
+    assert admitted["grpc-health"] == admitted["grpc"] == [None]
     # The service talks to Triton over gRPC on the Service's grpc port.
     settings = configmap(name, "visloc-settings")["data"]
     assert settings["VISLOC_TRITON_URL"] == "triton:8001"

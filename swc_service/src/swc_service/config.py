@@ -29,6 +29,7 @@ class Settings:
     host: str = "127.0.0.1"
     port: int = 50051
     metrics_port: int = 9090  # 0 disables the metrics endpoint
+    health_port: int = 0  # > 0: a second, always plaintext port serving only grpc.health.v1 (probes)
     workers: int = 1
     reuse_port: bool = False  # set for the workers of a supervisor
     triton_url: str = "127.0.0.1:8001"
@@ -70,6 +71,11 @@ class Settings:
             raise ValueError("workers, max_batch and preprocess_threads must be >= 1")
         if self.batch_window_ms < 0:
             raise ValueError("batch_window_ms must be >= 0")
+        if not 0 <= self.health_port <= 65535:
+            raise ValueError(f"health_port must be 0 (off) or 1..65535, not {self.health_port}")
+        if self.health_port and self.health_port in (self.port, self.metrics_port):
+            other = "port" if self.health_port == self.port else "metrics_port"
+            raise ValueError(f"health_port {self.health_port} is the same as {other}: it needs a port of its own")
         if bool(self.tls_cert_file) != bool(self.tls_key_file):
             raise ValueError("tls_cert_file and tls_key_file go together")
         if self.tls_client_ca_file and not self.tls_cert_file:
@@ -130,10 +136,13 @@ def load_settings(argv: list[str] | None = None, env: dict[str, str] | None = No
     for f in dataclasses.fields(Settings):
         value = args.get(f.name)
         if value is None and (raw := env.get("VISLOC_" + f.name.upper())) is not None:
-            if f.name == "pd_scales_km":
-                value = _floats(raw)
-            else:
-                value = _PARSERS[type(f.default) if f.default is not dataclasses.MISSING else str](raw)
+            try:
+                if f.name == "pd_scales_km":
+                    value = _floats(raw)
+                else:
+                    value = _PARSERS[type(f.default) if f.default is not dataclasses.MISSING else str](raw)
+            except ValueError as exc:
+                raise ValueError(f"VISLOC_{f.name.upper()}={raw!r} is not valid for {f.name}: {exc}") from None
         if value is not None:
             values[f.name] = value
     if "bundle" not in values:

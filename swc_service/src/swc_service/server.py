@@ -65,6 +65,16 @@ def grpc_options(settings: Settings) -> list[tuple[str, int]]:
     ]  # fmt: skip
 
 
+def health_grpc_options(settings: Settings) -> list[tuple[str, int]]:
+    """The health port's options: SO_REUSEPORT as on the main port (the workers of a supervisor
+    each bind the same health port), and room for health messages only."""
+    return [
+        ("grpc.so_reuseport", 1 if settings.reuse_port else 0),
+        ("grpc.max_receive_message_length", 64 * 1024),
+        ("grpc.max_send_message_length", 64 * 1024),
+    ]
+
+
 def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
     """TLS (and mutual TLS with a client CA) from PEM files; None means plaintext."""
     if not settings.tls_cert_file:
@@ -136,13 +146,26 @@ async def serve(settings: Settings, *, on_started=None) -> None:
     address = f"{settings.host}:{settings.port}"
     credentials = server_credentials(settings)
     port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
+    # The health port: plaintext whatever the main port speaks (the kubelet's native gRPC probe
+    # cannot do TLS), grpc.health.v1 only, the SAME servicer (so the same answers, NOT_SERVING
+    # while Triton is down and during the drain). No Locator, no reflection, no token (health
+    # is open on the main port too). Bound before either server starts: a taken port fails here.
+    health_server = None
+    if settings.health_port:
+        health_server = grpc.aio.server(options=health_grpc_options(settings), maximum_concurrent_rpcs=64)
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, health_server)
+        health_server.add_insecure_port(f"{settings.host}:{settings.health_port}")
     await server.start()
+    if health_server is not None:
+        await health_server.start()
     log.info(
         "listening on %s:%d (%s%s; bundle %s, %s, M=%d, N=%d) after %.2f s",
         settings.host, port, "TLS" if credentials else "plaintext",
         ", bearer token required" if settings.token() else "",
         bundle.bundle_id, bundle.source, bundle.num_cells, bundle.num_background, process_age_s(),
     )  # fmt: skip
+    if health_server is not None:
+        log.info("health on %s:%d (plaintext, grpc.health.v1 only)", settings.host, settings.health_port)
     if on_started is not None:
         on_started(port)
 
@@ -157,7 +180,13 @@ async def serve(settings: Settings, *, on_started=None) -> None:
     log.info("draining: NOT_SERVING, refusing new calls, %.1f s grace for calls in flight", settings.grace_s)
     await health_servicer.enter_graceful_shutdown()
     await watcher
-    await server.stop(settings.grace_s)
+    try:
+        await server.stop(settings.grace_s)
+    finally:
+        # The health port answers NOT_SERVING for as long as calls drain, then goes away with
+        # the main port (no grace: only probes and open health watches are on it).
+        if health_server is not None:
+            await health_server.stop(None)
     await locator.close()
     log.info("stopped")
 
