@@ -56,13 +56,14 @@ def _paired(r: dict) -> list[str]:
     if not r.get("paired"):
         return []
     b = r.get("max_batch", r["ort"]["best_batch"])
+    ort = [x["ort_per_s"] for x in r["paired"]]
     lines = [
         "## The headline ratios, measured in turn",
         "",
         f"In-process ORT (batch {b}), raw Triton at concurrency 16 and Locate at concurrency 16, one after the "
         f"other ({r['seconds_per_point']:.0f} s each), {len(r['paired'])} times. A shared VM's speed drifts over "
-        "minutes (the same ORT measurement varied by 15 % across this session's runs), so each ratio is taken "
-        "within a round and the targets use the median round.",
+        f"minutes (here the same ORT measurement ranged {min(ort):.1f}-{max(ort):.1f} images/s across rounds), "
+        "so each ratio is taken within a round and the targets use the median round.",
         "",
         "| round | ORT images/s | Triton c16 | Locate c16 | Triton / ORT | Locate / Triton | Locate / ORT | "
         "CPU ms/image (Triton c16: triton; Locate c16: service, triton) |",
@@ -178,7 +179,7 @@ def write_report(r: dict, md_path: Path, img_dir: Path) -> None:
     if "swc_p99_ms" in pp:
         lines.append(
             f"- Of which SwC (top-k over the cell's rows, clusters, mean) p50 {pp['swc_p50_ms']:.3f} / p99 "
-            f"{pp['swc_p99_ms']:.3f} ms and PD (five scales over all {r['bundle']['cells']} cells) p50 "
+            f"{pp['swc_p99_ms']:.3f} ms and PD (five scales, the grid squares within reach of the largest) p50 "
             f"{pp['pd_p50_ms']:.3f} / p99 {pp['pd_p99_ms']:.3f} ms."
         )
     if "memory" in r:
@@ -249,7 +250,7 @@ def _analysis(r: dict, q: dict) -> list[str]:
         "`probs[d <= s].sum()` bit for bit. Before it: p99 2.0 ms (float16 conversion in numpy's scalar loop, "
         "five masked numpy sums over all cells, ~40 small numpy calls in the clustering). The measurement "
         "interleaves ours with the seed's code, so each call starts with caches another workload filled, as "
-        "in a serving process; back to back with nothing in between it is about half as long.",
+        "in a serving process where decoding and gRPC run between two calls.",
     ]
     missed = [
         label for label, key, op, goal in TARGETS if key in q and not (q[key] >= goal if op == ">=" else q[key] <= goal)
