@@ -49,9 +49,10 @@ USER 10001:10001
 WORKDIR /tmp
 # 50051: gRPC (visloc.v1.Locator, grpc.health.v1, reflection); 9090: Prometheus /metrics.
 EXPOSE 50051 9090
-# SERVING only while Triton and the model are ready (grpc.health.v1, service "").
+# SERVING only while Triton and the model are ready (grpc.health.v1, service ""); over the
+# plaintext health port when VISLOC_HEALTH_PORT is set (it works with TLS on the main port).
 HEALTHCHECK --interval=15s --timeout=5s --start-period=30s --retries=3 \
-  CMD ["python", "-c", "import os, sys, grpc; from grpc_health.v1 import health_pb2 as h, health_pb2_grpc as g; ch = grpc.insecure_channel('127.0.0.1:' + os.environ.get('VISLOC_PORT', '50051')); sys.exit(0 if g.HealthStub(ch).Check(h.HealthCheckRequest(), timeout=4).status == h.HealthCheckResponse.SERVING else 1)"]
+  CMD ["python", "-c", "import os, sys, grpc; from grpc_health.v1 import health_pb2 as h, health_pb2_grpc as g; p = os.environ.get('VISLOC_HEALTH_PORT', '0'); p = p if p not in ('', '0') else os.environ.get('VISLOC_PORT', '50051'); ch = grpc.insecure_channel('127.0.0.1:' + p); sys.exit(0 if g.HealthStub(ch).Check(h.HealthCheckRequest(), timeout=4).status == h.HealthCheckResponse.SERVING else 1)"]
 # SIGTERM drains (NOT_SERVING, in-flight calls finish within VISLOC_GRACE_S); exec form: the
 # service is PID 1 and gets the signal. Settings: VISLOC_* (docs/service.md).
 STOPSIGNAL SIGTERM

@@ -638,11 +638,18 @@ def test_service_healthcheck_command(live_service):
     cmd = json.loads(hc[hc.index("CMD") + 3 :].strip())
     assert cmd[0] == "python"
     cmd[0] = sys.executable
-    port = live_service.target.rsplit(":", 1)[1]
-    ok = subprocess.run(cmd, env=dict(os.environ, VISLOC_PORT=port), capture_output=True, timeout=30)
-    assert ok.returncode == 0, ok.stderr
-    down = subprocess.run(cmd, env=dict(os.environ, VISLOC_PORT=str(free_port())), capture_output=True, timeout=30)
-    assert down.returncode != 0
+    port, dead = live_service.target.rsplit(":", 1)[1], str(free_port())
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VISLOC_")}
+
+    def check(**ports: str) -> int:
+        return subprocess.run(cmd, env=dict(env, **ports), capture_output=True, timeout=30).returncode
+
+    assert check(VISLOC_PORT=port) == 0
+    assert check(VISLOC_PORT=dead) != 0
+    # With a health port set, that port is the one asked (plaintext, whatever the main port speaks).
+    assert check(VISLOC_PORT=dead, VISLOC_HEALTH_PORT=port) == 0
+    assert check(VISLOC_PORT=port, VISLOC_HEALTH_PORT=dead) != 0
+    assert check(VISLOC_PORT=port, VISLOC_HEALTH_PORT="0") == 0
 
 
 def test_exporter_dockerfile():
