@@ -1,7 +1,8 @@
 """Search within Cell (SwC) and Prediction Density (PD): the method of the papers.
 
-Plain functions over numpy arrays, used by the service, the tests and the benchmarks.
-Semantics (SPEC.md sections 3-4, the reference code):
+Functions over numpy arrays, used by the service, the tests and the benchmarks; their inner
+loops are the compiled kernels of ``_kernels.c``. Semantics (SPEC.md sections 3-4, the
+reference code):
 
 * top cell: ``argmax(cell_probs)``, first index on ties;
 * SwC: cosine similarity of the query embedding to the rows of the top cell, the ``top_k``
@@ -69,19 +70,15 @@ def similarities(embedding: np.ndarray, features: np.ndarray) -> np.ndarray:
     return out
 
 
-def _cluster(candidates: np.ndarray, eps_km: float) -> tuple[np.ndarray, int, float, float]:
-    labels = np.empty(candidates.shape[0], dtype=np.int64)
-    chosen, _, lat, lon = _kernels.swc_cluster(np.ascontiguousarray(candidates, dtype=np.float64), eps_km, labels)
-    return labels, chosen, lat, lon
-
-
 def cluster_labels(latlon: np.ndarray, eps_km: float) -> np.ndarray:
     """DBSCAN(min_samples=1, metric=haversine, eps) labels: components of ``d <= eps``.
 
     Labels are numbered in point order: point 0 is in cluster 0, the first point outside it
     starts cluster 1, and so on, as scikit-learn numbers them.
     """
-    return _cluster(latlon, eps_km)[0]
+    labels = np.empty(latlon.shape[0], dtype=np.int64)
+    _kernels.swc_cluster(np.ascontiguousarray(latlon, dtype=np.float64), eps_km, labels)
+    return labels
 
 
 def search_within_cell(
