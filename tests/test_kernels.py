@@ -10,7 +10,7 @@ import pytest
 
 from bench.seed_style import reference_pd
 from swc_service import _kernels
-from swc_service.geo import haversine_km
+from swc_service.geo import haversine_km, latlon_to_unit
 from swc_service.method import DensityIndex, cluster_labels, similarities
 
 SHAPES = [(1, 1), (3, 7), (5, 31), (4, 32), (6, 33), (9, 95), (17, 1792)]
@@ -88,10 +88,42 @@ def test_dot_rejects_mismatched_buffers():
         similarities(np.zeros(7, np.float32), rows)
 
 
-def test_cluster_haversine_is_geo_haversine():
-    """The kernel's distances are geo.haversine_km's: eps = d joins a pair, the next float below splits it."""
+def _reference_haversine(lat1, lon1, lat2, lon2):
+    """The reference's haversine as it writes it, in numpy (the oracle for the kernel's)."""
+    lat1, lon1, lat2, lon2 = map(np.radians, (lat1, lon1, lat2, lon2))
+    a = np.sin((lat2 - lat1) / 2.0) ** 2 + np.cos(lat1) * np.cos(lat2) * np.sin((lon2 - lon1) / 2.0) ** 2
+    return 6371.0 * (2 * np.arcsin(np.sqrt(np.minimum(a, 1.0))))
+
+
+# numpy's float64 sin/cos/arcsin are the C library's unless numpy dispatches to AVX-512 SVML
+# (then the two may differ in the last bit on a few values).
+SVML = np.core._multiarray_umath.__cpu_features__.get("AVX512_SKX", False)
+
+
+def test_geometry_is_the_references():
+    rng = np.random.default_rng(12)
+    lat1, lat2 = rng.uniform(-90, 90, (2, 5000))
+    lon1, lon2 = rng.uniform(-180, 180, (2, 5000))
+    near = lat1 + rng.normal(0, 1e-3, 5000)  # short distances too
+    for args in ((lat1, lon1, lat2, lon2), (lat1, lon1, near, lon1)):
+        got, want = haversine_km(*args), _reference_haversine(*args)
+        if SVML:
+            np.testing.assert_allclose(got, want, rtol=1e-14, atol=1e-12)
+        else:
+            np.testing.assert_array_equal(got, want)
+    assert haversine_km(90.0, 0.0, -90.0, 0.0) == pytest.approx(math.pi * 6371.0, rel=1e-15)
+    assert haversine_km(np.zeros((2, 1)), 0.0, np.zeros(3), 1.0).shape == (2, 3)  # broadcasting
+    assert np.ndim(haversine_km(0.0, 0.0, 1.0, 1.0)) == 0
+    pts = np.stack([lat1[:50], lon1[:50]], axis=1)
+    lat, lon = np.radians(pts[:, 0]), np.radians(pts[:, 1])
+    want = np.stack([np.cos(lat) * np.cos(lon), np.cos(lat) * np.sin(lon), np.sin(lat)], axis=1)
+    np.testing.assert_allclose(latlon_to_unit(pts), want, rtol=0, atol=1e-15)
+
+
+def test_clusters_join_at_eps_exactly():
+    """SwC's clustering uses geo's haversine and ``<=``: eps = d joins a pair, the next float below splits it."""
     rng = np.random.default_rng(11)
-    exact = 0
+    tried = exact = 0
     for _ in range(300):
         a = np.array([rng.uniform(-89, 89), rng.uniform(-180, 180)])
         b = a + rng.normal(0, rng.choice([1e-4, 1e-2, 1.0]), 2)
@@ -99,13 +131,11 @@ def test_cluster_haversine_is_geo_haversine():
         if d == 0.0:
             continue
         pts = np.stack([a, b])
+        tried += 1
         joined = cluster_labels(pts, d).tolist() == [0, 0]
         split = cluster_labels(pts, float(np.nextafter(d, 0))).tolist() == [0, 1]
         exact += joined and split
-    # numpy's float64 sin/cos/arcsin are the C library's unless numpy dispatches to AVX-512 SVML
-    # (then the two may differ in the last bit on a few pairs).
-    svml = np.core._multiarray_umath.__cpu_features__.get("AVX512_SKX", False)
-    assert exact >= (290 if svml else 300)
+    assert tried > 250 and exact == tried
 
 
 def test_pd_sums_equal_numpy_beyond_one_ufunc_buffer():

@@ -20,6 +20,9 @@
  *   over the candidates, the mean of the largest cluster), the arithmetic of geo.py and
  *   method.py in the same order; swc_cluster is the clustering alone.
  *
+ * haversine / latlon_to_unit: the service's great-circle geometry (geo.py wraps them), so SwC's
+ *   clustering, PD's boundary cases and everything else use one implementation.
+ *
  * No numpy headers: arguments are buffers; method.py checks dtypes and shapes first and the
  * functions here check sizes again. The GIL is released while they run.
  *
@@ -408,12 +411,13 @@ done:
     return result;
 }
 
-/* ------------------------------------------------------------------ SwC clusters */
+/* ------------------------------------------------------------------ geometry */
 
 #define EARTH_RADIUS_KM 6371.0
 
-/* geo.haversine_km, operation for operation (numpy's float64 sin, cos, arcsin are the C
- * library's on x86-64 without AVX-512 and on arm64; a test checks the two agree). */
+/* The one haversine of the service (geo.haversine_km calls it through `haversine`): the
+ * reference's formula, operation for operation; `a` is clipped at 1 so antipodal rounding gives
+ * 20015 km instead of NaN. */
 static double haversine_km(double lat1, double lon1, double lat2, double lon2)
 {
     lat1 *= PI / 180.0;
@@ -425,6 +429,70 @@ static double haversine_km(double lat1, double lon1, double lat2, double lon2)
     double a = s1 * s1 + cos(lat1) * cos(lat2) * (s2 * s2);
     return EARTH_RADIUS_KM * (2 * asin(sqrt(a > 1.0 ? 1.0 : a)));
 }
+
+/* (lat, lon) degrees -> unit vector, the reference's latlon_to_cart (geo.latlon_to_unit). */
+static void to_unit(double lat_deg, double lon_deg, double *xyz)
+{
+    double la = lat_deg / 180 * PI, lo = lon_deg / 180 * PI;
+    xyz[0] = cos(la) * cos(lo);
+    xyz[1] = cos(la) * sin(lo);
+    xyz[2] = sin(la);
+}
+
+/* haversine(lat1, lon1, lat2, lon2, out): elementwise over equal-length float64 buffers. */
+static PyObject *haversine(PyObject *self, PyObject *args)
+{
+    Py_buffer a, b, c, d, out;
+    if (!PyArg_ParseTuple(args, "y*y*y*y*w*", &a, &b, &c, &d, &out))
+        return NULL;
+    PyObject *result = NULL;
+    Py_ssize_t n = out.len / 8;
+    if (out.len % 8 || a.len != out.len || b.len != out.len || c.len != out.len || d.len != out.len) {
+        PyErr_SetString(PyExc_ValueError, "haversine: four coordinate buffers and the output must hold n doubles");
+        goto done;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    const double *lat1 = a.buf, *lon1 = b.buf, *lat2 = c.buf, *lon2 = d.buf;
+    double *km = out.buf;
+    for (Py_ssize_t i = 0; i < n; i++)
+        km[i] = haversine_km(lat1[i], lon1[i], lat2[i], lon2[i]);
+    Py_END_ALLOW_THREADS
+    result = Py_NewRef(Py_None);
+done:
+    PyBuffer_Release(&a);
+    PyBuffer_Release(&b);
+    PyBuffer_Release(&c);
+    PyBuffer_Release(&d);
+    PyBuffer_Release(&out);
+    return result;
+}
+
+/* latlon_to_unit(latlon [n, 2] float64, out [n, 3] float64) */
+static PyObject *latlon_to_unit(PyObject *self, PyObject *args)
+{
+    Py_buffer latlon, out;
+    if (!PyArg_ParseTuple(args, "y*w*", &latlon, &out))
+        return NULL;
+    PyObject *result = NULL;
+    Py_ssize_t n = latlon.len / 16;
+    if (latlon.len % 16 || out.len != n * 24) {
+        PyErr_SetString(PyExc_ValueError, "latlon_to_unit: [n, 2] in, [n, 3] out, float64");
+        goto done;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    const double *ll = latlon.buf;
+    double *xyz = out.buf;
+    for (Py_ssize_t i = 0; i < n; i++)
+        to_unit(ll[2 * i], ll[2 * i + 1], xyz + 3 * i);
+    Py_END_ALLOW_THREADS
+    result = Py_NewRef(Py_None);
+done:
+    PyBuffer_Release(&latlon);
+    PyBuffer_Release(&out);
+    return result;
+}
+
+/* ------------------------------------------------------------------ SwC clusters */
 
 /* The candidates' clusters and the SwC prediction, as method.py documents it:
  * DBSCAN(min_samples=1) = connected components of "haversine <= eps", labelled in order of
@@ -463,10 +531,11 @@ static void cluster_mean(const double *ll, Py_ssize_t k, double eps_km, int64_t 
     for (Py_ssize_t i = 0; i < k; i++) {
         if (label[i] != chosen)
             continue;
-        double la = ll[2 * i] / 180 * PI, lo = ll[2 * i + 1] / 180 * PI;
-        x += cos(la) * cos(lo);
-        y += cos(la) * sin(lo);
-        z += sin(la);
+        double u[3];
+        to_unit(ll[2 * i], ll[2 * i + 1], u);
+        x += u[0];
+        y += u[1];
+        z += u[2];
     }
     x /= (double)size[chosen];
     y /= (double)size[chosen];
@@ -617,6 +686,8 @@ static PyMethodDef methods[] = {
      "pd_select(index..., theta_max, cell, thresholds_ascending_f64, band, near, levels, unsure, bitmap, by_cell) -> (n_near, n_band)"},
     {"pd_sums", pd_sums, METH_VARARGS,
      "pd_sums(probs_f32, near_i32, levels_u32, n_near, order_i64, out_f64, scratch_f32): numpy's float32 sums"},
+    {"haversine", haversine, METH_VARARGS, "haversine(lat1, lon1, lat2, lon2, out): km, elementwise, float64"},
+    {"latlon_to_unit", latlon_to_unit, METH_VARARGS, "latlon_to_unit(latlon [n, 2], out [n, 3]): unit vectors"},
     {"swc", swc, METH_VARARGS,
      "swc(rows, is_half, labels_f64, query_f32, eps_km, order_i64, sims_f32, clusters_i64) -> (chosen, members, lat, lon)"},
     {"swc_cluster", swc_cluster, METH_VARARGS,
