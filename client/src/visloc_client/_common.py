@@ -7,6 +7,7 @@ import heapq
 import json
 import os
 import random
+import time
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ from visloc_client import __version__
 from visloc_client.errors import LocateError, status_code
 from visloc_client.results import BatchItem, LocateOptions, LocateResult
 from visloc_client.v1 import locator_pb2 as pb
+from visloc_client.v1 import locator_pb2_grpc as pb_grpc
 
 DEFAULT_MAX_MESSAGE_BYTES = 20 * 1024 * 1024
 # Room for the request's other fields when checking an image against the message limit.
@@ -91,6 +93,33 @@ class Connection:
         if self.credentials is None:
             return channels.insecure_channel(self.target, options=self.options)
         return channels.secure_channel(self.target, self.credentials, options=self.options)
+
+    def deadline(self) -> float | None:
+        """The ``time.monotonic()`` instant a unary call (its retries included) must end by."""
+        return None if self.timeout is None else time.monotonic() + self.timeout
+
+    def retry_delay(self, code: grpc.StatusCode, attempt: int, deadline: float | None) -> float | None:
+        """Seconds to wait before retrying a call that failed with ``code``, or None to give up:
+        only UNAVAILABLE is retried, ``retry.retries`` times, and never past the deadline."""
+        if code != grpc.StatusCode.UNAVAILABLE or attempt >= self.retry.retries:
+            return None
+        delay = self.retry.delay(attempt)
+        if deadline is not None and time.monotonic() + delay >= deadline:
+            return None
+        return delay
+
+    def batch(
+        self, images: Iterable[ImageInput], options: pb.LocateOptions, *, concurrency: int, ordered: bool
+    ) -> Batch:
+        """The bookkeeping of one ``locate_many`` call over this connection."""
+        return Batch(
+            images,
+            options,
+            concurrency=concurrency,
+            ordered=ordered,
+            retry=self.retry,
+            max_message_bytes=self.max_message_bytes,
+        )
 
     def locate_request(self, image: ImageInput, options: pb.LocateOptions) -> pb.LocateRequest:
         """Read the image (bytes or a path), check its size locally, build the request."""
@@ -184,6 +213,38 @@ def connection(
         retry=retries if isinstance(retries, RetryPolicy) else RetryPolicy(retries=retries),
         max_message_bytes=max_message_bytes,
     )
+
+
+class ClientBase:
+    """The constructor both clients share: one channel from ``_channels`` (``grpc`` or
+    ``grpc.aio``) to the Locator service; see ``LocatorClient`` for the arguments."""
+
+    _channels: Any = grpc
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        tls: bool | TLSConfig = False,
+        token: str | None = None,
+        timeout: float | None = 30.0,
+        retries: int | RetryPolicy = 3,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        load_balancing: str | None = None,
+        channel_options: Sequence[tuple[str, Any]] = (),
+    ) -> None:
+        self._conn = connection(
+            target,
+            tls=tls,
+            token=token,
+            timeout=timeout,
+            retries=retries,
+            max_message_bytes=max_message_bytes,
+            load_balancing=load_balancing,
+            channel_options=channel_options,
+        )
+        self._channel = self._conn.open_channel(self._channels)
+        self._stub = pb_grpc.LocatorStub(self._channel)
 
 
 def read_image(image: ImageInput) -> bytes:

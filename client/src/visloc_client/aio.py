@@ -5,19 +5,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import Any, TypeVar
 
 import grpc
 import grpc.aio
 
 from visloc_client._common import (
-    DEFAULT_MAX_MESSAGE_BYTES,
     Batch,
+    ClientBase,
     ImageInput,
-    RetryPolicy,
-    TLSConfig,
-    connection,
     make_options,
     stall_error,
     unanswered_error,
@@ -25,7 +22,6 @@ from visloc_client._common import (
 from visloc_client.errors import LocateError
 from visloc_client.results import BatchItem, LocateResult, ServiceInfo
 from visloc_client.v1 import locator_pb2 as pb
-from visloc_client.v1 import locator_pb2_grpc as pb_grpc
 
 T = TypeVar("T")
 
@@ -35,36 +31,13 @@ class _End:
         self.error = error
 
 
-class AsyncLocatorClient:
+class AsyncLocatorClient(ClientBase):
     """An asyncio client for the visloc ``Locator`` service. Create it inside a running event
     loop (grpc.aio binds the channel to it). Same semantics (and constructor arguments,
     ``load_balancing`` and ``channel_options`` included) as ``LocatorClient``; image files
     are read synchronously (they are small and local)."""
 
-    def __init__(
-        self,
-        target: str,
-        *,
-        tls: bool | TLSConfig = False,
-        token: str | None = None,
-        timeout: float | None = 30.0,
-        retries: int | RetryPolicy = 3,
-        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-        load_balancing: str | None = None,
-        channel_options: Sequence[tuple[str, Any]] = (),
-    ) -> None:
-        self._conn = connection(
-            target,
-            tls=tls,
-            token=token,
-            timeout=timeout,
-            retries=retries,
-            max_message_bytes=max_message_bytes,
-            load_balancing=load_balancing,
-            channel_options=channel_options,
-        )
-        self._channel = self._conn.open_channel(grpc.aio)
-        self._stub = pb_grpc.LocatorStub(self._channel)
+    _channels = grpc.aio
 
     async def __aenter__(self) -> AsyncLocatorClient:
         return self
@@ -77,17 +50,15 @@ class AsyncLocatorClient:
 
     async def _unary(self, method: Callable[..., Awaitable[T]], request: Any) -> T:
         conn = self._conn
-        deadline = None if conn.timeout is None else time.monotonic() + conn.timeout
+        deadline = conn.deadline()
         attempt = 0
         while True:
             remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
             try:
                 return await method(request, timeout=remaining, metadata=conn.metadata)
             except grpc.aio.AioRpcError as err:
-                if err.code() != grpc.StatusCode.UNAVAILABLE or attempt >= conn.retry.retries:
-                    raise LocateError.from_rpc(err) from err
-                delay = conn.retry.delay(attempt)
-                if deadline is not None and time.monotonic() + delay >= deadline:
+                delay = conn.retry_delay(err.code(), attempt, deadline)  # type: ignore[attr-defined]
+                if delay is None:
                     raise LocateError.from_rpc(err) from err
                 await asyncio.sleep(delay)
                 attempt += 1
@@ -126,14 +97,7 @@ class AsyncLocatorClient:
     ) -> AsyncIterator[BatchItem]:
         """``async for item in client.locate_many(...)``: see ``LocatorClient.locate_many``."""
         options = make_options(top_k, eps_km, conf_scale_km, conf_threshold, neighbours, top_cells)
-        batch = Batch(
-            images,
-            options,
-            concurrency=concurrency,
-            ordered=ordered,
-            retry=self._conn.retry,
-            max_message_bytes=self._conn.max_message_bytes,
-        )
+        batch = self._conn.batch(images, options, concurrency=concurrency, ordered=ordered)
         failures = 0
         while True:
             outcome: list[Any] = []
@@ -143,10 +107,11 @@ class AsyncLocatorClient:
             if err is None:
                 return
             failures = 0 if progressed else failures
-            if err.code != grpc.StatusCode.UNAVAILABLE or failures >= self._conn.retry.retries:
+            delay = self._conn.retry_delay(err.code, failures, None)
+            if delay is None:
                 raise err
             batch.on_stream_lost()
-            await asyncio.sleep(self._conn.retry.delay(failures))
+            await asyncio.sleep(delay)
             failures += 1
 
     async def _stream_once(self, batch: Batch, outcome: list[Any]) -> AsyncIterator[BatchItem]:

@@ -5,18 +5,15 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator
 from typing import Any, TypeVar
 
 import grpc
 
 from visloc_client._common import (
-    DEFAULT_MAX_MESSAGE_BYTES,
     Batch,
+    ClientBase,
     ImageInput,
-    RetryPolicy,
-    TLSConfig,
-    connection,
     make_options,
     stall_error,
     unanswered_error,
@@ -24,7 +21,6 @@ from visloc_client._common import (
 from visloc_client.errors import LocateError
 from visloc_client.results import BatchItem, LocateResult, ServiceInfo
 from visloc_client.v1 import locator_pb2 as pb
-from visloc_client.v1 import locator_pb2_grpc as pb_grpc
 
 T = TypeVar("T")
 
@@ -38,7 +34,7 @@ class _End:
         self.error = error
 
 
-class LocatorClient:
+class LocatorClient(ClientBase):
     """A blocking client for the visloc ``Locator`` service; thread-safe, one channel.
 
     ``timeout`` bounds each ``locate``/``info`` call including its retries; in ``locate_many``
@@ -53,30 +49,7 @@ class LocatorClient:
     name of an option the client sets (the message size limits, the user agent) replaces it.
     """
 
-    def __init__(
-        self,
-        target: str,
-        *,
-        tls: bool | TLSConfig = False,
-        token: str | None = None,
-        timeout: float | None = 30.0,
-        retries: int | RetryPolicy = 3,
-        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-        load_balancing: str | None = None,
-        channel_options: Sequence[tuple[str, Any]] = (),
-    ) -> None:
-        self._conn = connection(
-            target,
-            tls=tls,
-            token=token,
-            timeout=timeout,
-            retries=retries,
-            max_message_bytes=max_message_bytes,
-            load_balancing=load_balancing,
-            channel_options=channel_options,
-        )
-        self._channel = self._conn.open_channel(grpc)
-        self._stub = pb_grpc.LocatorStub(self._channel)
+    _channels = grpc
 
     def __enter__(self) -> LocatorClient:
         return self
@@ -89,17 +62,15 @@ class LocatorClient:
 
     def _unary(self, method: Callable[..., T], request: Any) -> T:
         conn = self._conn
-        deadline = None if conn.timeout is None else time.monotonic() + conn.timeout
+        deadline = conn.deadline()
         attempt = 0
         while True:
             remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
             try:
                 return method(request, timeout=remaining, metadata=conn.metadata)
             except grpc.RpcError as err:
-                if err.code() != grpc.StatusCode.UNAVAILABLE or attempt >= conn.retry.retries:  # type: ignore[attr-defined]
-                    raise LocateError.from_rpc(err) from err
-                delay = conn.retry.delay(attempt)
-                if deadline is not None and time.monotonic() + delay >= deadline:
+                delay = conn.retry_delay(err.code(), attempt, deadline)  # type: ignore[attr-defined]
+                if delay is None:
                     raise LocateError.from_rpc(err) from err
                 time.sleep(delay)
                 attempt += 1
@@ -147,14 +118,7 @@ class LocatorClient:
         iterable is consumed lazily. Breaking out of the loop cancels the stream.
         """
         options = make_options(top_k, eps_km, conf_scale_km, conf_threshold, neighbours, top_cells)
-        batch = Batch(
-            images,
-            options,
-            concurrency=concurrency,
-            ordered=ordered,
-            retry=self._conn.retry,
-            max_message_bytes=self._conn.max_message_bytes,
-        )
+        batch = self._conn.batch(images, options, concurrency=concurrency, ordered=ordered)
         return self._run_batch(batch)
 
     def _run_batch(self, batch: Batch) -> Iterator[BatchItem]:
@@ -164,10 +128,11 @@ class LocatorClient:
             if err is None:
                 return
             failures = 0 if progressed else failures
-            if err.code != grpc.StatusCode.UNAVAILABLE or failures >= self._conn.retry.retries:
+            delay = self._conn.retry_delay(err.code, failures, None)
+            if delay is None:
                 raise err
             batch.on_stream_lost()
-            time.sleep(self._conn.retry.delay(failures))
+            time.sleep(delay)
             failures += 1
 
     def _stream_once(self, batch: Batch) -> Generator[BatchItem, None, tuple[bool, LocateError | None]]:
