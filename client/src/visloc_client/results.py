@@ -34,6 +34,14 @@ def _check_real(name: str, value: Any) -> None:
         raise ValueError(f"{name} must be a number, got {value!r}")
 
 
+def _from_fields(cls: Any, msg: Any, **converted: Any) -> Any:
+    """``cls`` from the message's fields of the same names; ``converted`` gives the ones that
+    need more than a copy (nested messages, enums, repeated fields)."""
+    return cls(
+        **{f.name: converted[f.name] if f.name in converted else getattr(msg, f.name) for f in dataclasses.fields(cls)}
+    )
+
+
 @dataclass(frozen=True)
 class LocateOptions:
     """Per-request options; ``None`` means the server's default (see ``ServiceInfo.defaults``).
@@ -87,7 +95,7 @@ class Cell:
 
     @classmethod
     def from_pb(cls, msg: pb.Cell) -> Cell:
-        return cls(id=msg.id, lat=msg.lat, lon=msg.lon, probability=msg.probability)
+        return _from_fields(cls, msg)
 
 
 @dataclass(frozen=True)
@@ -103,14 +111,7 @@ class Neighbour:
 
     @classmethod
     def from_pb(cls, msg: pb.Neighbour) -> Neighbour:
-        return cls(
-            row_id=msg.row_id,
-            similarity=msg.similarity,
-            lat=msg.lat,
-            lon=msg.lon,
-            cluster=msg.cluster,
-            in_prediction=msg.in_prediction,
-        )
+        return _from_fields(cls, msg)
 
 
 @dataclass(frozen=True)
@@ -133,7 +134,7 @@ class Timings:
 
     @classmethod
     def from_pb(cls, msg: pb.StageTimings) -> Timings:
-        return cls(**{f.name: getattr(msg, f.name) for f in dataclasses.fields(cls)})
+        return _from_fields(cls, msg)
 
 
 @dataclass(frozen=True)
@@ -162,25 +163,15 @@ class LocateResult:
 
     @classmethod
     def from_pb(cls, msg: pb.LocateResponse) -> LocateResult:
-        return cls(
-            request_id=msg.request_id,
-            lat=msg.lat,
-            lon=msg.lon,
+        return _from_fields(
+            cls,
+            msg,
             method=Method.from_pb(msg.method),
-            confidence=msg.confidence,
-            localizable=msg.localizable,
             top_cell=Cell.from_pb(msg.top_cell) if msg.HasField("top_cell") else None,
             prediction_density=tuple(ScaleDensity(d.scale_km, d.density) for d in msg.prediction_density),
             neighbours=tuple(Neighbour.from_pb(n) for n in msg.neighbours),
             top_cells=tuple(Cell.from_pb(c) for c in msg.top_cells),
-            model_version=msg.model_version,
-            background_version=msg.background_version,
             timings=Timings.from_pb(msg.timings),
-            image_width=msg.image_width,
-            image_height=msg.image_height,
-            input_width=msg.input_width,
-            input_height=msg.input_height,
-            batch_size=msg.batch_size,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -212,22 +203,8 @@ class ServiceInfo:
 
     @classmethod
     def from_pb(cls, msg: pb.GetInfoResponse) -> ServiceInfo:
-        return cls(
-            service_version=msg.service_version,
-            model_name=msg.model_name,
-            model_version=msg.model_version,
-            bundle_id=msg.bundle_id,
-            bundle_source=msg.bundle_source,
-            background_version=msg.background_version,
-            num_cells=msg.num_cells,
-            num_background=msg.num_background,
-            embedding_dim=msg.embedding_dim,
-            pd_scales_km=tuple(msg.pd_scales_km),
-            defaults=LocateOptions.from_pb(msg.defaults),
-            max_image_bytes=msg.max_image_bytes,
-            max_image_pixels=msg.max_image_pixels,
-            preprocessing=msg.preprocessing,
-            bundle_warning=msg.bundle_warning,
+        return _from_fields(
+            cls, msg, pd_scales_km=tuple(msg.pd_scales_km), defaults=LocateOptions.from_pb(msg.defaults)
         )
 
     def to_dict(self) -> dict[str, Any]:
