@@ -42,6 +42,26 @@ def dependency_closure(*roots: str) -> set[str]:
     return seen
 
 
+def dockerfile(name: str) -> list[tuple[str, str]]:
+    """deploy/``name`` as (INSTRUCTION, arguments), continuation lines joined, comments dropped."""
+    text = (Path(__file__).resolve().parents[1] / "deploy" / name).read_text()
+    lines, buf = [], ""
+    for raw in text.splitlines():
+        if raw.lstrip().startswith("#") or not raw.strip():
+            continue
+        if raw.rstrip().endswith("\\"):
+            buf += raw.rstrip()[:-1] + " "
+            continue
+        lines.append(buf + raw)
+        buf = ""
+    return [(ln.split(None, 1)[0].upper(), ln.split(None, 1)[1] if " " in ln.strip() else "") for ln in lines]
+
+
+def final_stage(instructions: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    starts = [i for i, (op, _) in enumerate(instructions) if op == "FROM"]
+    return instructions[starts[-1] :]
+
+
 def free_port() -> int:
     """A free TCP port on 127.0.0.1 (tests only ever listen on loopback)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:

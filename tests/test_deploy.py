@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import dependency_closure, free_port
+from conftest import dependency_closure, dockerfile, final_stage, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "k8s"
@@ -564,26 +564,6 @@ def test_prepare_model_repository(name, tmp_path):
 
 
 # --------------------------------------------------------------------------- containers
-
-
-def dockerfile(name: str) -> list[tuple[str, str]]:
-    """(INSTRUCTION, arguments) with continuation lines joined and comments dropped."""
-    text = (DEPLOY / name).read_text()
-    lines, buf = [], ""
-    for raw in text.splitlines():
-        if raw.lstrip().startswith("#") or not raw.strip():
-            continue
-        if raw.rstrip().endswith("\\"):
-            buf += raw.rstrip()[:-1] + " "
-            continue
-        lines.append(buf + raw)
-        buf = ""
-    return [(ln.split(None, 1)[0].upper(), ln.split(None, 1)[1] if " " in ln.strip() else "") for ln in lines]
-
-
-def final_stage(instructions: list[tuple[str, str]]) -> list[tuple[str, str]]:
-    starts = [i for i, (op, _) in enumerate(instructions) if op == "FROM"]
-    return instructions[starts[-1] :]
 
 
 def test_service_dockerfile():

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import free_port
+from conftest import dockerfile, final_stage, free_port
 
 from visloc_client.cli import build_parser
 from visloc_client.web import WebApp, WebConfig, start
@@ -69,27 +69,9 @@ def test_the_client_wheel_carries_the_page(tmp_path):
 # --------------------------------------------------------------------------- the image
 
 
-def _dockerfile() -> list[tuple[str, str]]:
-    lines, buf = [], ""
-    for raw in (DEPLOY / "web" / "Dockerfile").read_text().splitlines():
-        if raw.lstrip().startswith("#") or not raw.strip():
-            continue
-        if raw.rstrip().endswith("\\"):
-            buf += raw.rstrip()[:-1] + " "
-            continue
-        lines.append(buf + raw)
-        buf = ""
-    return [(ln.split(None, 1)[0].upper(), ln.split(None, 1)[1]) for ln in lines]
-
-
-def _final(ins):
-    starts = [i for i, (op, _) in enumerate(ins) if op == "FROM"]
-    return ins[starts[-1] :]
-
-
 def test_web_dockerfile():
-    ins = _dockerfile()
-    final = _final(ins)
+    ins = dockerfile("web/Dockerfile")
+    final = final_stage(ins)
     ops = [op for op, _ in final]
     (user,) = [a for op, a in final if op == "USER"]
     assert user.split(":")[0] == "10001"
@@ -111,7 +93,7 @@ def test_web_dockerfile():
 
 def test_web_healthcheck_command():
     """The image's HEALTHCHECK, run as is (with this Python): 0 while the page serves, else not."""
-    (hc,) = [a for op, a in _final(_dockerfile()) if op == "HEALTHCHECK"]
+    (hc,) = [a for op, a in final_stage(dockerfile("web/Dockerfile")) if op == "HEALTHCHECK"]
     cmd = json.loads(hc[hc.index("CMD") + 3 :].strip())
     assert cmd[0] == "python"
     cmd[0] = sys.executable
