@@ -11,9 +11,21 @@ import pytest
 from bench.seed_style import reference_pd
 from swc_service import _kernels
 from swc_service.geo import haversine_km, latlon_to_unit
-from swc_service.method import DensityIndex, cluster_labels, similarities
+from swc_service.method import DensityIndex, search_within_cell
 
 SHAPES = [(1, 1), (3, 7), (5, 31), (4, 32), (6, 33), (9, 95), (17, 1792)]
+
+
+def _sims(query: np.ndarray, rows: np.ndarray, simd: bool = True) -> np.ndarray:
+    """Every row's similarity, in row order, from SwC's kernel (top k = all rows)."""
+    rows = np.ascontiguousarray(rows)
+    n = rows.shape[0]
+    order, sims, clusters = np.empty(n, np.int64), np.empty(n, np.float32), np.empty(n, np.int64)
+    query = np.ascontiguousarray(query, np.float32)
+    _kernels.swc(rows, rows.dtype == np.float16, np.zeros((n, 2)), query, 1.0, order, sims, clusters, simd)
+    out = np.empty(n, np.float32)
+    out[order] = sims
+    return out
 
 
 def _exact_dots(rows: np.ndarray, query: np.ndarray) -> np.ndarray:
@@ -27,15 +39,11 @@ def test_dot_simd_and_portable_paths_give_the_same_bits(n, d):
     rng = np.random.default_rng(n * 1000 + d)
     rows = rng.standard_normal((n, d)).astype(np.float16)
     query = rng.standard_normal(d).astype(np.float32)
-    fast, portable = np.empty(n, np.float32), np.empty(n, np.float32)
-    _kernels.dot_f16(rows, query, fast, True)
-    _kernels.dot_f16(rows, query, portable, False)
+    fast, portable = _sims(query, rows, True), _sims(query, rows, False)
     np.testing.assert_array_equal(fast.view(np.uint32), portable.view(np.uint32))
     rows32 = rows.astype(np.float32)  # float16 -> float32 is exact: same values, same bits
-    _kernels.dot_f32(rows32, query, fast, True)
-    _kernels.dot_f32(rows32, query, portable, False)
-    np.testing.assert_array_equal(fast.view(np.uint32), portable.view(np.uint32))
-    np.testing.assert_array_equal(similarities(query, rows), fast)
+    for simd in (True, False):
+        np.testing.assert_array_equal(_sims(query, rows32, simd).view(np.uint32), fast.view(np.uint32))
 
 
 @pytest.mark.parametrize("n,d", SHAPES)
@@ -43,7 +51,7 @@ def test_dot_is_float32_accurate(n, d):
     rng = np.random.default_rng(d)
     rows = rng.standard_normal((n, d)).astype(np.float32)
     query = rng.standard_normal(d).astype(np.float32)
-    got = similarities(query, rows).astype(np.float64)
+    got = _sims(query, rows).astype(np.float64)
     exact = _exact_dots(rows, query)
     # A float32 sum of d products: error <= ~d * 2^-24 * sum |x q| (here far smaller in practice).
     bound = d * 2.0**-24 * (np.abs(rows.astype(np.float64)) @ np.abs(query.astype(np.float64)))
@@ -60,9 +68,9 @@ def test_equal_rows_get_equal_similarities_wherever_they_sit():
     rows = rng.standard_normal((50, d)).astype(np.float16)
     rows[[0, 7, 13, 31, 49]] = row
     query = rng.standard_normal(d).astype(np.float32)
-    sims = similarities(query, rows)
+    sims = _sims(query, rows)
     assert len(set(sims[[0, 7, 13, 31, 49]].tolist())) == 1
-    assert similarities(query, rows[13:14])[0] == sims[0]
+    assert _sims(query, rows[13:14])[0] == sims[0]
 
 
 def test_every_float16_value_converts_exactly():
@@ -72,20 +80,19 @@ def test_every_float16_value_converts_exactly():
     query = np.zeros(32, np.float32)
     query[5] = 1.0
     for simd in (True, False):
-        out = np.empty(len(halves), np.float32)
-        _kernels.dot_f16(halves, query, out, simd)
         # x * 1 + 0 * others: the exact float32 value of each half, signed zeros included.
-        np.testing.assert_array_equal(out, halves[:, 5].astype(np.float32))
+        np.testing.assert_array_equal(_sims(query, halves, simd), halves[:, 5].astype(np.float32))
 
 
 def test_dot_rejects_mismatched_buffers():
     rows = np.zeros((4, 8), np.float16)
+    out = (np.empty(4, np.int64), np.empty(4, np.float32), np.empty(4, np.int64))
     with pytest.raises(ValueError, match="do not make"):
-        _kernels.dot_f16(rows, np.zeros(7, np.float32), np.empty(4, np.float32))
+        _kernels.swc(rows, True, np.zeros((4, 2)), np.zeros(7, np.float32), 1.0, *out)
     with pytest.raises(ValueError, match="do not make"):
-        _kernels.dot_f16(rows, np.zeros(8, np.float32), np.empty(5, np.float32))
-    with pytest.raises(ValueError, match=r"features \[n, D\] and an embedding \[D\]"):
-        similarities(np.zeros(7, np.float32), rows)
+        _kernels.swc(rows, True, np.zeros((5, 2)), np.zeros(8, np.float32), 1.0, *out)
+    with pytest.raises(ValueError, match=r"labels \[n, 2\] and an embedding \[D\]"):
+        search_within_cell(np.zeros(7, np.float32), rows, np.zeros((4, 2)))
 
 
 def _reference_haversine(lat1, lon1, lat2, lon2):
@@ -120,6 +127,14 @@ def test_geometry_is_the_references():
     np.testing.assert_allclose(latlon_to_unit(pts), want, rtol=0, atol=1e-15)
 
 
+def _clusters(pts: np.ndarray, eps_km: float) -> list[int]:
+    """SwC's cluster labels for points taken in the given order (similarities descending)."""
+    feats = np.arange(len(pts), 0, -1, dtype=np.float32)[:, None]
+    res = search_within_cell(np.ones(1, np.float32), feats, pts, top_k=len(pts), eps_km=eps_km)
+    assert res.candidates.tolist() == list(range(len(pts)))
+    return res.cluster_labels.tolist()
+
+
 def test_clusters_join_at_eps_exactly():
     """SwC's clustering uses geo's haversine and ``<=``: eps = d joins a pair, the next float below splits it."""
     rng = np.random.default_rng(11)
@@ -132,8 +147,8 @@ def test_clusters_join_at_eps_exactly():
             continue
         pts = np.stack([a, b])
         tried += 1
-        joined = cluster_labels(pts, d).tolist() == [0, 0]
-        split = cluster_labels(pts, float(np.nextafter(d, 0))).tolist() == [0, 1]
+        joined = _clusters(pts, d) == [0, 0]
+        split = _clusters(pts, float(np.nextafter(d, 0))) == [0, 1]
         exact += joined and split
     assert tried > 250 and exact == tried
 
@@ -235,15 +250,13 @@ def test_density_rejects_bad_input():
 @pytest.mark.parametrize("top_k", [1, 3, 10, 64, 200])
 def test_swc_top_k_is_a_stable_descending_order_with_nan_last(top_k):
     """The kernel's top k equals numpy's stable argsort of -sims (NaN last), ties and all."""
-    from swc_service.method import search_within_cell
-
     rng = np.random.default_rng(top_k)
     n, d = 150, 8
     rows = rng.integers(-3, 4, (n, d)).astype(np.float16)  # small integers: many exact ties
     rows[rng.integers(0, n, 10)] = np.nan  # NaN similarities
     query = rng.integers(-3, 4, d).astype(np.float32)
     labels = np.stack([rng.uniform(-60, 60, n), rng.uniform(-180, 180, n)], axis=1)
-    sims = similarities(query, rows)
+    sims = _sims(query, rows)
     want = np.argsort(-sims, kind="stable")[:top_k]
     got = search_within_cell(query, rows, labels, top_k=top_k, eps_km=1.0)
     np.testing.assert_array_equal(got.candidates, want)
@@ -252,8 +265,6 @@ def test_swc_top_k_is_a_stable_descending_order_with_nan_last(top_k):
 
 
 def test_swc_rejects_bad_shapes():
-    from swc_service.method import search_within_cell
-
     feats = np.zeros((3, 4), np.float16)
     with pytest.raises(ValueError, match="labels \\[n, 2\\]"):
         search_within_cell(np.zeros(4, np.float32), feats, np.zeros((2, 2)))

@@ -12,7 +12,6 @@ from hypothesis import strategies as st
 from bench.seed_style import reference_pd, reference_swc
 from swc_service.method import (
     DensityIndex,
-    cluster_labels,
     search_within_cell,
     top_cell,
 )
@@ -60,10 +59,11 @@ def test_swc_equals_sklearn_dbscan_reference(case):
 def test_cluster_numbering_and_size_tie_goes_to_lowest_label():
     # Two pairs 50 km apart, each pair 100 m wide: clusters {0, 2} and {1, 3}, sizes tie.
     pts = np.array([[48.0, 2.0], [48.5, 2.0], [48.0005, 2.0], [48.5005, 2.0]])
-    np.testing.assert_array_equal(cluster_labels(pts, 1.0), [0, 1, 0, 1])
     emb = np.ones(4, dtype=np.float32)
     feats = np.diag([4.0, 3.0, 2.0, 1.0]).astype(np.float32)
     res = search_within_cell(emb, feats, pts, top_k=4, eps_km=1.0)
+    np.testing.assert_array_equal(res.candidates, [0, 1, 2, 3])
+    np.testing.assert_array_equal(res.cluster_labels, [0, 1, 0, 1])
     assert res.chosen_cluster == 0
     assert res.lat == pytest.approx(48.00025, abs=1e-6)
 

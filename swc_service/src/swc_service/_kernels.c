@@ -1,24 +1,22 @@
-/* The two inner loops of SwC and PD, compiled: see method.py for the semantics.
+/* SwC and PD, compiled: see method.py for the semantics.
  *
- * dot_f16 / dot_f32: one float32 similarity per background row. The features stay in the
- *   memory-mapped bundle (float16 by default) and are converted in registers (F16C), so nothing
- *   the size of a cell is allocated or copied. Every row is summed the same way: 32 float32
- *   partial sums (four 8-lane fused multiply-adds over consecutive elements), a fixed
- *   reduction tree, then the tail with fmaf. The portable path performs the same operations in
- *   the same order, so the AVX2 and portable paths give the same bits, on every machine.
+ * swc: all of SwC in one call. Similarities: one float32 dot product per background row; the
+ *   features stay in the memory-mapped bundle (float16 by default) and are converted in
+ *   registers (F16C), so nothing the size of a cell is allocated or copied. Every row is summed
+ *   the same way: 32 float32 partial sums (four 8-lane fused multiply-adds over consecutive
+ *   elements), a fixed reduction tree, then the tail with fmaf; the portable path performs the
+ *   same operations in the same order, so both paths give the same bits on every machine and
+ *   equal rows tie exactly. Then a stable top k, DBSCAN(min_samples=1) over the candidates and
+ *   the mean of the largest cluster, with geo.py's arithmetic in the same order.
  *
  * pd_select / pd_sums: Prediction Density's masked sums over the cells near the top cell.
  *   Scales come largest first. pd_select decides "within scale s" by the dot product of unit
  *   vectors against cos(s / R): a cell within a scale is within every larger one, so one
  *   level per cell says which; it also reports the cells too close to a threshold to decide
- *   that way (method.py settles those with the reference haversine). pd_sums adds the selected float32
- *   probabilities in index order exactly as numpy 1.x's float32 add.reduce does: pairwise
- *   summation over chunks of the ufunc buffer size (8192), chunk sums accumulated in order,
- *   so each PD value equals the reference's probs[d <= s].sum() bit for bit.
- *
- * swc / swc_cluster: all of SwC in one call (dot products, a stable top k, DBSCAN(min_samples=1)
- *   over the candidates, the mean of the largest cluster), the arithmetic of geo.py and
- *   method.py in the same order; swc_cluster is the clustering alone.
+ *   that way (method.py settles those with the reference haversine). pd_sums adds the selected
+ *   float32 probabilities in index order exactly as numpy 1.x's float32 add.reduce does:
+ *   pairwise summation over chunks of the ufunc buffer size (8192), chunk sums accumulated in
+ *   order, so each PD value equals the reference's probs[d <= s].sum() bit for bit.
  *
  * haversine / latlon_to_unit: the service's great-circle geometry (geo.py wraps them), so SwC's
  *   clustering, PD's boundary cases and everything else use one implementation.
@@ -167,38 +165,6 @@ __attribute__((target("avx2,fma,f16c"))) static void dot_rows_avx2(const void *r
 }
 #endif
 
-static PyObject *dot_rows(PyObject *args, int half)
-{
-    Py_buffer rows, query, out;
-    int simd = 1;
-    if (!PyArg_ParseTuple(args, "y*y*w*|p", &rows, &query, &out, &simd))
-        return NULL;
-    PyObject *result = NULL;
-    Py_ssize_t item = half ? 2 : 4;
-    Py_ssize_t d = query.len / 4, n = out.len / 4;
-    if (query.len % 4 || out.len % 4 || d == 0 || rows.len != n * d * item) {
-        PyErr_Format(PyExc_ValueError, "dot_%s: %zd bytes of rows do not make %zd rows of %zd values",
-                     half ? "f16" : "f32", rows.len, n, d);
-        goto done;
-    }
-    Py_BEGIN_ALLOW_THREADS
-#if VISLOC_X86
-    if (simd && use_simd)
-        dot_rows_avx2(rows.buf, half, n, d, (const float *)query.buf, (float *)out.buf);
-    else
-#endif
-        dot_rows_portable(rows.buf, half, n, d, (const float *)query.buf, (float *)out.buf);
-    Py_END_ALLOW_THREADS
-    result = Py_NewRef(Py_None);
-done:
-    PyBuffer_Release(&rows);
-    PyBuffer_Release(&query);
-    PyBuffer_Release(&out);
-    return result;
-}
-
-static PyObject *dot_f16(PyObject *self, PyObject *args) { return dot_rows(args, 1); }
-static PyObject *dot_f32(PyObject *self, PyObject *args) { return dot_rows(args, 0); }
 
 /* ------------------------------------------------------------------ Prediction Density */
 
@@ -546,36 +512,6 @@ static void cluster_mean(const double *ll, Py_ssize_t k, double eps_km, int64_t 
     *lon_out = atan2(y, x) / PI * 180;
 }
 
-static PyObject *swc_cluster(PyObject *self, PyObject *args)
-{
-    Py_buffer latlon, labels;
-    double eps_km;
-    if (!PyArg_ParseTuple(args, "y*dw*", &latlon, &eps_km, &labels))
-        return NULL;
-    PyObject *result = NULL;
-    Py_ssize_t k = labels.len / 8;
-    if (labels.len % 8 || k < 1 || latlon.len != k * 16) {
-        PyErr_Format(PyExc_ValueError, "swc_cluster: %zd bytes of (lat, lon) for %zd candidates", latlon.len, k);
-        goto done;
-    }
-    Py_ssize_t *work = PyMem_Malloc((size_t)k * 2 * sizeof(Py_ssize_t));
-    if (work == NULL) {
-        PyErr_NoMemory();
-        goto done;
-    }
-    Py_ssize_t chosen, members;
-    double lat, lon;
-    Py_BEGIN_ALLOW_THREADS
-    cluster_mean((const double *)latlon.buf, k, eps_km, (int64_t *)labels.buf, work, &chosen, &members, &lat, &lon);
-    Py_END_ALLOW_THREADS
-    PyMem_Free(work);
-    result = Py_BuildValue("nndd", chosen, members, lat, lon);
-done:
-    PyBuffer_Release(&latlon);
-    PyBuffer_Release(&labels);
-    return result;
-}
-
 /* ------------------------------------------------------------------ SwC, whole */
 
 /* Is (s, r) ranked before (t, q)? Higher similarity first, NaN last, lower row on ties. */
@@ -618,9 +554,10 @@ static void top_k(const float *sims, Py_ssize_t n, Py_ssize_t k, int64_t *order,
 static PyObject *swc(PyObject *self, PyObject *args)
 {
     Py_buffer rows, labels, query, order, sims, clusters;
-    int half;
+    int half, simd = 1;
     double eps_km;
-    if (!PyArg_ParseTuple(args, "y*py*y*dw*w*w*", &rows, &half, &labels, &query, &eps_km, &order, &sims, &clusters))
+    if (!PyArg_ParseTuple(args, "y*py*y*dw*w*w*|p", &rows, &half, &labels, &query, &eps_km, &order, &sims, &clusters,
+                          &simd))
         return NULL;
     PyObject *result = NULL;
     float *all = NULL;
@@ -647,7 +584,7 @@ static PyObject *swc(PyObject *self, PyObject *args)
     double lat, lon;
     Py_BEGIN_ALLOW_THREADS
 #if VISLOC_X86
-    if (use_simd)
+    if (simd && use_simd)
         dot_rows_avx2(rows.buf, half, n, d, (const float *)query.buf, all);
     else
 #endif
@@ -678,10 +615,6 @@ done:
 /* ------------------------------------------------------------------ module */
 
 static PyMethodDef methods[] = {
-    {"dot_f16", dot_f16, METH_VARARGS,
-     "dot_f16(rows_uint16, query_f32, out_f32, simd=True): out[r] = rows[r] . query (float16 rows)"},
-    {"dot_f32", dot_f32, METH_VARARGS,
-     "dot_f32(rows_f32, query_f32, out_f32, simd=True): out[r] = rows[r] . query (float32 rows)"},
     {"pd_select", pd_select, METH_VARARGS,
      "pd_select(index..., theta_max, cell, thresholds_ascending_f64, band, near, levels, unsure, bitmap, by_cell) -> (n_near, n_band)"},
     {"pd_sums", pd_sums, METH_VARARGS,
@@ -689,9 +622,7 @@ static PyMethodDef methods[] = {
     {"haversine", haversine, METH_VARARGS, "haversine(lat1, lon1, lat2, lon2, out): km, elementwise, float64"},
     {"latlon_to_unit", latlon_to_unit, METH_VARARGS, "latlon_to_unit(latlon [n, 2], out [n, 3]): unit vectors"},
     {"swc", swc, METH_VARARGS,
-     "swc(rows, is_half, labels_f64, query_f32, eps_km, order_i64, sims_f32, clusters_i64) -> (chosen, members, lat, lon)"},
-    {"swc_cluster", swc_cluster, METH_VARARGS,
-     "swc_cluster(latlon_f64, eps_km, labels_i64) -> (chosen, members, lat, lon): DBSCAN(min_samples=1) and the mean"},
+     "swc(rows, is_half, labels_f64, query_f32, eps_km, order_i64, sims_f32, clusters_i64, simd=True) -> (chosen, members, lat, lon)"},
     {NULL, NULL, 0, NULL},
 };
 

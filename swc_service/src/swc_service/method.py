@@ -47,40 +47,6 @@ class SwcResult:
     chosen_cluster: int
 
 
-def similarities(embedding: np.ndarray, features: np.ndarray) -> np.ndarray:
-    """float32 dot product of every row of ``features`` ``[n, D]`` with ``embedding`` ``[D]``.
-
-    Computed by the compiled kernel straight from the bundle's float16 (or float32) rows, with no
-    copy of the cell. Its summation order is fixed (32 partial sums, a fixed reduction tree), so
-    the same row always gives the same bits, on every CPU: equal rows tie exactly, and values
-    differ from a BLAS product only in the last bits of float32.
-    """
-    rows = np.ascontiguousarray(features)
-    query = np.ascontiguousarray(embedding, dtype=np.float32)
-    if rows.ndim != 2 or query.shape != (rows.shape[1],):
-        raise ValueError(f"features [n, D] and an embedding [D] expected, got {rows.shape} and {query.shape}")
-    out = np.empty(rows.shape[0], dtype=np.float32)
-    if rows.shape[0] and rows.shape[1]:
-        if rows.dtype == np.float16:
-            _kernels.dot_f16(rows, query, out)
-        else:
-            _kernels.dot_f32(np.ascontiguousarray(rows, dtype=np.float32), query, out)
-    else:
-        out[:] = 0.0
-    return out
-
-
-def cluster_labels(latlon: np.ndarray, eps_km: float) -> np.ndarray:
-    """DBSCAN(min_samples=1, metric=haversine, eps) labels: components of ``d <= eps``.
-
-    Labels are numbered in point order: point 0 is in cluster 0, the first point outside it
-    starts cluster 1, and so on, as scikit-learn numbers them.
-    """
-    labels = np.empty(latlon.shape[0], dtype=np.int64)
-    _kernels.swc_cluster(np.ascontiguousarray(latlon, dtype=np.float64), eps_km, labels)
-    return labels
-
-
 def search_within_cell(
     embedding: np.ndarray,
     features: np.ndarray,
@@ -90,10 +56,14 @@ def search_within_cell(
 ) -> SwcResult:
     """SwC over one cell's background rows (``features`` ``[n, D]``, ``labels`` ``[n, 2]``, n >= 1).
 
-    One call into the compiled kernel: the similarities (see :func:`similarities`), the
-    ``top_k`` most similar rows (a stable order: the lower position first among equal
-    similarities, NaN last), their clusters, the largest cluster (lowest label on a tie) and
-    the mean of its unit vectors, with geo.py's arithmetic in the same order.
+    One call into the compiled kernel: float32 dot products straight from the bundle's float16
+    (or float32) rows, with a fixed summation order (32 partial sums, a fixed reduction tree), so
+    a row always gives the same bits on every CPU, equal rows tie exactly, and values differ from
+    a BLAS product only in the last bits of float32; the ``top_k`` most similar rows (a stable
+    order: the lower position first among equal similarities, NaN last); their clusters,
+    DBSCAN(min_samples=1, haversine, eps) numbered in candidate order as scikit-learn numbers
+    them; the largest cluster (lowest label on a tie) and the mean of its unit vectors, with
+    geo.py's arithmetic in the same order.
     """
     rows = np.ascontiguousarray(features)
     query = np.ascontiguousarray(embedding, dtype=np.float32)
