@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from swc_service import samples
+from swc_service.geo import latlon_to_unit
 from swc_service.method import DEFAULT_CONF_SCALE_KM, DEFAULT_CONF_THRESHOLD, DensityIndex, top_cell
 from swc_service.preprocessing import prepare_image
 
@@ -25,6 +26,7 @@ from .model import VislocNet
 
 CALIBRATION_IMAGES = 32
 CALIBRATION_SEED_BASE = 1_000_000  # calibration images never coincide with sample images
+KAPPA = 60.0  # concentration of the cell head's "where on the sphere" term
 
 # Land-like regions: (lat, lon, spread in degrees, weight).
 REGIONS = (
@@ -104,6 +106,39 @@ def calibration_batch(count: int = CALIBRATION_IMAGES) -> list[np.ndarray]:
     return [prepare_image(samples.photo(CALIBRATION_SEED_BASE + i, (400, 300))) for i in range(count)]
 
 
+def reestimate_batchnorm(net: VislocNet, images: torch.Tensor) -> torch.Tensor:
+    """Set every BatchNorm's statistics to those of ``images`` and return their features.
+
+    Random convolutions with the default statistics (mean 0, variance 1) shrink or blow up
+    activations layer by layer until every photo has the same features. With the statistics
+    re-estimated on photos, as a trained network has them, each layer's output has unit
+    variance across photos, so features vary at their natural scale. One pass in BatchNorm
+    training mode (everything else in eval: no drop-connect) gives the exact batch statistics;
+    the running variance is then made the biased one that pass normalised with, so the
+    returned features are the ones the eval-mode network computes.
+    """
+    bns = [m for m in net.backbone.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    counts: dict[torch.nn.Module, int] = {}
+    hooks = [bn.register_forward_hook(lambda m, inp, out: counts.__setitem__(m, inp[0].numel() // inp[0].shape[1]))
+             for bn in bns]  # fmt: skip
+    net.eval()
+    for bn in bns:
+        bn.reset_running_stats()
+        bn.momentum = None  # cumulative average: one batch gives its own statistics
+        bn.train()
+    try:
+        feats = net.features(net.normalize(images))
+    finally:
+        for h in hooks:
+            h.remove()
+        net.eval()
+    for bn in bns:
+        n = counts[bn]
+        bn.running_var.mul_((n - 1) / n)  # torch stores the unbiased variance
+        bn.momentum = 0.01
+    return feats
+
+
 @torch.no_grad()
 def build_demo_net(num_cells: int, centres: np.ndarray, seed: int) -> tuple[VislocNet, dict]:
     """Seeded random network with calibrated heads; returns it and the calibration record."""
@@ -116,16 +151,23 @@ def build_demo_net(num_cells: int, centres: np.ndarray, seed: int) -> tuple[Visl
         nn_init.zeros_(lin.bias)
 
     images = torch.from_numpy(np.stack(calibration_batch()))
-    feats = net.features(net.normalize(images)).double()
+    feats = reestimate_batchnorm(net, images).double()
     mu, sigma = feats.mean(0), feats.std(0) + 1e-12
-
-    # Cell head: logits = s * W0 (f - mu) / sigma, folded into the Linear.
-    w0 = torch.randn(num_cells, feats.shape[1], dtype=torch.float64) / feats.shape[1] ** 0.5
-    density = DensityIndex(centres, (DEFAULT_CONF_SCALE_KM,))
     z = (feats - mu) / sigma
+    dims = feats.shape[1]
+
+    # Cell head, sharp like a trained MvMF head: logits = KAPPA * u_c . (P z) + s * W0 z.
+    # The first term points each photo at a place on the sphere (far cells get probabilities
+    # below 1e-20, or exactly 0 in float32); the second, scaled by the temperature s, picks
+    # among the cells near it. All of it is folded into the one Linear over the features.
+    units = torch.from_numpy(latlon_to_unit(centres))  # [M, 3]
+    proj = torch.randn(3, dims, dtype=torch.float64) / dims**0.5
+    w_place = KAPPA * units @ proj
+    w0 = torch.randn(num_cells, dims, dtype=torch.float64) / dims**0.5
+    density = DensityIndex(centres, (DEFAULT_CONF_SCALE_KM,))
 
     def localizable_fraction(s: float) -> float:
-        probs = torch.softmax(s * z @ w0.T, dim=1).float().numpy()  # the model serves float32
+        probs = torch.softmax(z @ (w_place + s * w0).T, dim=1).float().numpy()  # served as float32
         conf = [density.density(top_cell(p), p)[0] for p in probs]
         return float(np.mean(np.asarray(conf) > DEFAULT_CONF_THRESHOLD))
 
@@ -137,7 +179,7 @@ def build_demo_net(num_cells: int, centres: np.ndarray, seed: int) -> tuple[Visl
         else:
             hi = s
     scale = (lo * hi) ** 0.5
-    w = scale * w0 / sigma
+    w = (w_place + scale * w0) / sigma
     lin = net.cell_head.mixture_weights.seq_model[0]
     lin.weight.copy_(w.float())
     lin.bias.copy_((-(w @ mu)).float())
@@ -156,6 +198,8 @@ def build_demo_net(num_cells: int, centres: np.ndarray, seed: int) -> tuple[Visl
         "seed": seed,
         "calibration_images": CALIBRATION_IMAGES,
         "temperature": scale,
+        "kappa": KAPPA,
+        "batchnorm": "re-estimated on the calibration images",
         "calibration_localizable_fraction": localizable_fraction(scale),
     }
     return net, record

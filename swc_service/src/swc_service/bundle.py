@@ -9,6 +9,7 @@ Layout (format version 1)::
     background/features.npy        float16 (default) or float32 [N, D] embeddings, grouped by cell
     background/labels.npy          float64 [N, 2] (lat, lon) of each row
     background/row_ids.npy         int64 [N] the row's index in the upstream collection
+    parity.json                    (optional) the exporter's ONNX-vs-PyTorch parity report
 
 Rows of one cell are contiguous and ordered by upstream row id, so SwC reads one slice.
 Every array is a plain ``.npy`` file memory-mapped read-only: no copy, no transpose, and the
@@ -42,6 +43,8 @@ FEATURES = "background/features.npy"
 LABELS = "background/labels.npy"
 ROW_IDS = "background/row_ids.npy"
 ARRAY_FILES = (CELLS, OFFSETS, FEATURES, LABELS, ROW_IDS)
+PARITY = "parity.json"
+OPTIONAL_FILES = (PARITY,)  # hashed into the manifest when the writer put them there
 
 # The model contract shared by the exporter, Triton configs and the service.
 INPUT_NAME = "image"
@@ -228,7 +231,8 @@ class BundleWriter:
         arrays = [np.load(self.tmp / rel, mmap_mode="r") for rel in ARRAY_FILES]
         check_arrays(*arrays)
         files = {}
-        for rel in (MODEL, *ARRAY_FILES):
+        optional = tuple(rel for rel in OPTIONAL_FILES if (self.tmp / rel).is_file())
+        for rel in (MODEL, *ARRAY_FILES, *optional):
             p = self.tmp / rel
             files[rel] = {"sha256": sha256_file(p), "bytes": p.stat().st_size}
         bundle_id = hashlib.sha256(
