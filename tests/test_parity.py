@@ -1,0 +1,162 @@
+"""The parity gate: passes a sharp model's faithful export, fails wrong exports, never passes NaN."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from swc_service import bundle as B
+from swc_service import samples
+from swc_service.bundle import load_bundle
+from swc_service.method import DensityIndex
+from swc_service.preprocessing import preprocess
+from visloc_export.build import demo_net_for, parity_batches
+from visloc_export.model import Normalize
+from visloc_export.onnx_export import export_onnx
+from visloc_export.parity import PD_TOL, check_parity, compare
+
+# --------------------------------------------------------------------------- compare(), synthetic
+
+M = 400
+
+
+@pytest.fixture(scope="module")
+def density():
+    rng = np.random.default_rng(0)
+    centres = np.stack([rng.uniform(40, 41, M), rng.uniform(10, 11, M)], axis=1)  # all within ~150 km
+    return DensityIndex(centres, (1.0, 25.0, 200.0))
+
+
+def _outputs(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    logits = rng.normal(0, 25, (2, M))  # sharp: tails far below 1e-20, some exactly 0 in float32
+    probs = torch.softmax(torch.from_numpy(logits).float(), dim=1).numpy()
+    emb = rng.standard_normal((2, 1792)).astype(np.float32)
+    return probs, emb / np.linalg.norm(emb, axis=1, keepdims=True)
+
+
+def test_identical_sharp_outputs_pass(density):
+    probs, emb = _outputs()
+    assert (probs == 0).any() and (probs[probs > 0] < 1e-20).any()
+    measures, failures = compare("case", (probs, emb), (probs.copy(), emb.copy()), density)
+    assert failures == [] and measures["top5_equal"] and measures["max_pd_diff"] == 0.0
+
+
+def test_tail_differences_that_move_log_p_pass(density):
+    """Tail cells at 1e-13 .. 0: log p moves by a lot, what the service serves does not."""
+    probs, emb = _outputs()
+    got = probs.copy()
+    tail = probs < 1e-12
+    got[tail] = np.where(probs[tail] > 0, probs[tail] * 2, 1e-30).astype(np.float32)
+    _, failures = compare("case", (probs, emb), (got, emb), density)
+    assert failures == []
+
+
+@pytest.mark.parametrize("where", ["reference", "onnx", "both"])
+def test_nan_never_passes_and_says_where(density, where):
+    probs, emb = _outputs()
+    ref, got = probs.copy(), probs.copy()
+    cell = int(np.argmin(probs[1]))  # an underflowed tail cell, where log-differences hid NaN
+    if where in ("reference", "both"):
+        ref[1, cell] = np.nan
+    if where in ("onnx", "both"):
+        got[1, cell] = np.nan
+    measures, failures = compare("case", (ref, emb), (got, emb), density)
+    assert failures
+    assert f"first at index [1, {cell}]" in failures[0] and "NaN" in failures[0]
+    assert measures["max_prob_abs_diff"] is None  # no number computed through a NaN
+
+
+def test_inf_in_embedding_fails(density):
+    probs, emb = _outputs()
+    bad = emb.copy()
+    bad[0, 5] = np.inf
+    _, failures = compare("case", (probs, emb), (probs, bad), density)
+    assert any("ONNX embedding" in f and "inf" in f for f in failures)
+
+
+def test_each_tolerance_can_fail(density):
+    probs, emb = _outputs()
+    top = np.argsort(-probs[0])
+
+    got = probs.copy()
+    got[0, top[[1, 2]]] = got[0, top[[2, 1]]]  # second and third swap places
+    assert any("top 5 cells" in f for f in compare("c", (probs, emb), (got, emb), density)[1])
+
+    ref, got = probs.copy(), probs.copy()
+    mid = int(top[-1])
+    ref[0, mid], got[0, mid] = 1e-4, 1.002e-4  # relative 2e-3 on a cell with p >= 1e-6, |dp| < 1e-6
+    fails = compare("c", (ref, emb), (got, emb), density)[1]
+    assert len(fails) == 1 and "relative" in fails[0]
+
+    got_emb = emb.copy()
+    got_emb[0, 0] += 2e-4
+    fails = compare("c", (probs, emb), (probs, got_emb), density)[1]
+    assert any("embedding |de|" in f for f in fails)
+
+
+def test_pd_difference_alone_fails(density):
+    """Many small per-cell differences, each within tolerance, add up in PD."""
+    probs = np.full((1, M), 1.0 / M, dtype=np.float32)
+    probs[0, 0] = 0.05
+    probs /= probs.sum()
+    emb = _outputs()[1][:1]
+    got = probs.copy()
+    got[0, 1:] += np.float32(4e-8)  # |dp| 4e-8, relative ~2e-5: each cell passes
+    measures, failures = compare("c", (probs, emb), (got, emb), density)
+    assert measures["max_pd_diff"] > PD_TOL
+    assert len(failures) == 1 and "PD" in failures[0]
+
+
+# --------------------------------------------------------------------------- a sharp model, wrong exports
+
+
+class _BGR(Normalize):
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return super().forward(image[..., [2, 1, 0]])
+
+
+class _NoNormalisation(Normalize):
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return image.permute(0, 3, 1, 2).to(torch.float32) / 255.0
+
+
+def test_sharp_demo_model_passes_the_gate(demo_bundle):
+    """The demo model is sharp like a trained one: tails below 1e-20, some exactly 0."""
+    bundle = load_bundle(demo_bundle)
+    parity = json.loads((bundle.path / B.PARITY).read_text())
+    assert parity["ok"] is True and parity["failures"] == []
+    assert parity == bundle.manifest["parity"]
+    assert B.PARITY in bundle.manifest["files"] and bundle.verify_checksums() == []
+    net = demo_net_for(bundle)
+    with torch.no_grad():
+        probs = np.concatenate(
+            [net(torch.from_numpy(preprocess(samples.photo_bytes(i)).array[None].copy()))[0].numpy() for i in range(8)]
+        )
+    assert (probs == 0).any()
+    assert np.mean(probs < 1e-20) > 0.1
+    assert np.all(probs.max(axis=1) > 0.03)
+    report = check_parity(net, bundle.model_path, parity_batches())
+    assert report.ok, report.summary()
+
+
+@pytest.mark.parametrize("wrong", ["weight_1e-3", "bgr", "no_normalisation"])
+def test_wrong_exports_fail_the_gate(demo_bundle, tmp_path, wrong):
+    bundle = load_bundle(demo_bundle)
+    net = demo_net_for(bundle)
+    bad = copy.deepcopy(net)
+    if wrong == "weight_1e-3":
+        with torch.no_grad():
+            bad.backbone._conv_stem.weight.mul_(1 + 1e-3)
+    elif wrong == "bgr":
+        bad.normalize = _BGR()
+    else:
+        bad.normalize = _NoNormalisation()
+    export_onnx(bad, tmp_path / "model.onnx")
+    report = check_parity(net, tmp_path / "model.onnx", parity_batches()[:2])
+    assert not report.ok
+    assert report.failures and all(f.startswith("batch ") for f in report.failures)
