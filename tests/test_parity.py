@@ -17,7 +17,7 @@ from swc_service.preprocessing import preprocess
 from visloc_export.build import demo_net_for, parity_batches
 from visloc_export.model import Normalize
 from visloc_export.onnx_export import export_onnx
-from visloc_export.parity import PD_TOL, check_parity, compare
+from visloc_export.parity import PD_ABS_TOL, PD_REL_TOL, check_parity, compare
 
 # --------------------------------------------------------------------------- compare(), synthetic
 
@@ -100,16 +100,15 @@ def test_each_tolerance_can_fail(density):
 
 
 def test_pd_difference_alone_fails(density):
-    """Many small per-cell differences, each within tolerance, add up in PD."""
-    probs = np.full((1, M), 1.0 / M, dtype=np.float32)
-    probs[0, 0] = 0.05
-    probs /= probs.sum()
+    """Tail cells, each below the relative floor, that add up in PD."""
+    probs = np.full((1, M), 5e-7, dtype=np.float32)
+    probs[0, 0] = 0.01
     emb = _outputs()[1][:1]
     got = probs.copy()
-    got[0, 1:] += np.float32(4e-8)  # |dp| 4e-8, relative ~2e-5: each cell passes
+    got[0, 1:] = np.float32(9.9e-7)  # every tail cell below 1e-6 in both: not compared one by one
     measures, failures = compare("c", (probs, emb), (got, emb), density)
-    assert measures["max_pd_diff"] > PD_TOL
-    assert len(failures) == 1 and "PD" in failures[0]
+    assert measures["max_pd_diff"] > PD_ABS_TOL + PD_REL_TOL * 0.011
+    assert len(failures) == 1 and "PD differs" in failures[0] and "200 km" in failures[0]
 
 
 # --------------------------------------------------------------------------- a sharp model, wrong exports
@@ -125,30 +124,34 @@ class _NoNormalisation(Normalize):
         return image.permute(0, 3, 1, 2).to(torch.float32) / 255.0
 
 
-def test_sharp_demo_model_passes_the_gate(demo_bundle):
-    """The demo model is sharp like a trained one: tails below 1e-20, some exactly 0."""
+@pytest.fixture(scope="module")
+def sharp_net(demo_bundle):
+    return demo_net_for(load_bundle(demo_bundle))
+
+
+def test_sharp_demo_model_passes_the_gate(demo_bundle, sharp_net):
+    """The demo model is sharp like a trained one (tails below 1e-20, some exactly 0), and its
+    export passed the gate when the bundle was built (test_export re-runs the gate on it)."""
     bundle = load_bundle(demo_bundle)
     parity = json.loads((bundle.path / B.PARITY).read_text())
     assert parity["ok"] is True and parity["failures"] == []
     assert parity == bundle.manifest["parity"]
     assert B.PARITY in bundle.manifest["files"] and bundle.verify_checksums() == []
-    net = demo_net_for(bundle)
     with torch.no_grad():
         probs = np.concatenate(
-            [net(torch.from_numpy(preprocess(samples.photo_bytes(i)).array[None].copy()))[0].numpy() for i in range(8)]
+            [
+                sharp_net(torch.from_numpy(preprocess(samples.photo_bytes(i)).array[None].copy()))[0].numpy()
+                for i in range(8)
+            ]
         )
     assert (probs == 0).any()
     assert np.mean(probs < 1e-20) > 0.1
-    assert np.all(probs.max(axis=1) > 0.03)
-    report = check_parity(net, bundle.model_path, parity_batches())
-    assert report.ok, report.summary()
+    assert probs.max() > 0.1 and len(set(np.argmax(probs, axis=1).tolist())) >= 4
 
 
 @pytest.mark.parametrize("wrong", ["weight_1e-3", "bgr", "no_normalisation"])
-def test_wrong_exports_fail_the_gate(demo_bundle, tmp_path, wrong):
-    bundle = load_bundle(demo_bundle)
-    net = demo_net_for(bundle)
-    bad = copy.deepcopy(net)
+def test_wrong_exports_fail_the_gate(sharp_net, tmp_path, wrong):
+    bad = copy.deepcopy(sharp_net)
     if wrong == "weight_1e-3":
         with torch.no_grad():
             bad.backbone._conv_stem.weight.mul_(1 + 1e-3)
@@ -157,6 +160,6 @@ def test_wrong_exports_fail_the_gate(demo_bundle, tmp_path, wrong):
     else:
         bad.normalize = _NoNormalisation()
     export_onnx(bad, tmp_path / "model.onnx")
-    report = check_parity(net, tmp_path / "model.onnx", parity_batches()[:2])
+    report = check_parity(sharp_net, tmp_path / "model.onnx", parity_batches()[:2])
     assert not report.ok
     assert report.failures and all(f.startswith("batch ") for f in report.failures)

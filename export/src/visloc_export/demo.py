@@ -1,12 +1,16 @@
-"""The demo bundle: random (seeded) weights, calibrated so predictions vary with the image.
+"""The demo bundle: random (seeded) weights, calibrated so predictions look like a trained model's.
 
-A randomly initialised EfficientNet-B4 maps every image to nearly the same feature vector
-(SPEC.md section 7), so random heads would give every photo the same answer. The heads are
-therefore re-based on the *standardised deviation* of the features from their mean over a
-set of generated calibration images: ``z = (f - mean) / std``. The cell head becomes
-``logits = s * W z`` (folded into one Linear), with the temperature ``s`` chosen so that about
-half of the calibration images are localizable; the retrieval head's first Linear reads ``z``
-of its LayerNorm input and the residual is centred, so embeddings differ between images.
+A randomly initialised EfficientNet-B4 with its default BatchNorm statistics maps every image
+to nearly the same feature vector (SPEC.md section 7), so random heads would give every photo
+the same answer. The BatchNorm statistics are therefore re-estimated on a set of generated
+calibration images, as training would have left them, so features vary between photos at
+their natural scale; the heads read ``z = (f - mean) / s`` (one scale ``s`` for all dimensions,
+which keeps the head well-conditioned). The cell head is sharp like a trained one: an exact
+prior makes 30 % of the cells "rarely predicted" (probabilities 1e-13 down to exactly 0), and a
+random term, with the temperature chosen so that about half of the calibration images are
+localizable, picks the top cell among the others. The retrieval
+head's first Linear reads ``z`` of its LayerNorm input and the residual is centred, so
+embeddings differ between images.
 
 THIS IS NOT A GEOLOCATION MODEL. Its answers are arbitrary; it exists so the whole stack
 runs, and is tested, anywhere.
@@ -18,7 +22,6 @@ import numpy as np
 import torch
 
 from swc_service import samples
-from swc_service.geo import latlon_to_unit
 from swc_service.method import DEFAULT_CONF_SCALE_KM, DEFAULT_CONF_THRESHOLD, DensityIndex, top_cell
 from swc_service.preprocessing import prepare_image
 
@@ -26,7 +29,8 @@ from .model import VislocNet
 
 CALIBRATION_IMAGES = 32
 CALIBRATION_SEED_BASE = 1_000_000  # calibration images never coincide with sample images
-KAPPA = 60.0  # concentration of the cell head's "where on the sphere" term
+RARE_CELLS = 0.3  # fraction of cells a photo almost never lands in (a trained head's far cells)
+RARE_LOGITS = (30.0, 150.0)  # their prior logit below the others: p from ~1e-13 down to exactly 0
 
 # Land-like regions: (lat, lon, spread in degrees, weight).
 REGIONS = (
@@ -152,22 +156,27 @@ def build_demo_net(num_cells: int, centres: np.ndarray, seed: int) -> tuple[Visl
 
     images = torch.from_numpy(np.stack(calibration_batch()))
     feats = reestimate_batchnorm(net, images).double()
-    mu, sigma = feats.mean(0), feats.std(0) + 1e-12
+    # One scale for all dimensions: dividing each by its own spread would amplify the float32
+    # noise of near-constant dimensions into the logits (an ill-conditioned head that no
+    # export could match). With re-estimated statistics the features vary at their own scale.
+    mu = feats.mean(0)
+    sigma = feats.std(0).square().mean().sqrt() + 1e-12
     z = (feats - mu) / sigma
     dims = feats.shape[1]
 
-    # Cell head, sharp like a trained MvMF head: logits = KAPPA * u_c . (P z) + s * W0 z.
-    # The first term points each photo at a place on the sphere (far cells get probabilities
-    # below 1e-20, or exactly 0 in float32); the second, scaled by the temperature s, picks
-    # among the cells near it. All of it is folded into the one Linear over the features.
-    units = torch.from_numpy(latlon_to_unit(centres))  # [M, 3]
-    proj = torch.randn(3, dims, dtype=torch.float64) / dims**0.5
-    w_place = KAPPA * units @ proj
+    # Cell head: logits = s * W0 z + prior. The prior is exact (a bias: no float32 noise from
+    # the features): most cells 0, the rest "rarely predicted" at -30 .. -150, so their
+    # probabilities are 1e-13 .. 0 (below 1e-20 for most of them, exactly 0 in float32 for
+    # many), as a trained head's far cells are. The temperature s of the random term picks
+    # the top cell among the others; it is chosen so that about half the calibration images
+    # are localizable. Folded into the one Linear over the features.
     w0 = torch.randn(num_cells, dims, dtype=torch.float64) / dims**0.5
+    rare = torch.rand(num_cells, dtype=torch.float64) < RARE_CELLS
+    prior = torch.where(rare, -torch.empty(num_cells, dtype=torch.float64).uniform_(*RARE_LOGITS), 0.0)
     density = DensityIndex(centres, (DEFAULT_CONF_SCALE_KM,))
 
     def localizable_fraction(s: float) -> float:
-        probs = torch.softmax(z @ (w_place + s * w0).T, dim=1).float().numpy()  # served as float32
+        probs = torch.softmax(s * z @ w0.T + prior, dim=1).float().numpy()  # served as float32
         conf = [density.density(top_cell(p), p)[0] for p in probs]
         return float(np.mean(np.asarray(conf) > DEFAULT_CONF_THRESHOLD))
 
@@ -179,10 +188,10 @@ def build_demo_net(num_cells: int, centres: np.ndarray, seed: int) -> tuple[Visl
         else:
             hi = s
     scale = (lo * hi) ** 0.5
-    w = (w_place + scale * w0) / sigma
+    w = scale * w0 / sigma
     lin = net.cell_head.mixture_weights.seq_model[0]
     lin.weight.copy_(w.float())
-    lin.bias.copy_((-(w @ mu)).float())
+    lin.bias.copy_((prior - w @ mu).float())
 
     # Retrieval head: fc1 reads the standardised LayerNorm output; the residual sum is centred.
     rrm = net.rrm_head
@@ -198,7 +207,7 @@ def build_demo_net(num_cells: int, centres: np.ndarray, seed: int) -> tuple[Visl
         "seed": seed,
         "calibration_images": CALIBRATION_IMAGES,
         "temperature": scale,
-        "kappa": KAPPA,
+        "rare_cells": RARE_CELLS,
         "batchnorm": "re-estimated on the calibration images",
         "calibration_localizable_fraction": localizable_fraction(scale),
     }

@@ -5,13 +5,22 @@ log-probability tolerance under float32 rounding alone, and ``log 0 - log 0`` is
 gate compares what the service uses, per image:
 
 * the top 5 cells, identical and in the same order;
-* every cell probability within ``PROB_ABS_TOL``, and within ``PROB_REL_TOL`` relative on
-  cells with ``p >= PROB_REL_FLOOR`` (in either output);
+* cell probabilities: within ``PROB_REL_TOL`` relative on every cell with
+  ``p >= PROB_REL_FLOOR`` in either output (the others then differ by less than
+  ``PROB_REL_FLOOR`` absolute);
 * PD at every served scale around the reference's top cell, computed from each output with
-  the service's own :class:`~swc_service.method.DensityIndex`, within ``PD_TOL``;
+  the service's own :class:`~swc_service.method.DensityIndex`, within
+  ``PD_ABS_TOL + PD_REL_TOL * PD`` (so tail cells, each below the floor, cannot add up unseen);
 * embeddings within ``EMB_ABS_TOL`` and with cosine ``>= EMB_COS_MIN``.
 
 NaN or infinity anywhere in either output fails, and the report says where.
+
+Why not 1e-6 absolute on every probability and on PD: PyTorch and onnxruntime compute the
+EfficientNet-B4 features in float32 with different kernels, and they differ by ~1e-5 relative
+(measured on BatchNorm-re-estimated weights; 9e-6 even with onnxruntime's graph optimisations
+off). A top cell of p = 0.3 then moves by ~1e-5 absolute, in any faithful export of a model
+whose features decide its top cell. 1e-6 absolute there would be 3e-6 relative: no sharp
+model passes it, while a weight off by 1e-3 moves probabilities by more than 1e-3 relative.
 """
 
 from __future__ import annotations
@@ -29,18 +38,18 @@ from swc_service.method import DEFAULT_SCALES_KM, DensityIndex, top_cell
 from .model import VislocNet
 
 TOP_K = 5
-PROB_ABS_TOL = 1e-6
 PROB_REL_TOL = 1e-3
 PROB_REL_FLOOR = 1e-6
-PD_TOL = 1e-6
+PD_ABS_TOL = 1e-6
+PD_REL_TOL = 1e-3
 EMB_ABS_TOL = 1e-4
 EMB_COS_MIN = 1 - 1e-6
 TOLERANCES = {
     "top_k_identical": TOP_K,
-    "prob_abs": PROB_ABS_TOL,
     "prob_rel": PROB_REL_TOL,
     "prob_rel_floor": PROB_REL_FLOOR,
-    "pd_abs": PD_TOL,
+    "pd_abs": PD_ABS_TOL,
+    "pd_rel": PD_REL_TOL,
     "embedding_abs": EMB_ABS_TOL,
     "embedding_cosine_min": EMB_COS_MIN,
 }
@@ -141,11 +150,17 @@ def compare(
     diff = np.abs(r64 - g64)
     big = np.maximum(r64, g64) >= PROB_REL_FLOOR
     rel = np.where(big, diff / np.maximum(np.maximum(r64, g64), PROB_REL_FLOOR), 0.0)
-    pd_diff = 0.0
+    pd_diff, pd_excess, pd_at = 0.0, 0.0, ""
     for i in range(rp.shape[0]):
         cell = top_cell(rp[i])
-        d = np.abs(density.density(cell, rp[i]) - density.density(cell, gp[i]))
+        pr, pg = density.density(cell, rp[i]), density.density(cell, gp[i])
+        d = np.abs(pr - pg)
+        excess = d - (PD_ABS_TOL + PD_REL_TOL * np.maximum(pr, pg))
         pd_diff = max(pd_diff, float(d.max()))
+        if excess.max() > pd_excess:
+            j = int(np.argmax(excess))
+            pd_excess = float(excess.max())
+            pd_at = f"image {i}, {density.scales_km[j]:g} km: PD {pr[j]:.9g} vs ONNX {pg[j]:.9g}"
     emb = np.abs(re_.astype(np.float64) - ge.astype(np.float64))
     a, b = re_.astype(np.float64), ge.astype(np.float64)
     cos = np.sum(a * b, axis=1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
@@ -157,19 +172,15 @@ def compare(
         "min_embedding_cosine": float(cos.min()),
     }
     checks = (
-        ("cell probability |dp|", out["max_prob_abs_diff"], PROB_ABS_TOL, diff),
         (f"cell probability relative dp (p >= {PROB_REL_FLOOR:g})", out["max_prob_rel_diff"], PROB_REL_TOL, rel),
-        ("PD |dPD|", pd_diff, PD_TOL, None),
         ("embedding |de|", out["max_embedding_diff"], EMB_ABS_TOL, emb),
     )
     for what, value, tol, array in checks:
         if value > tol:
-            at = (
-                ""
-                if array is None
-                else f" at index {[int(i) for i in np.unravel_index(np.argmax(array), array.shape)]}"
-            )
-            failures.append(f"{case}: {what} = {value:.3g} > {tol:g}{at}")
+            at = [int(i) for i in np.unravel_index(np.argmax(array), array.shape)]
+            failures.append(f"{case}: {what} = {value:.3g} > {tol:g} at index {at}")
+    if pd_excess > 0:
+        failures.append(f"{case}: PD differs by more than {PD_ABS_TOL:g} + {PD_REL_TOL:g} * PD ({pd_at})")
     if out["min_embedding_cosine"] < EMB_COS_MIN:
         failures.append(f"{case}: embedding cosine {out['min_embedding_cosine']:.9f} < {EMB_COS_MIN}")
     return out, failures
