@@ -27,6 +27,7 @@ class FakeUpstream:
         self.ranges = True  # honour Range requests
         self.drop_after: dict[str, int] = {}  # name -> bytes sent before the connection drops (once)
         self.extra_length: dict[str, int] = {}  # name -> Content-Length overstated by this much
+        self.drop_every: dict[str, int] = {}  # name -> bytes sent before every response drops
         self.fail_once: dict[str, int] = {}  # name -> HTTP status answered once before serving
         self.requests: list[tuple[str, str | None]] = []  # (name, Range header)
         self.lock = threading.Lock()
@@ -44,6 +45,8 @@ class FakeUpstream:
                 with fake.lock:
                     fake.requests.append((name, rng))
                     drop = fake.drop_after.pop(name, None)
+                    if drop is None and name in fake.drop_every:
+                        drop = fake.drop_every[name]
                     fail = fake.fail_once.pop(name, None)
                 body = fake.files.get(name)
                 if body is None or fail:
@@ -171,6 +174,20 @@ def test_transient_server_error_is_retried(upstream, tmp_path):
     _fetcher(tmp_path, upstream).fetch(["rrm_head.pt"])
     assert (tmp_path / "rrm_head.pt").read_bytes() == upstream.files["rrm_head.pt"]
     assert upstream.gets("rrm_head.pt") == [None, None]
+
+
+def test_gives_up_after_retries_and_keeps_the_part_to_resume(upstream, tmp_path):
+    name = "back_coll_features.hdf5"
+    upstream.drop_every[name] = 1000
+    with pytest.raises(F.FetchError, match=r"gave up after 2 retries; run fetch again to resume from byte \d+"):
+        _fetcher(tmp_path, upstream, retries=2).fetch([name])
+    assert not (tmp_path / name).exists()
+    assert (tmp_path / (name + F.PART_SUFFIX)).stat().st_size > 0
+    assert len(upstream.gets(name)) == 3
+    del upstream.drop_every[name]
+    _fetcher(tmp_path, upstream).fetch([name])  # the next run resumes and completes
+    assert (tmp_path / name).read_bytes() == upstream.files[name]
+    assert upstream.gets(name)[-1] is not None
 
 
 def test_server_without_range_restarts_from_zero(upstream, tmp_path):

@@ -174,7 +174,8 @@ class Fetcher:
                 attempt += 1
                 if attempt > self.retries:
                     raise FetchError(
-                        f"{url}: {exc} (gave up after {self.retries} retries): {_remedy(name, self.out)}"
+                        f"{url}: {exc} (gave up after {self.retries} retries; run fetch again to resume "
+                        f"from byte {part.stat().st_size if part.exists() else 0}): {_remedy(name, self.out)}"
                     ) from None
                 delay = self.backoff * 2 ** (attempt - 1)
                 self._log(f"{name}: {exc}; retry {attempt}/{self.retries} in {delay:g} s (resuming)")
