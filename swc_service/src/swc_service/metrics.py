@@ -46,3 +46,11 @@ BUNDLE_INFO = Gauge(
 BATCH_WINDOW = Gauge(
     "visloc_batch_window_seconds", "The shape-grouping window the service waits", multiprocess_mode="max"
 )
+
+
+def observe_located(pixels: int, stages: dict[str, float], method: str, localizable: bool) -> None:
+    """One located image: its size, the seconds of each stage and what was predicted."""
+    IMAGE_PIXELS.observe(pixels)
+    for stage, seconds in stages.items():
+        STAGE_SECONDS.labels(stage).observe(seconds)
+    PREDICTIONS.labels(method, str(localizable).lower()).inc()
