@@ -18,12 +18,12 @@ help:
 	@echo "make demo BUNDLE=DIR   serve another bundle (e.g. imported with visloc-export upstream)"
 	@echo "make bench     benchmarks -> bench/results, docs/BENCHMARKS.md"
 
-$(STAMP): client/pyproject.toml swc_service/pyproject.toml swc_service/setup.py export/pyproject.toml requirements-dev.txt
+$(STAMP): pyproject.toml client/pyproject.toml swc_service/pyproject.toml swc_service/setup.py export/pyproject.toml requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# torch first and pinned: the CPU build on this machine's disk, never the CUDA one.
 	$(PY) -m pip install -q "torch==2.13.0"
-	$(PY) -m pip install -q -e "./client[plot]" -e "./swc_service[triton]" -e ./export -r requirements-dev.txt
+	$(PY) -m pip install -q -e "./client[plot]" -e "./swc_service[triton]" -e ./export -e . -r requirements-dev.txt
 	touch $(STAMP)
 	touch $(KERNELS)
 
@@ -39,7 +39,7 @@ $(DEMO_BUNDLE)/manifest.json: | $(KERNELS)
 	$(VENV)/bin/visloc-export demo --out $(DEMO_BUNDLE)
 
 demo: $(KERNELS) $(if $(BUNDLE),,$(DEMO_BUNDLE)/manifest.json)
-	$(PY) -m swc_service.demo --bundle $(if $(BUNDLE),$(BUNDLE),$(DEMO_BUNDLE))
+	$(PY) -m devtools.demo --bundle $(if $(BUNDLE),$(BUNDLE),$(DEMO_BUNDLE))
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

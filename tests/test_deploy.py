@@ -467,7 +467,7 @@ def test_prometheus_adapter_config_and_helm_values_agree():
 
 
 def _tritonserver():
-    from swc_service import triton_local
+    from devtools import triton_local
 
     try:
         exe = triton_local._wheel_dir() / "tritonserver" / "bin" / "tritonserver"

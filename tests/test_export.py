@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 import torch
 
-from swc_service import samples
 from swc_service.bundle import load_bundle
 from swc_service.method import DEFAULT_CONF_THRESHOLD, DensityIndex, top_cell
 from swc_service.preprocessing import preprocess
 from visloc_client.safe_pickle import UnsafePickleError
+from visloc_export import samples
 from visloc_export.build import (
     check_parity,
     demo_net_for,

@@ -13,9 +13,9 @@ import torch
 from tqdm import tqdm
 
 from swc_service import bundle as B
-from swc_service import samples
 from swc_service.preprocessing import prepare_image, preprocess
 from visloc_client import safe_pickle
+from visloc_export import samples
 
 from . import __version__, demo
 from .model import VislocNet, load_upstream

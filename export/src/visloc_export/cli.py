@@ -73,7 +73,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 
 
 def _cmd_place(args: argparse.Namespace) -> int:
-    from swc_service.triton_local import place_model
+    from swc_service.triton_config import place_model
 
     dest = place_model(args.bundle, args.repository)
     print(f"placed {dest} (config sized for the bundle's cells)")

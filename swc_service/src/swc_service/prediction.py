@@ -1,4 +1,5 @@
-"""Prediction: the model's outputs for one image -> SwC location and PD confidence, as plain data.
+"""Prediction: the model's outputs for one image -> SwC location and PD confidence, as plain data
+(the client library's protobuf-free result types: one definition of a cell, a neighbour, a PD value).
 
 The bundle and its PD index travel together in one immutable :class:`ServingState`; the
 :class:`~swc_service.locator.Locator` reads its state once per image, so replacing the state
@@ -11,6 +12,8 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
+
+from visloc_client.results import Cell, Neighbour, ScaleDensity
 
 from .bundle import Bundle
 from .errors import InferenceFailed
@@ -36,36 +39,16 @@ class ServingState:
 
 
 @dataclass(frozen=True)
-class CellScore:
-    id: int
-    lat: float
-    lon: float
-    probability: float
-
-
-@dataclass(frozen=True)
-class Neighbour:
-    """One retrieved background image (SwC candidate) and the cluster it fell in."""
-
-    row_id: int
-    similarity: float
-    lat: float
-    lon: float
-    cluster: int
-    in_prediction: bool
-
-
-@dataclass(frozen=True)
 class Prediction:
     method: str  # "swc", or "cell" when the top cell has no background rows
     lat: float
     lon: float
-    top_cell: CellScore
+    top_cell: Cell
     confidence: float  # PD at the requested scale
     localizable: bool
-    density: tuple[tuple[float, float], ...]  # (scale_km, PD) for every served scale
+    density: tuple[ScaleDensity, ...]  # PD at every served scale
     neighbours: tuple[Neighbour, ...]
-    top_cells: tuple[CellScore, ...]
+    top_cells: tuple[Cell, ...]
     swc_s: float
     pd_s: float
 
@@ -79,9 +62,9 @@ def top_cells(probs: np.ndarray, n: int) -> np.ndarray:
     return pool[np.argsort(-probs[pool], kind="stable")][:n]
 
 
-def _cell(state: ServingState, probs: np.ndarray, c: int) -> CellScore:
+def _cell(state: ServingState, probs: np.ndarray, c: int) -> Cell:
     lat, lon = state.bundle.centres[c]
-    return CellScore(int(c), float(lat), float(lon), float(probs[c]))
+    return Cell(int(c), float(lat), float(lon), float(probs[c]))
 
 
 def predict(state: ServingState, probs: np.ndarray, emb: np.ndarray, opts: Options) -> Prediction:
@@ -117,7 +100,7 @@ def predict(state: ServingState, probs: np.ndarray, emb: np.ndarray, opts: Optio
         top_cell=best,
         confidence=confidence,
         localizable=confidence > opts.conf_threshold,
-        density=tuple((s, float(v)) for s, v in zip(scales, pd)),
+        density=tuple(ScaleDensity(s, float(v)) for s, v in zip(scales, pd)),
         neighbours=neighbours,
         top_cells=tuple(_cell(state, probs, cell) for cell in top_cells(probs, opts.return_top_cells))
         if opts.return_top_cells

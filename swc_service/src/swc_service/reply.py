@@ -40,7 +40,7 @@ def locate_response(
         input_height=image.array.shape[0],
         batch_size=out.batch_size,
         neighbours=[pb.Neighbour(**asdict(n)) for n in pred.neighbours],
-        prediction_density=[pb.ScaleDensity(scale_km=s, density=d) for s, d in pred.density],
+        prediction_density=[pb.ScaleDensity(**asdict(d)) for d in pred.density],
         top_cells=[pb.Cell(**asdict(c)) for c in pred.top_cells],
         timings=pb.StageTimings(**{f"{stage}_ms": seconds * 1e3 for stage, seconds in stages.items()}),
     )
