@@ -412,18 +412,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    tuning = {k: getattr(args, k) for k in ("threads", "instances", "max_batch_size", "max_queue_delay_us")}
     if args.print_config:
         m = B.load_bundle(args.bundle).num_cells
-        cfg = production_config(m, args.config) if args.print_config == "production" else None
-        if cfg is None:
-            cfg = local_config(
-                m,
-                path=args.config,
-                threads=args.threads,
-                instances=args.instances,
-                max_batch_size=args.max_batch_size,
-                max_queue_delay_us=args.max_queue_delay_us,
-            )
+        production = args.print_config == "production"
+        cfg = production_config(m, args.config) if production else local_config(m, path=args.config, **tuning)
         print(config_text(cfg, str(args.config or PRODUCTION_CONFIG)), end="")
         return 0
 
@@ -434,21 +427,9 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    server = LocalTriton(
-        args.bundle,
-        args.workdir,
-        host=args.host,
-        grpc_port=args.grpc_port,
-        http_port=args.http_port,
-        metrics_port=args.metrics_port,
-        threads=args.threads,
-        instances=args.instances,
-        max_batch_size=args.max_batch_size,
-        max_queue_delay_us=args.max_queue_delay_us,
-        log_file=args.log_file,
-        config_path=args.config,
-        exit_timeout_s=args.exit_timeout,
-    )
+    ports = {"grpc_port": args.grpc_port, "http_port": args.http_port, "metrics_port": args.metrics_port}
+    server = LocalTriton(args.bundle, args.workdir, host=args.host, log_file=args.log_file, config_path=args.config,
+                         exit_timeout_s=args.exit_timeout, **ports, **tuning)  # fmt: skip
     try:
         server.start(args.timeout)
         print(

@@ -17,35 +17,33 @@ class LocateFailure(Exception):
 
     code = grpc.StatusCode.INTERNAL
 
+    def __init_subclass__(cls, code: grpc.StatusCode | None = None, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        if code is not None:
+            cls.code = code
 
-class InvalidArgument(LocateFailure):
+
+_S = grpc.StatusCode
+
+
+class InvalidArgument(LocateFailure, code=_S.INVALID_ARGUMENT):
     """The request (image bytes or options) is wrong; the message says what to change."""
 
-    code = grpc.StatusCode.INVALID_ARGUMENT
 
-
-class Unavailable(LocateFailure):
+class Unavailable(LocateFailure, code=_S.UNAVAILABLE):
     """Triton is unreachable or not ready: the caller may retry (elsewhere)."""
 
-    code = grpc.StatusCode.UNAVAILABLE
 
-
-class DeadlineExceeded(LocateFailure):
+class DeadlineExceeded(LocateFailure, code=_S.DEADLINE_EXCEEDED):
     """The caller's deadline (or Triton's timeout) passed first."""
-
-    code = grpc.StatusCode.DEADLINE_EXCEEDED
 
 
 class InferenceFailed(LocateFailure):
-    """Triton answered with an error that is not the caller's fault."""
-
-    code = grpc.StatusCode.INTERNAL
+    """Triton answered with an error that is not the caller's fault (INTERNAL)."""
 
 
-class Unauthenticated(LocateFailure):
+class Unauthenticated(LocateFailure, code=_S.UNAUTHENTICATED):
     """No valid bearer token."""
-
-    code = grpc.StatusCode.UNAUTHENTICATED
 
 
 def classify(exc: BaseException, request_id: str = "") -> tuple[grpc.StatusCode, str]:
