@@ -104,6 +104,13 @@ def check_parity(net: VislocNet, onnx_path: str | os.PathLike[str], batches: lis
 # --------------------------------------------------------------------------- demo
 
 
+def _commit(w: B.BundleWriter, centres, offsets, labels, row_ids, *, source: str, extra: dict) -> B.Bundle:
+    """Save the small arrays next to the filled features and commit the bundle."""
+    for rel, array in ((B.CELLS, centres), (B.OFFSETS, offsets), (B.LABELS, labels), (B.ROW_IDS, row_ids)):
+        w.save(rel, array)
+    return w.commit(source=source, tool=TOOL, extra=extra)
+
+
 def build_demo(
     out: str | os.PathLike[str],
     *,
@@ -130,13 +137,13 @@ def build_demo(
         demo.fill_features(feats, rng)
         feats.flush()
         del feats
-        w.save(B.CELLS, centres)
-        w.save(B.OFFSETS, offsets)
-        w.save(B.LABELS, labels)
-        w.save(B.ROW_IDS, row_ids)
-        return w.commit(
+        return _commit(
+            w,
+            centres,
+            offsets,
+            labels,
+            row_ids,
             source="demo",
-            tool=TOOL,
             extra={
                 "warning": "DEMO BUNDLE: random weights, synthetic background. Not a geolocation model.",
                 "demo": record | {"cells": cells, "background": background},
@@ -234,13 +241,13 @@ def import_upstream(
                     bar.update(b - a)
             feats.flush()
             del feats
-            w.save(B.CELLS, centres)
-            w.save(B.OFFSETS, offsets)
-            w.save(B.LABELS, labels)
-            w.save(B.ROW_IDS, order)
-            return w.commit(
+            return _commit(
+                w,
+                centres,
+                offsets,
+                labels,
+                order,
                 source="upstream",
-                tool=TOOL,
                 extra={
                     "upstream": {
                         k: os.path.basename(v)
