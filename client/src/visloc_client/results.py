@@ -6,7 +6,7 @@ import dataclasses
 import enum
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypedDict
 
 from visloc_client.errors import LocateError
 from visloc_client.v1 import locator_pb2 as pb
@@ -84,6 +84,18 @@ class LocateOptions:
             neighbours=msg.return_neighbours,
             top_cells=msg.return_top_cells,
         )
+
+
+class LocateOptionArgs(TypedDict, total=False):
+    """``LocateOptions`` as keywords, for type checkers: ``client.locate(image, **options)``
+    (a test keeps the two in step)."""
+
+    top_k: int | None
+    eps_km: float | None
+    conf_scale_km: float | None
+    conf_threshold: float | None
+    neighbours: int
+    top_cells: int
 
 
 @dataclass(frozen=True)
