@@ -10,6 +10,7 @@ is undecodable (INVALID_ARGUMENT).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import csv
 import http.server
 import io
@@ -17,6 +18,7 @@ import json
 import queue
 import threading
 import time
+from collections.abc import Iterator
 from concurrent import futures
 from pathlib import Path
 
@@ -193,9 +195,10 @@ class FakeLocator(pb_grpc.LocatorServicer):
             yield msg
 
 
-@pytest.fixture
-def fake():
-    servicer = FakeLocator()
+@contextlib.contextmanager
+def serve_fake(servicer: FakeLocator | None = None) -> Iterator[tuple[FakeLocator, str]]:
+    """A ``FakeLocator`` served on a free 127.0.0.1 port: (servicer, target); stopped after."""
+    servicer = servicer or FakeLocator()
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=32))
     pb_grpc.add_LocatorServicer_to_server(servicer, server)
     port = server.add_insecure_port("127.0.0.1:0")
@@ -205,6 +208,12 @@ def fake():
     finally:
         servicer.shutdown.set()
         server.stop(grace=None)
+
+
+@pytest.fixture
+def fake():
+    with serve_fake() as served:
+        yield served
 
 
 def img(lat: float, lon: float, conf: float = 0.5, prefix: str = "") -> bytes:

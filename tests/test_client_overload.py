@@ -11,12 +11,11 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import random
-from concurrent import futures
 from typing import get_type_hints
 
 import grpc
 import pytest
-from test_client_grpc import FakeLocator, img
+from test_client_grpc import img, serve_fake
 
 from visloc_client import (
     AdaptiveThrottle,
@@ -28,7 +27,6 @@ from visloc_client import (
     RetryBudget,
     RetryPolicy,
 )
-from visloc_client.v1 import locator_pb2_grpc as pb_grpc
 
 EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED
 # Retries refusals too, many times, quickly: what the budget is there to hold back.
@@ -50,16 +48,8 @@ class Clock:
 
 @pytest.fixture
 def server():
-    servicer = FakeLocator()
-    srv = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
-    pb_grpc.add_LocatorServicer_to_server(servicer, srv)
-    port = srv.add_insecure_port("127.0.0.1:0")
-    srv.start()
-    try:
-        yield servicer, f"127.0.0.1:{port}"
-    finally:
-        servicer.shutdown.set()
-        srv.stop(grace=None)
+    with serve_fake() as served:
+        yield served
 
 
 def _refusals(client: LocatorClient, n: int) -> list[LocateError]:

@@ -196,53 +196,6 @@ def _with_load_balancing(service_config: Any, policy: str) -> str:
     return json.dumps({**config, "loadBalancingConfig": [{policy: {}}]}, separators=(",", ":"))
 
 
-def connection(
-    target: str,
-    *,
-    tls: bool | TLSConfig,
-    token: str | None,
-    timeout: float | None,
-    retries: int | RetryPolicy,
-    max_message_bytes: int,
-    load_balancing: str | None = None,
-    channel_options: Sequence[tuple[str, Any]] = (),
-    retry_budget: bool | RetryBudget = True,
-    throttle: bool | AdaptiveThrottle = True,
-) -> Connection:
-    if timeout is not None and timeout <= 0:
-        raise ValueError("timeout must be positive (or None for no deadline)")
-    if max_message_bytes <= _ENVELOPE_BYTES:
-        raise ValueError("max_message_bytes is too small")
-    tls_config = TLSConfig() if tls is True else tls or None
-    own: list[tuple[str, Any]] = [
-        ("grpc.max_send_message_length", max_message_bytes),
-        ("grpc.max_receive_message_length", max_message_bytes),
-        ("grpc.primary_user_agent", f"visloc-client/{__version__}"),
-    ]
-    if tls_config is not None and tls_config.server_name:
-        own.append(("grpc.ssl_target_name_override", tls_config.server_name))
-    options = build_channel_options(own, channel_options, load_balancing)
-    # Images are checked locally against the channel's send limit (gRPC would refuse them
-    # anyway, and in a stream that kills the whole call), also when channel_options set it.
-    send_limit = dict(options)["grpc.max_send_message_length"]
-    if isinstance(send_limit, int) and not isinstance(send_limit, bool) and send_limit > 0:
-        max_message_bytes = send_limit
-    # Sent as plain metadata rather than call credentials so that it also works over a
-    # plaintext hop to a TLS-terminating proxy; use TLS end to end in production.
-    metadata = (("authorization", f"Bearer {token}"),) if token else ()
-    return Connection(
-        target=target,
-        credentials=tls_config.credentials() if tls_config is not None else None,
-        options=options,
-        metadata=metadata,
-        timeout=timeout,
-        retry=retries if isinstance(retries, RetryPolicy) else RetryPolicy(retries=retries),
-        max_message_bytes=max_message_bytes,
-        budget=_guard(retry_budget, RetryBudget),
-        throttle=_guard(throttle, AdaptiveThrottle),
-    )
-
-
 def _guard(value: bool | Any, kind: type) -> Any:
     """True: a fresh ``kind`` with its defaults; False: none; an instance: that one (it may
     be shared with other clients)."""
@@ -275,17 +228,37 @@ class ClientBase:
         retry_budget: bool | RetryBudget = True,
         throttle: bool | AdaptiveThrottle = True,
     ) -> None:
-        self._conn = connection(
-            target,
-            tls=tls,
-            token=token,
+        if timeout is not None and timeout <= 0:
+            raise ValueError("timeout must be positive (or None for no deadline)")
+        if max_message_bytes <= _ENVELOPE_BYTES:
+            raise ValueError("max_message_bytes is too small")
+        tls_config = TLSConfig() if tls is True else tls or None
+        own: list[tuple[str, Any]] = [
+            ("grpc.max_send_message_length", max_message_bytes),
+            ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.primary_user_agent", f"visloc-client/{__version__}"),
+        ]
+        if tls_config is not None and tls_config.server_name:
+            own.append(("grpc.ssl_target_name_override", tls_config.server_name))
+        options = build_channel_options(own, channel_options, load_balancing)
+        # Images are checked locally against the channel's send limit (gRPC would refuse them
+        # anyway, and in a stream that kills the whole call), also when channel_options set it.
+        send_limit = dict(options)["grpc.max_send_message_length"]
+        if isinstance(send_limit, int) and not isinstance(send_limit, bool) and send_limit > 0:
+            max_message_bytes = send_limit
+        # Sent as plain metadata rather than call credentials so that it also works over a
+        # plaintext hop to a TLS-terminating proxy; use TLS end to end in production.
+        metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        self._conn = Connection(
+            target=target,
+            credentials=tls_config.credentials() if tls_config is not None else None,
+            options=options,
+            metadata=metadata,
             timeout=timeout,
-            retries=retries,
+            retry=retries if isinstance(retries, RetryPolicy) else RetryPolicy(retries=retries),
             max_message_bytes=max_message_bytes,
-            load_balancing=load_balancing,
-            channel_options=channel_options,
-            retry_budget=retry_budget,
-            throttle=throttle,
+            budget=_guard(retry_budget, RetryBudget),
+            throttle=_guard(throttle, AdaptiveThrottle),
         )
         self._channel = self._conn.open_channel(self._channels)
         self._stub = pb_grpc.LocatorStub(self._channel)
