@@ -52,11 +52,17 @@ class LimitedH11Protocol(H11Protocol):
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         self._deadline: asyncio.TimerHandle | None = None
+        self._refused = False
         if len(self.connections) > self.web_config.max_connections:
             busy = error_body("BUSY", "The web app is busy", "Too many connections. Try again in a moment.")
             self._refuse(503, busy, "connection cap")
             return
         self._arm()
+
+    def data_received(self, data: bytes) -> None:
+        if self._refused:
+            return  # answered already: what follows is dropped until the client closes
+        super().data_received(data)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
@@ -85,9 +91,11 @@ class LimitedH11Protocol(H11Protocol):
         self._deadline = None
         if self.transport.is_closing():
             return
-        if self.cycle is not None and not self.cycle.response_complete:
+        if self._refused:
+            self.transport.close()
+        elif self.cycle is not None and not self.cycle.response_complete:
             return  # the app holds this request; its own limits apply (it re-arms when done)
-        if self.conn.their_state is h11.IDLE and not self.conn.trailing_data[0]:
+        elif self.conn.their_state is h11.IDLE and not self.conn.trailing_data[0]:
             self.transport.close()  # idle: nothing was asked (keep-alive or a browser's preconnect)
         elif self.conn.our_state is h11.IDLE and self.conn.their_state is h11.IDLE:
             slow = error_body("TOO_SLOW", "The request was too slow", "The request headers did not arrive in time.")
@@ -96,10 +104,19 @@ class LimitedH11Protocol(H11Protocol):
             self.transport.close()
 
     def _refuse(self, status: int, error: dict[str, str], why: str) -> None:
+        """Answer and end the connection: the answer, then our side shut (FIN), then what the
+        client still sends is read and dropped until it closes or the deadline passes, so
+        that it reads the answer instead of a reset."""
         client = self.client[0] if self.client else "-"
         log(client, "-", '"-"', status, why)
-        if not self.transport.is_closing():
-            self.transport.write(raw_response(status, error, self.web_headers))
+        if self.transport.is_closing() or self._refused:
+            return
+        self._refused = True
+        self.transport.write(raw_response(status, error, self.web_headers))
+        if self.transport.can_write_eof():
+            self.transport.write_eof()
+            self._arm()
+        else:
             self.transport.close()
 
 
