@@ -17,7 +17,7 @@ import pytest
 from test_web_unit import JPEG, PNG, StubClient, _multipart, _request
 from test_web_unit import serve_stub as serve_stub  # the fixture
 
-from visloc_client.web import WebConfig
+from visloc_client.web import WebApp, WebConfig, start
 
 # Short limits so that an attack is cut off in well under a second.
 FAST = dict(max_upload_bytes=1 << 20, body_grace_s=0.3, min_body_rate=1000, body_timeout_s=5.0, header_timeout_s=1.0)
@@ -283,26 +283,32 @@ def test_connection_cap(serve_stub):
         pytest.fail("the cap did not free up")
 
 
-def test_upload_memory_budget(serve_stub):
+def test_upload_memory_budget():
     """Bytes held by uploads in flight are bounded: past the budget, 503 BUSY at once."""
-    client = StubClient()
-    port = serve_stub(client, WebConfig(max_buffered_bytes=1 << 20, **{**FAST, "body_grace_s": 5.0}))
+    patient = {**FAST, "body_grace_s": 60.0, "body_timeout_s": 60.0}  # the hog is not cut off here
+    server = start(WebApp(StubClient(), WebConfig(max_buffered_bytes=1 << 20, **patient)), "127.0.0.1", 0)
+    port = server.server_address[1]
     hog = socket.create_connection(("127.0.0.1", port), timeout=10)
     try:  # ~900 KB sent of a 1 MB upload, the rest held back: its bytes stay in the budget
         hog.sendall(b"POST /api/locate HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 1048000\r\n\r\n")
         hog.sendall(JPEG + b"\x00" * 900_000)
-        for _ in range(50):
-            status, _, answer = _request(port, "POST", "/api/locate", JPEG + b"\x00" * 200_000)
-            if status == 503:
+        for _ in range(500):  # until the server has read them
+            if server.asgi.budget.used >= 900_000:
                 break
+            time.sleep(0.01)
+        status, _, answer = _request(port, "POST", "/api/locate", JPEG + b"\x00" * 200_000)
         assert (status, json.loads(answer)["error"]["code"]) == (503, "BUSY")
+        assert _request(port, "POST", "/api/locate", JPEG)[0] == 200  # a small one still fits
+        hog.close()
+        for _ in range(500):  # the server sees the hog go
+            if server.asgi.budget.used == 0:
+                break
+            time.sleep(0.01)
+        assert _request(port, "POST", "/api/locate", JPEG + b"\x00" * 200_000)[0] == 200
     finally:
         hog.close()
-    for _ in range(50):
-        if _request(port, "POST", "/api/locate", JPEG)[0] == 200:
-            break
-    else:
-        pytest.fail("the budget was not given back")
+        server.shutdown()
+        server.server_close()
 
 
 def test_without_the_web_extra_the_cli_says_what_to_install():

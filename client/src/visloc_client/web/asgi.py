@@ -182,7 +182,9 @@ def build(app: WebApp, executor: Executor) -> ASGIApp:
         Route("/api/locate", h.locate, methods=["POST"]),
     ]
     inner = Starlette(routes=routes, exception_handlers={HTTPException: http_error, Exception: crash})
-    return Guard(inner, app.config.allowed_hosts)
+    guard = Guard(inner, app.config.allowed_hosts)
+    guard.budget = h.budget  # for a look at what uploads hold
+    return guard
 
 
 def _internal_error() -> dict[str, str]:
@@ -197,6 +199,7 @@ class Guard:
     def __init__(self, inner: ASGIApp, allowed_hosts: tuple[str, ...]) -> None:
         self.inner = inner
         self.allowed_hosts = allowed_hosts
+        self.budget: Budget | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":

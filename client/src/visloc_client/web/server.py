@@ -142,9 +142,10 @@ class WebServer:
         self.executor = ThreadPoolExecutor(config.max_concurrent + 2, thread_name_prefix="visloc-web-call")
         headers = security_headers(app.csp)
         protocol = type("WebH11Protocol", (LimitedH11Protocol,), {"web_config": config, "web_headers": headers})
+        self.asgi = build(app, self.executor)
         self.uvicorn = uvicorn.Server(
             uvicorn.Config(
-                build(app, self.executor),
+                self.asgi,
                 http=protocol,
                 ws="none",
                 lifespan="off",
