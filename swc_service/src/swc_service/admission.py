@@ -392,9 +392,9 @@ class AdmissionController:
             waiter = state.queue.pop() if lifo else state.queue.popleft()
             self._dequeued(waiter, now)
             reason = self._stale(waiter.slot, now)
-            if reason is None and waiter.slot.deadline is not None and self._service_s is not None:
-                if now + self._service_s > waiter.slot.deadline:
-                    reason = DEADLINE_UNMEETABLE
+            deadline, service_s = waiter.slot.deadline, self._service_s
+            if reason is None and deadline is not None and service_s is not None and now + service_s > deadline:
+                reason = DEADLINE_UNMEETABLE  # it would finish too late: refuse now, while it can retry
             if reason is not None:
                 self._fail(waiter, reason, now)
                 continue
