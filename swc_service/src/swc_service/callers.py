@@ -51,9 +51,7 @@ def parse_callers(text: str, source: str = "<callers>") -> dict[str, str]:
         if not name:
             raise CallerFileError(f"{where}: empty caller name")
         if not _NAME.fullmatch(name):
-            raise CallerFileError(
-                f"{where}: caller name {name!r} must be 1-63 of A-Za-z0-9_.- (alnum first)"
-            )
+            raise CallerFileError(f"{where}: caller name {name!r} must be 1-63 of A-Za-z0-9_.- (alnum first)")
         if name in RESERVED:
             raise CallerFileError(f"{where}: caller name {name!r} is reserved")
         if not token:
