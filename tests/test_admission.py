@@ -483,3 +483,53 @@ def test_controller_limit_follows_latency_on_the_fake_clock():
         assert ("limit", ac.limit) in rec.events
 
     run(go())
+
+
+def test_prometheus_observer_counts_shed_waits_in_flight_and_limit():
+    from prometheus_client import REGISTRY
+
+    from swc_service.metrics import AdmissionMetrics
+
+    def val(name: str, **labels) -> float:
+        return REGISTRY.get_sample_value(name, labels) or 0.0
+
+    async def go():
+        clock = Clock()
+        before_shed = val("visloc_admission_shed_total", reason=QUEUE_FULL, caller="obs-b")
+        before_waits = val("visloc_admission_queue_wait_seconds_count", caller="obs-a")
+        ac = AdmissionController(fixed(1, max_queue=1), clock=clock, observer=AdmissionMetrics())
+        assert val("visloc_admission_limit") == 1
+        held = await ac.acquire("obs-a")
+        assert val("visloc_admission_in_flight", caller="obs-a") == 1
+        t = asyncio.create_task(ac.acquire("obs-a"))
+        await steps()
+        with pytest.raises(Overloaded):
+            await ac.acquire("obs-b")
+        assert val("visloc_admission_shed_total", reason=QUEUE_FULL, caller="obs-b") == before_shed + 1
+        ac.release(held)
+        await steps()
+        ac.release(t.result())
+        assert val("visloc_admission_queue_wait_seconds_count", caller="obs-a") == before_waits + 1
+        assert val("visloc_admission_in_flight", caller="obs-a") == 0
+
+    run(go())
+
+
+def test_a_queued_call_that_can_no_longer_finish_in_time_is_refused_when_dispatched():
+    async def go():
+        clock = Clock()
+        ac = AdmissionController(fixed(1, codel_target_s=None), clock=clock)
+        s = await ac.acquire("a")
+        clock.t += 1.0  # service time 1 s
+        ac.release(s)
+        held = await ac.acquire("a")
+        t = asyncio.create_task(ac.acquire("a", clock.t + 2.5))  # meetable on arrival (wait 1 + 1)
+        await steps()
+        assert not t.done()
+        clock.t += 1.8  # only 0.7 s left when the slot frees: less than one service time
+        ac.release(held)
+        await steps()
+        assert isinstance(t.exception(), Overloaded) and t.exception().reason == DEADLINE_UNMEETABLE
+        assert ac.stats().in_flight == 0
+
+    run(go())
