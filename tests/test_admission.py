@@ -533,3 +533,26 @@ def test_a_queued_call_that_can_no_longer_finish_in_time_is_refused_when_dispatc
         assert ac.stats().in_flight == 0
 
     run(go())
+
+
+def test_standing_queue_still_refuses_what_it_cannot_serve_in_time_at_once():
+    async def go():
+        clock = Clock()
+        ac = AdmissionController(fixed(1, codel_target_s=None), clock=clock)
+        s = await ac.acquire("a")
+        clock.t += 0.5
+        ac.release(s)
+        held = await ac.acquire("a")
+        queued = [asyncio.create_task(ac.acquire("a", clock.t + 100)) for _ in range(4)]
+        await steps()
+        clock.t += 1  # standing: LIFO, but admission still counts the 4 calls queued ahead
+        assert ac.stats().standing
+        with pytest.raises(Overloaded) as ei:
+            await ac.acquire("a", clock.t + 2.0)  # (4 + 1) x 0.5 s + 0.5 s > 2 s
+        assert ei.value.reason == DEADLINE_UNMEETABLE
+        for t in queued:
+            t.cancel()
+        await steps()
+        ac.release(held)
+
+    run(go())

@@ -64,7 +64,7 @@ class AdmissionConfig:
     caller_max_in_flight: int | None = None  # per caller; None: no cap beyond the limit
     caller_max_queued: int | None = None  # per caller; None: max_queue
     codel_interval_s: float = 0.1  # a queue non-empty this long is "standing": LIFO + codel_target_s
-    codel_target_s: float | None = 1.0  # under a standing queue, max wait before refusal; None: off
+    codel_target_s: float | None = 0.5  # under a standing queue, max wait before refusal; None: off
     service_alpha: float = 0.2  # EWMA weight of a new service-time sample
     timers: bool = True  # expire queued calls by loop timers (tests call sweep() instead)
 
@@ -315,13 +315,15 @@ class AdmissionController:
 
     def _wait_estimate(self, state: _Caller) -> float | None:
         """Queue ahead x service time / limit: with ``limit`` calls in flight one slot frees every
-        service_s / limit seconds (Little's law). Under LIFO a new call goes first in its caller's
-        queue; round-robin serves at most (own position + 1) of every other caller's first."""
+        service_s / limit seconds (Little's law). Round-robin serves at most (own position + 1) of
+        every other caller's calls first. The position is the FIFO one even while the queue is
+        LIFO: admitting only what the queue can serve in time keeps it short, so the excess is
+        refused at once (cheap for the caller) rather than pushed out of the queue later."""
         if self._service_s is None:
             return None
         if self._queued == 0 and self._in_flight < self._limit:
             return 0.0
-        own = 0 if self._standing(self._clock()) else len(state.queue)
+        own = len(state.queue)
         ahead = own + sum(min(len(s.queue), own + 1) for s in self._callers.values() if s is not state)
         return (ahead + 1) * self._service_s / self._limit
 
