@@ -138,6 +138,23 @@ def overload_phase(target: str, images: list[bytes], groups: list[Group], args) 
     return row
 
 
+def warm_up(target: str, image: bytes, metadata, budget_s: float = 180.0) -> int:
+    """Call until one Locate succeeds (Triton's first inferences are slow on a busy machine)."""
+    stop_at = time.monotonic() + budget_s
+    with grpc.insecure_channel(target) as channel:
+        stub = pb_grpc.LocatorStub(channel)
+        tries = 0
+        while True:
+            tries += 1
+            try:
+                stub.Locate(pb.LocateRequest(image=image), timeout=60, metadata=metadata)
+                return tries
+            except grpc.RpcError as exc:
+                if time.monotonic() > stop_at:
+                    raise RuntimeError(f"the service answered no Locate call within {budget_s:.0f} s") from exc
+                log(f"   warm-up call {tries}: {exc.code().name}, again")
+
+
 def service_takes_callers() -> bool:
     """Whether this swc-service has the ``--callers-file`` option (issue 17's named callers)."""
     out = subprocess.run([sys.executable, "-m", "swc_service.server", "--help"], capture_output=True, text=True)
@@ -189,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     results: dict = {
         "when": time.strftime("%Y-%m-%d %H:%M:%S"), "cpus": os.cpu_count(), "bundle": str(bundle),
         "deadline_s": args.deadline, "seconds": args.seconds, "backoff_s": list(BACKOFF_S),
-        "named_callers": named, "phases": {},
+        "named_callers": named, "loadavg_before": os.getloadavg()[0], "phases": {},
     }  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp, LocalTriton(bundle, threads=args.threads) as triton:
         extra: list[str] = []
@@ -203,6 +220,7 @@ def main(argv: list[str] | None = None) -> int:
         svc = Service(bundle, triton.grpc_url, *extra)
         try:
             metadata = (("authorization", f"Bearer {tokens['A']}"),) if tokens["A"] else None
+            warm_up(svc.target, images[0], metadata)
             log(f"capacity: {BASE_CLIENTS} clients, no deadline, {args.capacity_seconds:.0f} s")
             cap = asyncio.run(locate_unary(svc.target, images, BASE_CLIENTS, args.capacity_seconds, metadata))
             results["capacity"] = cap.as_dict()
@@ -216,6 +234,7 @@ def main(argv: list[str] | None = None) -> int:
                 results["two_callers"] = overload_phase(svc.target, images, groups, args)
         finally:
             svc.stop()
+    results["loadavg_after"] = os.getloadavg()[0]
     if "12x" in results["phases"]:
         results["targets"] = verdicts(results)
         for name, ok in results["targets"].items():

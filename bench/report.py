@@ -238,7 +238,9 @@ def overload_section(o: dict) -> list[str]:
         f'{o["backoff_s"][1] * 1e3:.0f} ms and calls again. "after": 4 clients once the load stopped (after '
         "one deadline of quiet).",
         "",
-        f"Capacity (4 clients, no deadline): **{cap:.2f} images/s**.",
+        f"Capacity (4 clients, no deadline): **{cap:.2f} images/s**. Load average (1 min) before/after the "
+        f"run: {o.get('loadavg_before', float('nan')):.1f} / {o.get('loadavg_after', float('nan')):.1f} "
+        "(other work on the machine moves every figure).",
         "",
         "| offered | clients | calls | goodput img/s | / capacity | OK p99 s | refused p50 s | codes | after: OK |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
