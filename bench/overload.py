@@ -53,6 +53,7 @@ class Call:
     start: float
     seconds: float
     code: str
+    detail: str = ""
 
 
 @dataclass(frozen=True)
@@ -72,10 +73,10 @@ async def _client(stub, images: list[bytes], group: Group, deadline_s: float, st
         t = time.perf_counter()
         try:
             await stub.Locate(pb.LocateRequest(image=images[i % len(images)]), timeout=deadline_s, metadata=metadata)
-            code = "OK"
+            code, detail = "OK", ""
         except grpc.aio.AioRpcError as exc:
-            code = exc.code().name
-        calls.append(Call(group.caller, t, time.perf_counter() - t, code))
+            code, detail = exc.code().name, (exc.details() or "")[:100]
+        calls.append(Call(group.caller, t, time.perf_counter() - t, code, detail))
         i += 1
         if code in REFUSED:
             await asyncio.sleep(rng.uniform(*BACKOFF_S))
@@ -104,6 +105,7 @@ async def offer(target: str, images: list[bytes], groups: list[Group], seconds: 
 
 def summarize(calls: list[Call], elapsed: float, deadline_s: float) -> dict:
     codes = Counter(c.code for c in calls)
+    details = Counter(f"{c.code}: {c.detail}" for c in calls if c.code != "OK")
     ok = np.asarray([c.seconds for c in calls if c.code == "OK"])
     refused = np.asarray([c.seconds for c in calls if c.code in REFUSED])
     pct = lambda xs, q: float(np.percentile(xs, q)) if len(xs) else None  # noqa: E731
@@ -114,6 +116,7 @@ def summarize(calls: list[Call], elapsed: float, deadline_s: float) -> dict:
         "ok_p50_s": pct(ok, 50), "ok_p99_s": pct(ok, 99),
         "refused_p50_s": pct(refused, 50), "refused_p99_s": pct(refused, 99),
         "late_ok": int((ok > deadline_s).sum()) if len(ok) else 0,
+        "top_errors": dict(details.most_common(4)),  # why calls failed, as the service said
     }  # fmt: skip
 
 
