@@ -173,7 +173,10 @@ def verdicts(r: dict) -> dict[str, bool]:
         "refused_p50 <= 0.25 x deadline": all(
             p["refused_p50_s"] is None or p["refused_p50_s"] <= 0.25 * deadline for p in r["phases"].values()
         ),
-        "ok_p99 <= deadline": all(p["ok_p99_s"] is None or p["ok_p99_s"] <= deadline for p in r["phases"].values()),
+        # No OK call at all is no evidence of fast answers: missed, not vacuously met.
+        "ok_p99 <= deadline": all(
+            p["ok_p99_s"] is not None and p["ok_p99_s"] <= deadline for p in r["phases"].values()
+        ),
         "100 % OK once the load stops": all(p["after"]["ok_share"] == 1.0 for p in r["phases"].values()),
     }
     two = r.get("two_callers")
@@ -197,6 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--skip-two-callers", action="store_true")
     p.add_argument("--out", default="bench/results/overload.json")
     p.add_argument("--no-report", action="store_true", help="do not rewrite docs/BENCHMARKS.md")
+    p.add_argument("--note", default="", help="a sentence for the report (e.g. which service version ran)")
     args = p.parse_args(argv)
 
     bundle = Path(args.bundle)
@@ -209,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     results: dict = {
         "when": time.strftime("%Y-%m-%d %H:%M:%S"), "cpus": os.cpu_count(), "bundle": str(bundle),
         "deadline_s": args.deadline, "seconds": args.seconds, "backoff_s": list(BACKOFF_S),
-        "named_callers": named, "loadavg_before": os.getloadavg()[0], "phases": {},
+        "named_callers": named, "note": args.note, "loadavg_before": os.getloadavg()[0], "phases": {},
     }  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp, LocalTriton(bundle, threads=args.threads) as triton:
         extra: list[str] = []

@@ -254,6 +254,8 @@ def overload_section(o: dict) -> list[str]:
             f"| {name} | {p['clients']} | {p['calls']} | {p['goodput_per_s']:.2f} | {p['goodput_per_s'] / cap:.2f} "
             f"| {_s(p['ok_p99_s'])} | {_s(p['refused_p50_s'])} | {codes} | {_s(p['after']['ok_share'], 100, '.1f')} % |"
         )
+    if o.get("note"):
+        lines += ["", o["note"]]
     two = o.get("two_callers")
     if two:
         lines += ["", "Two callers" + ("" if o["named_callers"] else " (the service took no callers file: both "
