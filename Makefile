@@ -61,6 +61,12 @@ proto: $(STAMP)
 bench: $(KERNELS)
 	$(PY) -m bench.run
 
+# Overload (issue 17): capacity, then 4x and 12x the clients with 2 s deadlines, and two callers;
+# -> bench/results/overload.json and the Overload section of docs/BENCHMARKS.md (bounded, ~4 min).
+.PHONY: overload
+overload: $(KERNELS) $(DEMO_BUNDLE)/manifest.json
+	$(PY) -m bench.overload --bundle $(DEMO_BUNDLE)
+
 # A bounded soak at saturation on loopback (SOAK_SECONDS, default 600): 0 errors, no growth.
 soak: $(KERNELS) $(DEMO_BUNDLE)/manifest.json
 	$(PY) -m bench.soak --bundle $(DEMO_BUNDLE)
