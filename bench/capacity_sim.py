@@ -256,6 +256,7 @@ class Result:
             "spike_goodput_pct": 100 * s["goodput"][spike].sum() / max(1e-9, s["offered"][spike].sum()),
             "time_to_capacity_s": enough - scenario.before_s,
             "peak_queue": int(s["queue"].max()),
+            "max_wait_s": float((s["queue"] / np.maximum(s["capacity"], 1e-9)).max()),
             "max_service_pods": int(s["service_pods"].max()),
             "max_triton_pods": int(s["triton_pods"].max()),
         }
