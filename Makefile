@@ -10,13 +10,14 @@ BUNDLE ?=
 DEMO_BUNDLE := .cache/demo-bundle
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test lint format proto bench soak clean help
+.PHONY: setup demo test lint format proto bench soak capacity clean help
 
 help:
 	@echo "make demo      local Triton + Locate service + sample images (DEMO_ONESHOT=1 to exit after)"
 	@echo "make test      ruff + pytest"
 	@echo "make demo BUNDLE=DIR   serve another bundle (e.g. imported with visloc-export upstream)"
 	@echo "make bench     benchmarks -> bench/results, docs/BENCHMARKS.md"
+	@echo "make capacity  10x spike through the prod HPAs -> bench/results/capacity.json, docs/img (docs/capacity.md)"
 
 $(STAMP): client/pyproject.toml swc_service/pyproject.toml swc_service/setup.py export/pyproject.toml requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -70,6 +71,10 @@ overload: $(KERNELS) $(DEMO_BUNDLE)/manifest.json
 # A bounded soak at saturation on loopback (SOAK_SECONDS, default 600): 0 errors, no growth.
 soak: $(KERNELS) $(DEMO_BUNDLE)/manifest.json
 	$(PY) -m bench.soak --bundle $(DEMO_BUNDLE)
+
+# The 10x spike simulation (docs/capacity.md): measured costs through the prod overlay's HPAs.
+capacity: $(STAMP)
+	$(PY) -m bench.capacity_sim --json bench/results/capacity.json
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache .ruff_cache .hypothesis
