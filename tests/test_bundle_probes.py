@@ -51,6 +51,9 @@ def test_probes_round_trip_and_are_covered_by_the_manifest(tmp_path):
     assert b.verify_checksums() == []
     assert b.probes.names == ["probe 0 (7x5)", "probe 1 (7x5)", "probe 2 (4x6)"]
     assert [(idx, batch.shape) for idx, batch in b.probes.batches()] == [([0, 1], (2, 5, 7, 3)), ([2], (1, 6, 4, 3))]
+    assert [idx for idx, _ in b.probes.batches(max_batch=1)] == [[0], [1], [2]]
+    with pytest.raises(ValueError, match="max_batch"):
+        b.probes.batches(0)
     assert b.bundle_id == _write(tmp_path / "plain").bundle_id  # probes do not enter the id
 
 

@@ -88,6 +88,9 @@ def test_the_bundles_own_model_passes(bundle_a):
     assert bundle_a.model_version in result.message and "model check passed" in result.message
     json.loads(json.dumps(result.as_dict(), allow_nan=False))
     assert check(ort_infer(bundle_a.model_path), bundle_a, "fp16").ok
+    calls.clear()
+    assert check(ort_infer(bundle_a.model_path, calls), bundle_a, max_batch=1).ok  # a backend without batching
+    assert calls == [(1, 300, 400, 3), (1, 300, 400, 3), (1, 451, 300, 3), (1, 300, 300, 3)]
 
 
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])

@@ -43,11 +43,8 @@ def run_model(model_path: str | os.PathLike[str], images: list[np.ndarray]) -> t
     sess = onnx_session(model_path)
     probs: list[np.ndarray | None] = [None] * len(images)
     embs: list[np.ndarray | None] = [None] * len(images)
-    groups: dict[tuple[int, ...], list[int]] = {}
-    for i, image in enumerate(images):
-        groups.setdefault(image.shape, []).append(i)
-    for idx in groups.values():
-        p, e = sess.run([B.OUTPUT_PROBS, B.OUTPUT_EMBEDDING], {B.INPUT_NAME: np.stack([images[i] for i in idx])})
+    for idx, batch in B.batches_by_shape(images):
+        p, e = sess.run([B.OUTPUT_PROBS, B.OUTPUT_EMBEDDING], {B.INPUT_NAME: batch})
         for row, i in enumerate(idx):
             probs[i], embs[i] = p[row], e[row]
     return np.stack(probs).astype(np.float32, copy=False), np.stack(embs).astype(np.float32, copy=False)

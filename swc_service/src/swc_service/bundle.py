@@ -92,12 +92,27 @@ class Probes:
         """Labels for reports: ``probe i (WxH)``."""
         return [f"probe {i} ({a.shape[1]}x{a.shape[0]})" for i, a in enumerate(self.images)]
 
-    def batches(self) -> list[tuple[list[int], np.ndarray]]:
-        """The probes grouped by shape (first appearance first): (indices, uint8 [B, H, W, 3])."""
-        groups: dict[tuple[int, ...], list[int]] = {}
-        for i, image in enumerate(self.images):
-            groups.setdefault(image.shape, []).append(i)
-        return [(idx, np.stack([self.images[i] for i in idx])) for idx in groups.values()]
+    def batches(self, max_batch: int | None = None) -> list[tuple[list[int], np.ndarray]]:
+        """The probes as the model is called on them: see :func:`batches_by_shape`."""
+        return batches_by_shape(self.images, max_batch)
+
+
+def batches_by_shape(images, max_batch: int | None = None) -> list[tuple[list[int], np.ndarray]]:
+    """Images grouped by shape, first appearance first, at most ``max_batch`` per batch:
+    (indices, uint8 [B, H, W, 3]). The exporter records probe outputs batched this way and the
+    service's check sends them this way."""
+    if max_batch is not None and max_batch < 1:
+        raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, image in enumerate(images):
+        groups.setdefault(image.shape, []).append(i)
+    out = []
+    for idx in groups.values():
+        step = max_batch or len(idx)
+        for a in range(0, len(idx), step):
+            part = idx[a : a + step]
+            out.append((part, np.stack([images[i] for i in part])))
+    return out
 
 
 @dataclass(frozen=True)

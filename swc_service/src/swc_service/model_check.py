@@ -81,12 +81,14 @@ async def check_model(
     timeout_s: float = 30.0,
     backend_version: str | None = None,
     allow_without_probes: bool = False,
+    max_batch: int | None = None,
 ) -> ModelCheck:
     """Send the bundle's probes through ``infer`` and compare with the recorded outputs.
 
     ``backend_version`` is what the backend says it serves (e.g. Triton's model name and
     version), named in the messages next to the bundle's model version. Failures of the
     backend itself (unreachable, timeout) give ``result="error"``: not a verdict on the model.
+    Probes of one shape go in one call, at most ``max_batch`` (the backend's max batch size).
     """
     tolerances(precision)  # an unknown precision is the caller's error: raise before any call
     version = bundle.model_version
@@ -101,7 +103,7 @@ async def check_model(
 
     got_probs: list[np.ndarray | None] = [None] * len(probes.images)
     got_emb: list[np.ndarray | None] = [None] * len(probes.images)
-    for idx, batch in probes.batches():
+    for idx, batch in probes.batches(max_batch):
         try:
             probs, emb = await infer(batch, timeout_s)
         except (LocateFailure, asyncio.TimeoutError) as exc:
