@@ -92,7 +92,7 @@ async def check_model(
     """
     tolerances(precision)  # an unknown precision is the caller's error: raise before any call
     version = bundle.model_version
-    backend = backend_version or "the backend's model (version not reported)"
+    backend = f"the backend's model {backend_version or '(version not reported)'}"
 
     def verdict(result: str, ok: bool, message: str, report: ParityReport | None = None) -> ModelCheck:
         return ModelCheck(result, ok, message, version, backend_version, precision, report)
