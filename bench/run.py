@@ -122,13 +122,13 @@ def raw_triton(triton, concurrency: int, seconds: float):
     return go()
 
 
-def locate_unary(target: str, images: list[bytes], concurrency: int, seconds: float):
+def locate_unary(target: str, images: list[bytes], concurrency: int, seconds: float, metadata=None):
     async def go():
         async with grpc.aio.insecure_channel(target) as ch:
             stub = pb_grpc.LocatorStub(ch)
 
             async def call(i: int):
-                await stub.Locate(pb.LocateRequest(image=images[i % len(images)]), timeout=120)
+                await stub.Locate(pb.LocateRequest(image=images[i % len(images)]), timeout=120, metadata=metadata)
 
             return await run_load(call, concurrency, seconds, warmup_calls=2)
 

@@ -147,6 +147,7 @@ def _import(files, out, **kw):
 def test_upstream_round_trip_every_number(upstream_files, tmp_path):
     b = _import(upstream_files, tmp_path / "bundle", features_dtype="float32")
     assert b.source == "upstream" and b.manifest["parity"]["ok"]
+    assert b.probes is not None and b.probes.cell_probs.shape == (4, M)  # the import records probes too
     np.testing.assert_array_equal(b.centres, upstream_files["mus"].T)
     assert b.centres.dtype == np.float64
     feats, labels, assignments = (

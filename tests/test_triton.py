@@ -123,6 +123,11 @@ def test_served_config_is_the_production_contract(demo_bundle: Path, triton: Loc
     assert db.max_queue_delay_microseconds == prod.dynamic_batching.max_queue_delay_microseconds
     # Triton fills an absent preferred_batch_size with max_batch_size: the same batcher.
     assert list(db.preferred_batch_size) in ([], [prod.max_batch_size])
+    # Overload (issue 17): Triton drops expired work; the service may set each request's timeout.
+    qp = prod.dynamic_batching.default_queue_policy
+    assert qp.timeout_action == qp.REJECT and qp.allow_timeout_override
+    assert qp.max_queue_size > 0 and qp.default_timeout_microseconds > 0
+    assert db.default_queue_policy == qp  # loaded by Triton as written
 
 
 # --------------------------------------------------------------------------- serving

@@ -20,6 +20,7 @@ from visloc_export import samples
 from . import __version__, demo
 from .model import VislocNet, load_upstream
 from .onnx_export import export_onnx
+from .probes import record_probes
 
 TOOL = f"visloc-export {__version__}"
 VERIFY_SHAPES = ((300, 300), (400, 300), (300, 400), (533, 300))  # (width, height)
@@ -131,6 +132,7 @@ def build_demo(
         parity = check_parity(net, w.path(B.MODEL), parity_batches())
         if not parity.ok:
             raise RuntimeError(f"ONNX parity check failed: {parity.as_dict()}")
+        record_probes(w, centres)
         print(f"demo: background N={background} over M={cells} cells", file=sys.stderr)
         offsets, labels, row_ids = demo.background(centres, background, rng)
         feats = w.open_array(B.FEATURES, np.dtype(features_dtype), (background, B.EMBEDDING_DIM))
@@ -230,6 +232,7 @@ def import_upstream(
             parity = check_parity(net, w.path(B.MODEL), parity_batches())
             if not parity.ok:
                 raise RuntimeError(f"ONNX parity check failed: {parity.as_dict()}")
+            record_probes(w, centres)
             feats = w.open_array(B.FEATURES, np.dtype(features_dtype), (n, B.EMBEDDING_DIM))
             labels = np.empty((n, 2), dtype=np.float64)
             with _progress(total=n, unit="rows", desc="background") as bar:

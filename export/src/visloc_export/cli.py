@@ -63,6 +63,22 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+def _cmd_add_probes(args: argparse.Namespace) -> int:
+    from .probes import add_to_bundle
+
+    before = load_bundle(args.bundle)
+    if before.probes is not None:
+        print(f"{before.path} already has probes (recorded by {before.probes.info.get('tool', '?')}); nothing to do")
+        return 0
+    b = add_to_bundle(args.bundle)
+    shapes = ", ".join(f"{a.shape[1]}x{a.shape[0]}" for a in b.probes.images)
+    print(
+        f"added {len(b.probes.images)} probes ({shapes}) to {b.path}: outputs of its model {b.model_version}; "
+        f"bundle {b.bundle_id} unchanged otherwise"
+    )
+    return 0
+
+
 def _cmd_place(args: argparse.Namespace) -> int:
     from swc_service.triton_config import place_model
 
@@ -108,6 +124,13 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--images", nargs="*", help="image files (default: generated images of 4 shapes)")
     v.add_argument("--checksums", action="store_true", help="also check every file's sha256")
     v.set_defaults(func=_cmd_verify)
+
+    a = sub.add_parser(
+        "add-probes",
+        help="record probe images and the outputs of the bundle's own model.onnx (bundles written before probes)",
+    )
+    a.add_argument("bundle")
+    a.set_defaults(func=_cmd_add_probes)
 
     m = sub.add_parser("place", help="put a bundle's model.onnx into a Triton model repository")
     m.add_argument("--bundle", required=True)

@@ -38,6 +38,17 @@ class DeadlineExceeded(LocateFailure, code=_S.DEADLINE_EXCEEDED):
     """The caller's deadline (or Triton's timeout) passed first."""
 
 
+class Overloaded(LocateFailure):
+    """The service refused the call to protect the calls it serves (admission control): the
+    caller should back off and retry later. ``reason`` says which limit refused it."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+    def __init__(self, message: str, reason: str = "overloaded") -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
 class InferenceFailed(LocateFailure):
     """Triton answered with an error that is not the caller's fault (INTERNAL)."""
 
