@@ -105,9 +105,9 @@ def check_parity(net: VislocNet, onnx_path: str | os.PathLike[str], batches: lis
 # --------------------------------------------------------------------------- demo
 
 
-def _commit(w: B.BundleWriter, centres, offsets, labels, row_ids, *, source: str, extra: dict) -> B.Bundle:
-    """Save the small arrays next to the filled features and commit the bundle."""
-    for rel, array in ((B.CELLS, centres), (B.OFFSETS, offsets), (B.LABELS, labels), (B.ROW_IDS, row_ids)):
+def _commit(w: B.BundleWriter, arrays: tuple, *, source: str, extra: dict) -> B.Bundle:
+    """Save the other arrays (cells, offsets, labels, row ids) next to the filled features and commit."""
+    for rel, array in zip((B.CELLS, B.OFFSETS, B.LABELS, B.ROW_IDS), arrays):
         w.save(rel, array)
     return w.commit(source=source, tool=TOOL, extra=extra)
 
@@ -139,19 +139,12 @@ def build_demo(
         demo.fill_features(feats, rng)
         feats.flush()
         del feats
-        return _commit(
-            w,
-            centres,
-            offsets,
-            labels,
-            row_ids,
-            source="demo",
-            extra={
-                "warning": "DEMO BUNDLE: random weights, synthetic background. Not a geolocation model.",
-                "demo": record | {"cells": cells, "background": background},
-                "parity": parity.as_dict(),
-            },
-        )
+        extra = {
+            "warning": "DEMO BUNDLE: random weights, synthetic background. Not a geolocation model.",
+            "demo": record | {"cells": cells, "background": background},
+            "parity": parity.as_dict(),
+        }
+        return _commit(w, (centres, offsets, labels, row_ids), source="demo", extra=extra)
 
 
 def demo_net_for(bundle: B.Bundle) -> VislocNet:
@@ -246,10 +239,7 @@ def import_upstream(
             del feats
             return _commit(
                 w,
-                centres,
-                offsets,
-                labels,
-                order,
+                (centres, offsets, labels, order),
                 source="upstream",
                 extra={
                     "upstream": {
