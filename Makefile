@@ -19,12 +19,12 @@ help:
 	@echo "make bench     benchmarks -> bench/results, docs/BENCHMARKS.md"
 	@echo "make capacity  10x spike through the prod HPAs -> bench/results/capacity.json, docs/img (docs/capacity.md)"
 
-$(STAMP): client/pyproject.toml swc_service/pyproject.toml swc_service/setup.py export/pyproject.toml requirements-dev.txt
+$(STAMP): pyproject.toml client/pyproject.toml swc_service/pyproject.toml swc_service/setup.py export/pyproject.toml requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# torch first and pinned: the CPU build on this machine's disk, never the CUDA one.
 	$(PY) -m pip install -q "torch==2.13.0"
-	$(PY) -m pip install -q -e "./client[plot,web]" -e "./swc_service[triton]" -e ./export -r requirements-dev.txt
+	$(PY) -m pip install -q -e "./client[plot,web]" -e "./swc_service[triton]" -e ./export -e . -r requirements-dev.txt
 	touch $(STAMP)
 	touch $(KERNELS)
 
@@ -40,7 +40,7 @@ $(DEMO_BUNDLE)/manifest.json: | $(KERNELS)
 	$(VENV)/bin/visloc-export demo --out $(DEMO_BUNDLE)
 
 demo: $(KERNELS) $(if $(BUNDLE),,$(DEMO_BUNDLE)/manifest.json)
-	$(PY) -m swc_service.demo --bundle $(if $(BUNDLE),$(BUNDLE),$(DEMO_BUNDLE))
+	$(PY) -m devtools.demo --bundle $(if $(BUNDLE),$(BUNDLE),$(DEMO_BUNDLE))
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -38,9 +38,9 @@ import grpc
 import numpy as np
 
 from bench.run import SHAPE, Service, locate_unary, log
-from swc_service import samples
 from visloc_client.v1 import locator_pb2 as pb
 from visloc_client.v1 import locator_pb2_grpc as pb_grpc
+from visloc_export import samples
 
 BASE_CLIENTS = 4
 REFUSED = ("RESOURCE_EXHAUSTED", "UNAVAILABLE")  # what a client backs off from and calls again
@@ -187,7 +187,7 @@ def verdicts(r: dict) -> dict[str, bool]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from swc_service.triton_local import LocalTriton
+    from devtools.triton_local import LocalTriton
 
     p = argparse.ArgumentParser(prog="python -m bench.overload", description=__doc__.split("\n\n")[0])
     p.add_argument("--bundle", default=".cache/demo-bundle")

@@ -708,7 +708,7 @@ def test_liveness_probe_fails_for_a_hung_worker_only(demo_bundle):
 
 
 def _tritonserver():
-    from swc_service import triton_local
+    from devtools import triton_local
 
     try:
         exe = triton_local._wheel_dir() / "tritonserver" / "bin" / "tritonserver"

@@ -25,11 +25,11 @@ from conftest import free_port
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
+from devtools.triton_local import LocalTriton
 from swc_service import bundle as B
-from swc_service.triton_local import (
+from swc_service.triton_config import (
     MODEL_NAME,
     PRODUCTION_CONFIG,
-    LocalTriton,
     TritonError,
     load_production_config,
     production_config,
@@ -200,7 +200,7 @@ def _live_procs(text: str) -> dict[int, str]:
 
 def _launcher() -> list[str]:
     script = Path(sys.executable).with_name("visloc-triton")
-    return [str(script)] if script.exists() else [sys.executable, "-m", "swc_service.triton_local"]
+    return [str(script)] if script.exists() else [sys.executable, "-m", "devtools.triton_local"]
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])

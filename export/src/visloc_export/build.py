@@ -13,9 +13,9 @@ import torch
 from tqdm import tqdm
 
 from swc_service import bundle as B
-from swc_service import samples
 from swc_service.preprocessing import prepare_image, preprocess
 from visloc_client import safe_pickle
+from visloc_export import samples
 
 from . import __version__, demo
 from .model import VislocNet, load_upstream
@@ -105,6 +105,13 @@ def check_parity(net: VislocNet, onnx_path: str | os.PathLike[str], batches: lis
 # --------------------------------------------------------------------------- demo
 
 
+def _commit(w: B.BundleWriter, arrays: tuple, *, source: str, extra: dict) -> B.Bundle:
+    """Save the other arrays (cells, offsets, labels, row ids) next to the filled features and commit."""
+    for rel, array in zip((B.CELLS, B.OFFSETS, B.LABELS, B.ROW_IDS), arrays):
+        w.save(rel, array)
+    return w.commit(source=source, tool=TOOL, extra=extra)
+
+
 def build_demo(
     out: str | os.PathLike[str],
     *,
@@ -132,19 +139,12 @@ def build_demo(
         demo.fill_features(feats, rng)
         feats.flush()
         del feats
-        w.save(B.CELLS, centres)
-        w.save(B.OFFSETS, offsets)
-        w.save(B.LABELS, labels)
-        w.save(B.ROW_IDS, row_ids)
-        return w.commit(
-            source="demo",
-            tool=TOOL,
-            extra={
-                "warning": "DEMO BUNDLE: random weights, synthetic background. Not a geolocation model.",
-                "demo": record | {"cells": cells, "background": background},
-                "parity": parity.as_dict(),
-            },
-        )
+        extra = {
+            "warning": "DEMO BUNDLE: random weights, synthetic background. Not a geolocation model.",
+            "demo": record | {"cells": cells, "background": background},
+            "parity": parity.as_dict(),
+        }
+        return _commit(w, (centres, offsets, labels, row_ids), source="demo", extra=extra)
 
 
 def demo_net_for(bundle: B.Bundle) -> VislocNet:
@@ -237,13 +237,10 @@ def import_upstream(
                     bar.update(b - a)
             feats.flush()
             del feats
-            w.save(B.CELLS, centres)
-            w.save(B.OFFSETS, offsets)
-            w.save(B.LABELS, labels)
-            w.save(B.ROW_IDS, order)
-            return w.commit(
+            return _commit(
+                w,
+                (centres, offsets, labels, order),
                 source="upstream",
-                tool=TOOL,
                 extra={
                     "upstream": {
                         k: os.path.basename(v)

@@ -10,36 +10,27 @@ from pathlib import Path
 from swc_service.bundle import BundleError, load_bundle
 
 
+def _options(args: argparse.Namespace, *names: str) -> dict:
+    return {name: getattr(args, name) for name in names}
+
+
+def _written(kind: str, b) -> int:
+    print(f"{kind} bundle {b.bundle_id} written to {b.path} (M={b.num_cells}, N={b.num_background})")
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .build import build_demo
 
-    b = build_demo(
-        args.out,
-        cells=args.cells,
-        background=args.background,
-        seed=args.seed,
-        features_dtype=args.features_dtype,
-        overwrite=args.overwrite,
-    )
-    print(f"demo bundle {b.bundle_id} written to {b.path} (M={b.num_cells}, N={b.num_background})")
-    return 0
+    names = ("cells", "background", "seed", "features_dtype", "overwrite")
+    return _written("demo", build_demo(args.out, **_options(args, *names)))
 
 
 def _cmd_upstream(args: argparse.Namespace) -> int:
     from .build import import_upstream
 
-    b = import_upstream(
-        args.out,
-        backbone=args.backbone,
-        mvmf=args.mvmf,
-        rrm=args.rrm,
-        background=args.background,
-        assignments=args.assignments,
-        features_dtype=args.features_dtype,
-        overwrite=args.overwrite,
-    )
-    print(f"upstream bundle {b.bundle_id} written to {b.path} (M={b.num_cells}, N={b.num_background})")
-    return 0
+    names = ("backbone", "mvmf", "rrm", "background", "assignments", "features_dtype", "overwrite")
+    return _written("upstream", import_upstream(args.out, **_options(args, *names)))
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
@@ -89,7 +80,7 @@ def _cmd_add_probes(args: argparse.Namespace) -> int:
 
 
 def _cmd_place(args: argparse.Namespace) -> int:
-    from swc_service.triton_local import place_model
+    from swc_service.triton_config import place_model
 
     dest = place_model(args.bundle, args.repository)
     print(f"placed {dest} (config sized for the bundle's cells)")

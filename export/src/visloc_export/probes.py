@@ -13,9 +13,9 @@ import numpy as np
 import onnxruntime as ort
 
 from swc_service import bundle as B
-from swc_service import samples
 from swc_service.method import DEFAULT_SCALES_KM, DensityIndex, top_cell
 from swc_service.preprocessing import prepare_image
+from visloc_export import samples
 
 from . import __version__
 
@@ -70,7 +70,9 @@ def compute(
     info = {
         "tool": f"visloc-export {__version__}",
         "runtime": f"onnxruntime {ort.__version__} CPUExecutionProvider",
-        "sources": [{"generator": "swc_service.samples.photo", "seed": s, "size": list(wh)} for s, wh in PROBE_SOURCES],
+        "sources": [
+            {"generator": "visloc_export.samples.photo", "seed": s, "size": list(wh)} for s, wh in PROBE_SOURCES
+        ],
         **describe(centres, probs),
     }
     return images, probs, emb, info

@@ -83,3 +83,11 @@ class AdmissionMetrics:
 
     def limit(self, value: int) -> None:
         ADMISSION_LIMIT.set(value)
+
+
+def observe_located(pixels: int, stages: dict[str, float], method: str, localizable: bool) -> None:
+    """One located image: its size, the seconds of each stage and what was predicted."""
+    IMAGE_PIXELS.observe(pixels)
+    for stage, seconds in stages.items():
+        STAGE_SECONDS.labels(stage).observe(seconds)
+    PREDICTIONS.labels(method, str(localizable).lower()).inc()
