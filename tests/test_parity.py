@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from swc_service import bundle as B
-from swc_service import samples
 from swc_service.bundle import load_bundle
 from swc_service.method import DensityIndex
 from swc_service.preprocessing import preprocess
+from visloc_export import samples
 from visloc_export.build import demo_net_for, parity_batches
 from visloc_export.model import Normalize
 from visloc_export.onnx_export import export_onnx

@@ -11,14 +11,16 @@ import numpy as np
 from tqdm import tqdm
 
 from swc_service import bundle as B
-from swc_service import samples
 from swc_service.preprocessing import prepare_image, preprocess
 from visloc_client import safe_pickle
+from visloc_export import samples
 
 from . import __version__, demo
 from .model import VislocNet, load_upstream
 from .onnx_export import export_onnx
 from .parity import check_parity
+from .parity import onnx_session as onnx_session  # re-exported: probes and tests open sessions here
+from .probes import record_probes
 
 TOOL = f"visloc-export {__version__}"
 DEMO_WARNING = "DEMO BUNDLE: random weights, synthetic background. Not a geolocation model."
@@ -73,6 +75,13 @@ def gate(w: B.BundleWriter, net: VislocNet, *, accept_failure: bool = False) -> 
 # --------------------------------------------------------------------------- demo
 
 
+def _commit(w: B.BundleWriter, arrays: tuple, *, source: str, extra: dict) -> B.Bundle:
+    """Save the other arrays (cells, offsets, labels, row ids) next to the filled features and commit."""
+    for rel, array in zip((B.CELLS, B.OFFSETS, B.LABELS, B.ROW_IDS), arrays):
+        w.save(rel, array)
+    return w.commit(source=source, tool=TOOL, extra=extra)
+
+
 def build_demo(
     out: str | os.PathLike[str],
     *,
@@ -92,25 +101,18 @@ def build_demo(
         print("demo: exporting ONNX", file=sys.stderr)
         export_onnx(net, w.path(B.MODEL))
         parity = gate(w, net, accept_failure=accept_parity_failure)
+        record_probes(w, centres)
         print(f"demo: background N={background} over M={cells} cells", file=sys.stderr)
         offsets, labels, row_ids = demo.background(centres, background, rng)
         feats = w.open_array(B.FEATURES, np.dtype(features_dtype), (background, B.EMBEDDING_DIM))
         demo.fill_features(feats, rng)
         feats.flush()
         del feats
-        w.save(B.CELLS, centres)
-        w.save(B.OFFSETS, offsets)
-        w.save(B.LABELS, labels)
-        w.save(B.ROW_IDS, row_ids)
-        return w.commit(
-            source="demo",
-            tool=TOOL,
-            extra=parity
-            | {
-                "warning": " ".join([DEMO_WARNING, parity["warning"]] if "warning" in parity else [DEMO_WARNING]),
-                "demo": record | {"cells": cells, "background": background},
-            },
-        )
+        extra = parity | {
+            "warning": " ".join([DEMO_WARNING, parity["warning"]] if "warning" in parity else [DEMO_WARNING]),
+            "demo": record | {"cells": cells, "background": background},
+        }
+        return _commit(w, (centres, offsets, labels, row_ids), source="demo", extra=extra)
 
 
 def demo_net_for(bundle: B.Bundle) -> VislocNet:
@@ -190,6 +192,7 @@ def import_upstream(
             print("upstream: exporting ONNX", file=sys.stderr)
             export_onnx(net, w.path(B.MODEL))
             parity = gate(w, net, accept_failure=accept_parity_failure)
+            record_probes(w, centres)
             feats = w.open_array(B.FEATURES, np.dtype(features_dtype), (n, B.EMBEDDING_DIM))
             labels = np.empty((n, 2), dtype=np.float64)
             with _progress(total=n, unit="rows", desc="background") as bar:
@@ -201,13 +204,10 @@ def import_upstream(
                     bar.update(b - a)
             feats.flush()
             del feats
-            w.save(B.CELLS, centres)
-            w.save(B.OFFSETS, offsets)
-            w.save(B.LABELS, labels)
-            w.save(B.ROW_IDS, order)
-            return w.commit(
+            return _commit(
+                w,
+                (centres, offsets, labels, order),
                 source="upstream",
-                tool=TOOL,
                 extra={
                     "upstream": {
                         k: os.path.basename(v)

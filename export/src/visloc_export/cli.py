@@ -10,38 +10,36 @@ from pathlib import Path
 from swc_service.bundle import BundleError, load_bundle
 
 
+def _options(args: argparse.Namespace, *names: str) -> dict:
+    return {name: getattr(args, name) for name in names}
+
+
+def _written(kind: str, b) -> int:
+    print(f"{kind} bundle {b.bundle_id} written to {b.path} (M={b.num_cells}, N={b.num_background})")
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .build import build_demo
 
-    b = build_demo(
-        args.out,
-        cells=args.cells,
-        background=args.background,
-        seed=args.seed,
-        features_dtype=args.features_dtype,
-        overwrite=args.overwrite,
-        accept_parity_failure=args.accept_parity_failure,
-    )
-    print(f"demo bundle {b.bundle_id} written to {b.path} (M={b.num_cells}, N={b.num_background})")
-    return 0
+    names = ("cells", "background", "seed", "features_dtype", "overwrite", "accept_parity_failure")
+    return _written("demo", build_demo(args.out, **_options(args, *names)))
 
 
 def _cmd_upstream(args: argparse.Namespace) -> int:
     from .build import import_upstream
 
-    b = import_upstream(
-        args.out,
-        backbone=args.backbone,
-        mvmf=args.mvmf,
-        rrm=args.rrm,
-        background=args.background,
-        assignments=args.assignments,
-        features_dtype=args.features_dtype,
-        overwrite=args.overwrite,
-        accept_parity_failure=args.accept_parity_failure,
+    names = (
+        "backbone",
+        "mvmf",
+        "rrm",
+        "background",
+        "assignments",
+        "features_dtype",
+        "overwrite",
+        "accept_parity_failure",
     )
-    print(f"upstream bundle {b.bundle_id} written to {b.path} (M={b.num_cells}, N={b.num_background})")
-    return 0
+    return _written("upstream", import_upstream(args.out, **_options(args, *names)))
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
@@ -83,8 +81,24 @@ def _cmd_fetch(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_add_probes(args: argparse.Namespace) -> int:
+    from .probes import add_to_bundle
+
+    before = load_bundle(args.bundle)
+    if before.probes is not None:
+        print(f"{before.path} already has probes (recorded by {before.probes.info.get('tool', '?')}); nothing to do")
+        return 0
+    b = add_to_bundle(args.bundle)
+    shapes = ", ".join(f"{a.shape[1]}x{a.shape[0]}" for a in b.probes.images)
+    print(
+        f"added {len(b.probes.images)} probes ({shapes}) to {b.path}: outputs of its model {b.model_version}; "
+        f"bundle {b.bundle_id} unchanged otherwise"
+    )
+    return 0
+
+
 def _cmd_place(args: argparse.Namespace) -> int:
-    from swc_service.triton_local import place_model
+    from swc_service.triton_config import place_model
 
     dest = place_model(args.bundle, args.repository)
     print(f"placed {dest} (config sized for the bundle's cells)")
@@ -134,6 +148,13 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--images", nargs="*", help="image files (default: generated images of 4 shapes)")
     v.add_argument("--checksums", action="store_true", help="also check every file's sha256")
     v.set_defaults(func=_cmd_verify)
+
+    a = sub.add_parser(
+        "add-probes",
+        help="record probe images and the outputs of the bundle's own model.onnx (bundles written before probes)",
+    )
+    a.add_argument("bundle")
+    a.set_defaults(func=_cmd_add_probes)
 
     f = sub.add_parser(
         "fetch",
