@@ -37,8 +37,7 @@ def test_demo_bundle_onnx_matches_pytorch(demo_bundle):
     )
     report = check_parity(demo_net_for(bundle), bundle.model_path, batches)
     assert report.ok, report.summary()
-    d = report.as_dict()
-    assert d["top5_equal"] and d["max_prob_rel_diff"] <= 1e-3 and d["max_embedding_diff"] <= 1e-4
+    assert report.top5_equal and report.max_rel_prob_diff <= 1e-3 and report.max_embedding_diff <= 1e-4
     assert bundle.manifest["parity"]["ok"] is True
 
 

@@ -54,7 +54,7 @@ def gate(w: B.BundleWriter, net: VislocNet, *, accept_failure: bool = False) -> 
     record = report.as_dict()
     w.path(B.PARITY).write_text(json.dumps(record, indent=2) + "\n")
     print(json.dumps({k: v for k, v in record.items() if k != "cases"}, indent=2), file=sys.stderr)
-    print(report.summary(), file=sys.stderr)
+    print("\n".join([report.summary(), *(f"  {f}" for f in report.failures)]), file=sys.stderr)
     if report.ok:
         return {"parity": record}
     if not accept_failure:

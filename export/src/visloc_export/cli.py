@@ -60,7 +60,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
         if bad:
             return 1
     print(json.dumps({k: v for k, v in report.as_dict().items() if k != "cases"}))
-    print(report.summary())
+    print("\n".join([report.summary(), *(f"  {f}" for f in report.failures)]))
     return 0 if report.ok else 1
 
 
