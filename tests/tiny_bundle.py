@@ -27,7 +27,7 @@ def tiny_model(num_cells: int, seed: int = 0) -> onnx.ModelProto:
     rng = np.random.default_rng(seed)
     feats = 3 * GRID * GRID
     w_emb = rng.standard_normal((feats, B.EMBEDDING_DIM)).astype(np.float32)
-    w_cell = (rng.standard_normal((feats, num_cells)) / 40).astype(np.float32)
+    w_cell = (rng.standard_normal((feats, num_cells)) / 300).astype(np.float32)  # varied confidences
     inits = [
         numpy_helper.from_array(w_emb, "w_emb"),
         numpy_helper.from_array(w_cell, "w_cell"),
