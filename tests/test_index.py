@@ -2,20 +2,19 @@
 
 from __future__ import annotations
 
-import io
 import json
 import shutil
-from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 import pytest
 from conftest import ServiceProcess, wait_serving
-from PIL import ExifTags, Image, TiffImagePlugin
+from PIL import Image
 from tiny_bundle import build_tiny_bundle
 
 from swc_service import bundle as B
+from swc_service import samples
 from swc_service.preprocessing import preprocess
 from visloc_client.exif import GPSError, gps_from_bytes
 from visloc_export import index as I
@@ -24,26 +23,9 @@ from visloc_export.cli import main as export_main
 PHOTOS = 2000
 
 
-def _rational(value: float) -> TiffImagePlugin.IFDRational:
-    f = Fraction(round(value * 10**7), 10**7)
-    return TiffImagePlugin.IFDRational(f.numerator, f.denominator)
-
-
 def jpeg(pixels: np.ndarray, latlon: tuple[float, float] | None = None) -> bytes:
     """A JPEG of ``pixels``, with ``latlon`` in its EXIF GPS block when given."""
-    exif = Image.Exif()
-    if latlon is not None:
-        lat, lon = latlon
-        zero = TiffImagePlugin.IFDRational(0, 1)
-        exif[ExifTags.IFD.GPSInfo] = {
-            1: "S" if lat < 0 else "N",
-            2: (_rational(abs(lat)), zero, zero),
-            3: "W" if lon < 0 else "E",
-            4: (_rational(abs(lon)), zero, zero),
-        }
-    buf = io.BytesIO()
-    Image.fromarray(pixels).save(buf, "JPEG", quality=90, exif=exif)
-    return buf.getvalue()
+    return samples.encode(Image.fromarray(pixels), exif=samples.gps_exif(*latlon) if latlon else Image.Exif())
 
 
 @pytest.fixture(scope="module")

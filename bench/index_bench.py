@@ -1,0 +1,151 @@
+"""Indexing throughput (``visloc-export index``) as a ratio to the raw model, same run.
+
+For in-process onnxruntime and for Triton (the embedded local one), in turn:
+
+1. raw: the model alone on the already preprocessed photos (onnxruntime ``run``; Triton through
+   the indexer's own client, same batch size and calls in flight);
+2. index: ``build_index`` over the geotagged JPEGs (read, hash, EXIF, preprocess, embed,
+   checkpoint), pass 1 only timed, then the bundle assembly separately.
+
+Results: bench/results/index.json and the "Indexing your own photos" section of
+docs/BENCHMARKS.md (``bench/report.py`` renders it; ``make bench`` keeps it).
+
+    python -m bench.index_bench [--bundle DIR] [--photos 48]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from swc_service import bundle as B
+from swc_service import samples
+from swc_service.preprocessing import preprocess
+
+
+def _photos(folder: Path, count: int) -> list[Path]:
+    rng = np.random.default_rng(0)
+    folder.mkdir(parents=True)
+    paths = []
+    for i in range(count):
+        lat, lon = rng.uniform(-60, 70), rng.uniform(-180, 180)
+        path = folder / f"photo{i:05d}.jpg"
+        path.write_bytes(samples.encode(samples.photo(10_000 + i, (400, 300)), exif=samples.gps_exif(lat, lon)))
+        paths.append(path)
+    return paths
+
+
+def _raw(embedder, arrays: list[np.ndarray], batch: int, concurrency: int) -> float:
+    """Photos per second of the model alone, fed like the indexer feeds it."""
+    embedder.run(arrays[0][None])  # warm up
+    start = time.perf_counter()
+    inflight = []
+    for a in range(0, len(arrays), batch):
+        inflight.append(embedder.submit(np.stack(arrays[a : a + batch])))
+        if len(inflight) > concurrency:
+            inflight.pop(0).result()
+    for f in inflight:
+        f.result()
+    return len(arrays) / (time.perf_counter() - start)
+
+
+def _index(bundle: Path, photos: Path, out: Path, options, triton_url: str | None) -> tuple[float, float]:
+    """(photos/s of pass 1, seconds of the assembly)."""
+    from visloc_export import index as I
+
+    timings = {}
+    real_embed, real_assemble = I.embed_photos, I.assemble
+
+    def embed(*args, **kw):
+        t = time.perf_counter()
+        real_embed(*args, **kw)
+        timings["embed"] = time.perf_counter() - t
+
+    def assemble(*args, **kw):
+        t = time.perf_counter()
+        result = real_assemble(*args, **kw)
+        timings["assemble"] = time.perf_counter() - t
+        return result
+
+    I.embed_photos, I.assemble = embed, assemble
+    try:
+        new = I.build_index(bundle, out, photos=photos, triton_url=triton_url, options=options)
+    finally:
+        I.embed_photos, I.assemble = real_embed, real_assemble
+    return new.manifest["index"]["counts"]["indexed"] / timings["embed"], timings["assemble"]
+
+
+def run(bundle: Path, count: int, work: Path) -> dict:
+    from swc_service.triton_local import LocalTriton
+    from visloc_export.index import Options
+    from visloc_export.index_embed import OnnxEmbedder, TritonEmbedder
+
+    paths = _photos(work / "photos", count)
+    arrays = [preprocess(p.read_bytes()).array for p in paths]
+    out: dict = {
+        "machine": {"cpus": __import__("os").cpu_count(), "python": platform.python_version()},
+        "when": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "photos": count,
+        "photo_size": [400, 300],
+        "bundle": {"cells": B.load_bundle(bundle).num_cells, "background": B.load_bundle(bundle).num_background},
+    }
+    ort_opts = Options(batch_size=1, concurrency=1)
+    emb = OnnxEmbedder(B.load_bundle(bundle).model_path)
+    try:
+        raw = _raw(emb, arrays, ort_opts.batch_size, ort_opts.concurrency)
+    finally:
+        emb.close()
+    rate, assemble_s = _index(bundle, work / "photos", work / "new-ort", ort_opts, None)
+    out["in_process"] = {"raw_per_s": raw, "index_per_s": rate, "ratio": rate / raw, "assemble_s": assemble_s}
+    print(f"in-process: raw {raw:.2f}/s, index {rate:.2f}/s, ratio {rate / raw:.3f}")
+
+    tri_opts = Options(batch_size=4, concurrency=4)
+    with LocalTriton(bundle, threads=0) as triton:
+        emb = TritonEmbedder(triton.grpc_url, "visloc")
+        try:
+            raw = _raw(emb, arrays, tri_opts.batch_size, tri_opts.concurrency)
+        finally:
+            emb.close()
+        rate, assemble_s = _index(bundle, work / "photos", work / "new-triton", tri_opts, triton.grpc_url)
+    out["triton"] = {
+        "raw_per_s": raw,
+        "index_per_s": rate,
+        "ratio": rate / raw,
+        "assemble_s": assemble_s,
+        "batch_size": tri_opts.batch_size,
+        "concurrency": tri_opts.concurrency,
+    }
+    print(f"triton: raw {raw:.2f}/s, index {rate:.2f}/s, ratio {rate / raw:.3f}")
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--bundle", help="base bundle (default: a demo bundle M=2000, N=20000 built here)")
+    p.add_argument("--photos", type=int, default=48)
+    p.add_argument("--results", default="bench/results/index.json")
+    p.add_argument("--doc", default="docs/BENCHMARKS.md")
+    args = p.parse_args()
+    with tempfile.TemporaryDirectory(prefix="index-bench-") as tmp:
+        work = Path(tmp)
+        bundle = Path(args.bundle) if args.bundle else None
+        if bundle is None:
+            from visloc_export.build import build_demo
+
+            bundle = build_demo(work / "demo", cells=2000, background=20_000).path
+        results = run(bundle, args.photos, work)
+    Path(args.results).write_text(json.dumps(results, indent=1) + "\n")
+    from bench.report import replace_section
+
+    replace_section(Path(args.doc), results)
+    print(f"{args.results}, {args.doc}")
+
+
+if __name__ == "__main__":
+    main()
