@@ -23,7 +23,7 @@ $(STAMP): client/pyproject.toml swc_service/pyproject.toml swc_service/setup.py 
 	$(PY) -m pip install -q --upgrade pip
 	# torch first and pinned: the CPU build on this machine's disk, never the CUDA one.
 	$(PY) -m pip install -q "torch==2.13.0"
-	$(PY) -m pip install -q -e "./client[plot]" -e "./swc_service[triton]" -e ./export -r requirements-dev.txt
+	$(PY) -m pip install -q -e "./client[plot,exif]" -e "./swc_service[triton]" -e ./export -r requirements-dev.txt
 	touch $(STAMP)
 	touch $(KERNELS)
 
