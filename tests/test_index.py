@@ -234,3 +234,17 @@ def test_nearest_cells_is_the_great_circle_nearest():
     got = I.nearest_cells(points, centres, chunk_bytes=8 * 300 * 7)  # several chunks
     dist = haversine_km(points[:, None, 0], points[:, None, 1], centres[None, :, 0], centres[None, :, 1])
     assert np.allclose(dist[np.arange(1000), got], dist.min(axis=1), atol=1e-9)
+
+
+def test_a_checkpoint_of_only_skipped_photos(tiny_base, tmp_path):
+    rng = np.random.default_rng(5)
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for name in ("a.jpg", "b.jpg"):  # sorted first: the first checkpoint holds no photo
+        (folder / name).write_bytes(jpeg(rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)))
+    for i, name in enumerate(("c.jpg", "d.jpg")):
+        (folder / name).write_bytes(jpeg(rng.integers(0, 256, (6, 8, 3), dtype=np.uint8), (40.0 + i, -3.0)))
+    new = I.build_index(tiny_base.path, tmp_path / "new", photos=folder, options=I.Options(checkpoint_every=2))
+    report = json.loads((new.path / I.REPORT).read_text())
+    assert new.num_background == 2 and report["counts"]["skipped"] == 2
+    assert sorted(np.asarray(new.labels)[:, 0].tolist()) == [40.0, 41.0]

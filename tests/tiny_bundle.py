@@ -74,13 +74,5 @@ def build_tiny_bundle(out: Path, cells: int = 500, background: int = 5000, seed:
     centres = demo.cell_centres(cells, rng)
     with B.BundleWriter(out) as w:
         onnx.save(tiny_model(cells, seed), str(w.path(B.MODEL)))
-        offsets, labels, row_ids = demo.background(centres, background, rng)
-        feats = w.open_array(B.FEATURES, np.float16, (background, B.EMBEDDING_DIM))
-        demo.fill_features(feats, rng)
-        feats.flush()
-        del feats
-        w.save(B.CELLS, centres)
-        w.save(B.OFFSETS, offsets)
-        w.save(B.LABELS, labels)
-        w.save(B.ROW_IDS, row_ids)
+        demo.write_background(w, centres, background, rng)
         return w.commit(source="demo", tool="tests", extra={"warning": "TEST BUNDLE: a tiny random model."})

@@ -125,15 +125,7 @@ def build_demo(
         if not parity.ok:
             raise RuntimeError(f"ONNX parity check failed: {parity.as_dict()}")
         print(f"demo: background N={background} over M={cells} cells", file=sys.stderr)
-        offsets, labels, row_ids = demo.background(centres, background, rng)
-        feats = w.open_array(B.FEATURES, np.dtype(features_dtype), (background, B.EMBEDDING_DIM))
-        demo.fill_features(feats, rng)
-        feats.flush()
-        del feats
-        w.save(B.CELLS, centres)
-        w.save(B.OFFSETS, offsets)
-        w.save(B.LABELS, labels)
-        w.save(B.ROW_IDS, row_ids)
+        demo.write_background(w, centres, background, rng, features_dtype)
         return w.commit(
             source="demo",
             tool=TOOL,

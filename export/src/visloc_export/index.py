@@ -135,13 +135,12 @@ class _Checkpoint:
     def chunks(self) -> list[Path]:
         return [self.root / name for name in self.state["chunks"]]
 
-    def commit(self, position: int, rows: list[tuple[_Photo, np.ndarray]], skipped, duplicates, dtype) -> None:
+    def commit(self, position: int, rows: list[tuple[_Photo, np.ndarray]], skipped, duplicates, dtype, dim) -> None:
         name = f"chunk-{len(self.state['chunks']):06d}"
         tmp = self.root / f"{name}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
         rows.sort(key=lambda r: r[0].index)  # row ids follow the source order
-        dim = rows[0][1].shape[0] if rows else 0
         feats = np.stack([e for _, e in rows]).astype(dtype) if rows else np.empty((0, dim), dtype)
         labels = np.array([p.latlon for p, _ in rows], dtype=np.float64).reshape(-1, 2)
         np.save(tmp / "features.npy", feats)
@@ -240,10 +239,10 @@ def embed_photos(sources: list[Source], embedder, ckpt: _Checkpoint, opts: Optio
                     dispatch(shape)
                 while inflight:
                     take_oldest()
-                ckpt.commit(i + 1, rows, skipped, duplicates, np.dtype(opts.features_dtype))
+                ckpt.commit(i + 1, rows, skipped, duplicates, np.dtype(opts.features_dtype), dim)
                 position, rows, skipped, duplicates = i + 1, [], [], []
         if not sources or position < len(sources):  # nothing to read: still one (empty) chunk
-            ckpt.commit(len(sources), [], skipped, duplicates, np.dtype(opts.features_dtype))
+            ckpt.commit(len(sources), [], skipped, duplicates, np.dtype(opts.features_dtype), dim)
     finally:
         bar.close()
         for _, future in inflight:
