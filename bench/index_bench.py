@@ -5,7 +5,8 @@ For in-process onnxruntime and for Triton (the embedded local one), in turn:
 1. raw: the model alone on the already preprocessed photos (onnxruntime ``run``; Triton through
    the indexer's own client, same batch size and calls in flight);
 2. index: ``build_index`` over the geotagged JPEGs (read, hash, EXIF, preprocess, embed,
-   checkpoint), pass 1 only timed, then the bundle assembly separately.
+   checkpoint), pass 1 only timed, then the bundle assembly separately;
+3. raw again; the ratio is index / mean(raw before, raw after).
 
 Results: bench/results/index.json and the "Indexing your own photos" section of
 docs/BENCHMARKS.md (``bench/report.py`` renders it; ``make bench`` keeps it).
@@ -95,33 +96,38 @@ def run(bundle: Path, count: int, work: Path) -> dict:
         "photo_size": [400, 300],
         "bundle": {"cells": B.load_bundle(bundle).num_cells, "background": B.load_bundle(bundle).num_background},
     }
-    ort_opts = Options(batch_size=1, concurrency=1)
-    emb = OnnxEmbedder(B.load_bundle(bundle).model_path)
-    try:
-        raw = _raw(emb, arrays, ort_opts.batch_size, ort_opts.concurrency)
-    finally:
-        emb.close()
-    rate, assemble_s = _index(bundle, work / "photos", work / "new-ort", ort_opts, None)
-    out["in_process"] = {"raw_per_s": raw, "index_per_s": rate, "ratio": rate / raw, "assemble_s": assemble_s}
-    print(f"in-process: raw {raw:.2f}/s, index {rate:.2f}/s, ratio {rate / raw:.3f}")
 
-    tri_opts = Options(batch_size=4, concurrency=4)
-    with LocalTriton(bundle, threads=0) as triton:
-        emb = TritonEmbedder(triton.grpc_url, "visloc")
+    def measure(make_embedder, opts: Options, name: str, url: str | None) -> dict:
+        """raw, index, raw again: a shared machine's speed drifts, so the index run is compared
+        with the mean of the raw runs on either side of it."""
+        emb = make_embedder()
         try:
-            raw = _raw(emb, arrays, tri_opts.batch_size, tri_opts.concurrency)
+            before = _raw(emb, arrays, opts.batch_size, opts.concurrency)
+            rate, assemble_s = _index(bundle, work / "photos", work / f"new-{name}", opts, url)
+            after = _raw(emb, arrays, opts.batch_size, opts.concurrency)
         finally:
             emb.close()
-        rate, assemble_s = _index(bundle, work / "photos", work / "new-triton", tri_opts, triton.grpc_url)
-    out["triton"] = {
-        "raw_per_s": raw,
-        "index_per_s": rate,
-        "ratio": rate / raw,
-        "assemble_s": assemble_s,
-        "batch_size": tri_opts.batch_size,
-        "concurrency": tri_opts.concurrency,
-    }
-    print(f"triton: raw {raw:.2f}/s, index {rate:.2f}/s, ratio {rate / raw:.3f}")
+        raw = (before + after) / 2
+        print(f"{name}: raw {before:.2f} / {after:.2f} photos/s, index {rate:.2f}/s, ratio {rate / raw:.3f}")
+        return {
+            "raw_per_s": raw,
+            "raw_before_after": [before, after],
+            "index_per_s": rate,
+            "ratio": rate / raw,
+            "assemble_s": assemble_s,
+            "batch_size": opts.batch_size,
+            "concurrency": opts.concurrency,
+        }
+
+    model = B.load_bundle(bundle).model_path
+    out["in_process"] = measure(lambda: OnnxEmbedder(model), Options(batch_size=1, concurrency=1), "ort", None)
+    with LocalTriton(bundle, threads=0) as triton:
+        out["triton"] = measure(
+            lambda: TritonEmbedder(triton.grpc_url, "visloc"),
+            Options(batch_size=4, concurrency=4),
+            "triton",
+            triton.grpc_url,
+        )
     return out
 
 
