@@ -145,12 +145,13 @@ class _Checkpoint:
         labels = np.array([p.latlon for p, _ in rows], dtype=np.float64).reshape(-1, 2)
         np.save(tmp / "features.npy", feats)
         np.save(tmp / "labels.npy", labels)
+        np.save(tmp / "source_index.npy", np.array([p.index for p, _ in rows], dtype=np.int64))
         np.save(tmp / "sha256.npy", np.frombuffer(b"".join(p.sha256 for p, _ in rows), np.uint8).reshape(-1, 32))
         (tmp / "meta.json").write_text(
             json.dumps(
                 {
                     "position": position,
-                    "paths": [p.path for p, _ in rows],
+                    "indexed": len(rows),
                     "skipped": [s.to_dict() for s in skipped],
                     "duplicates": duplicates,
                 }
@@ -182,11 +183,10 @@ def _prepared(sources: list[Source], start: int, workers: int, lookahead: int) -
 
 def embed_photos(sources: list[Source], embedder, ckpt: _Checkpoint, opts: Options, dim: int) -> None:
     """Pass 1: every photo from the checkpoint's position on, embedded into chunks."""
-    seen: dict[bytes, str] = {}
+    seen: dict[bytes, int] = {}  # content hash -> index of the source indexed with it
     for chunk in ckpt.chunks():
-        paths = json.loads((chunk / "meta.json").read_text())["paths"]
-        for digest_row, path in zip(np.load(chunk / "sha256.npy"), paths):
-            seen[digest_row.tobytes()] = path
+        for digest_row, index in zip(np.load(chunk / "sha256.npy"), np.load(chunk / "source_index.npy")):
+            seen[digest_row.tobytes()] = int(index)
     rows: list[tuple[_Photo, np.ndarray]] = []
     skipped: list[Skip] = []
     duplicates: list[dict[str, str]] = []
@@ -224,9 +224,9 @@ def embed_photos(sources: list[Source], embedder, ckpt: _Checkpoint, opts: Optio
             if isinstance(item, Skip):
                 skipped.append(item)
             elif item.sha256 in seen:
-                duplicates.append({"path": item.path, "duplicate_of": seen[item.sha256]})
+                duplicates.append({"path": item.path, "duplicate_of": str(sources[seen[item.sha256]].path)})
             else:
-                seen[item.sha256] = item.path
+                seen[item.sha256] = i
                 item.index = i
                 groups.setdefault(item.array.shape, []).append(item)
                 if len(groups[item.array.shape]) >= opts.batch_size:
@@ -395,7 +395,7 @@ def build_index(
     metas = [json.loads((c / "meta.json").read_text()) for c in ckpt.chunks()]
     skipped = [s.to_dict() for s in list_skips] + [s for meta in metas for s in meta["skipped"]]
     duplicates = [d for meta in metas for d in meta["duplicates"]]
-    indexed = sum(len(meta["paths"]) for meta in metas)
+    indexed = sum(meta["indexed"] for meta in metas)
     report = {
         "base": {"bundle_id": base.bundle_id, "source": base.source, "path": str(base.path)},
         "photos": source_desc,
