@@ -6,7 +6,8 @@ For in-process onnxruntime and for Triton (the embedded local one), in turn:
    the indexer's own client, same batch size and calls in flight);
 2. index: ``build_index`` over the geotagged JPEGs (read, hash, EXIF, preprocess, embed,
    checkpoint), pass 1 only timed, then the bundle assembly separately;
-3. raw again; the ratio is index / mean(raw before, raw after).
+3. raw again; the ratio is index / mean(raw before, raw after); steps 2-3 repeat ``--rounds``
+   times and the median round is reported (all rounds are kept in the JSON).
 
 Results: bench/results/index.json and the "Indexing your own photos" section of
 docs/BENCHMARKS.md (``bench/report.py`` renders it; ``make bench`` keeps it).
@@ -82,7 +83,7 @@ def _index(bundle: Path, photos: Path, out: Path, options, triton_url: str | Non
     return new.manifest["index"]["counts"]["indexed"] / timings["embed"], timings["assemble"]
 
 
-def run(bundle: Path, count: int, work: Path) -> dict:
+def run(bundle: Path, count: int, work: Path, rounds: int = 3) -> dict:
     from swc_service.triton_local import LocalTriton
     from visloc_export.index import Options
     from visloc_export.index_embed import OnnxEmbedder, TritonEmbedder
@@ -93,28 +94,39 @@ def run(bundle: Path, count: int, work: Path) -> dict:
         "machine": {"cpus": __import__("os").cpu_count(), "python": platform.python_version()},
         "when": time.strftime("%Y-%m-%d %H:%M:%S"),
         "photos": count,
+        "rounds": rounds,
         "photo_size": [400, 300],
         "bundle": {"cells": B.load_bundle(bundle).num_cells, "background": B.load_bundle(bundle).num_background},
     }
 
     def measure(make_embedder, opts: Options, name: str, url: str | None) -> dict:
-        """raw, index, raw again: a shared machine's speed drifts, so the index run is compared
-        with the mean of the raw runs on either side of it."""
+        """raw, then ``rounds`` x (index, raw): a shared machine's speed drifts, so each index run
+        is compared with the mean of the raw runs on either side of it; the median round counts."""
         emb = make_embedder()
         try:
-            before = _raw(emb, arrays, opts.batch_size, opts.concurrency)
-            rate, assemble_s = _index(bundle, work / "photos", work / f"new-{name}", opts, url)
-            after = _raw(emb, arrays, opts.batch_size, opts.concurrency)
+            raws = [_raw(emb, arrays, opts.batch_size, opts.concurrency)]
+            rates, assemble = [], []
+            for k in range(rounds):
+                rate, assemble_s = _index(bundle, work / "photos", work / f"new-{name}-{k}", opts, url)
+                rates.append(rate)
+                assemble.append(assemble_s)
+                raws.append(_raw(emb, arrays, opts.batch_size, opts.concurrency))
         finally:
             emb.close()
-        raw = (before + after) / 2
-        print(f"{name}: raw {before:.2f} / {after:.2f} photos/s, index {rate:.2f}/s, ratio {rate / raw:.3f}")
+        ratios = [rate / ((raws[k] + raws[k + 1]) / 2) for k, rate in enumerate(rates)]
+        mid = sorted(range(rounds), key=lambda k: ratios[k])[rounds // 2]
+        print(f"{name}: raw {[round(x, 2) for x in raws]} photos/s, index {[round(x, 2) for x in rates]}, ratios "
+              f"{[round(x, 3) for x in ratios]}")  # fmt: skip
         return {
-            "raw_per_s": raw,
-            "raw_before_after": [before, after],
-            "index_per_s": rate,
-            "ratio": rate / raw,
-            "assemble_s": assemble_s,
+            "raw_per_s": (raws[mid] + raws[mid + 1]) / 2,
+            "raw_before_after": [raws[mid], raws[mid + 1]],
+            "index_per_s": rates[mid],
+            "ratio": ratios[mid],
+            "rounds": [
+                {"raw_before": raws[k], "index": rates[k], "raw_after": raws[k + 1], "ratio": ratios[k]}
+                for k in range(rounds)
+            ],
+            "assemble_s": assemble[mid],
             "batch_size": opts.batch_size,
             "concurrency": opts.concurrency,
         }
@@ -135,6 +147,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--bundle", help="base bundle (default: a demo bundle M=2000, N=20000 built here)")
     p.add_argument("--photos", type=int, default=48)
+    p.add_argument("--rounds", type=int, default=3, help="index runs per path, each between two raw runs")
     p.add_argument("--results", default="bench/results/index.json")
     p.add_argument("--doc", default="docs/BENCHMARKS.md")
     args = p.parse_args()
@@ -145,7 +158,7 @@ def main() -> None:
             from visloc_export.build import build_demo
 
             bundle = build_demo(work / "demo", cells=2000, background=20_000).path
-        results = run(bundle, args.photos, work)
+        results = run(bundle, args.photos, work, args.rounds)
     Path(args.results).write_text(json.dumps(results, indent=1) + "\n")
     from bench.report import replace_section
 

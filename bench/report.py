@@ -233,7 +233,8 @@ def index_section(r: dict) -> list[str]:
         f"{r['photo_size'][1]}, base bundle M={r['bundle']['cells']}, N={r['bundle']['background']} (demo "
         f"weights: the EfficientNet-B4 cost of the real model), {r['machine']['cpus']} CPUs. Raw = the model "
         "alone on the already preprocessed photos, fed like the indexer feeds it, measured just before and just "
-        "after the index run (mean of the two; a shared machine's speed drifts); index = pass 1 of "
+        "after each index run (mean of the two; a shared machine's speed drifts), the median of "
+        f"{r.get('rounds', 1)} such rounds shown; index = pass 1 of "
         "`build_index` (read, hash, EXIF, preprocess, embed, checkpoint). The bundle assembly is timed apart.",
         "",
         "| path | raw model photos/s (before, after) | indexing photos/s | ratio | goal | | assembly s |",
@@ -244,6 +245,13 @@ def index_section(r: dict) -> list[str]:
             f"{x['ratio']:.3f} | >= 0.9 | {verdict(x['ratio'])} | {x['assemble_s']:.2f} |"
             for label, x in (("in-process onnxruntime", ip), ("Triton, embedded local", tr))
         ],
+        "",
+        "Ratios per round: "
+        + "; ".join(
+            f"{label} " + ", ".join(f"{x['ratio']:.3f}" for x in d.get("rounds", [d]))
+            for label, d in (("in-process", ip), ("Triton", tr))
+        )
+        + ".",
         "",
         "Decoding and preprocessing run on a thread pool ahead of the model (onnxruntime and PIL release the "
         "GIL), so on a CPU the indexer gives up only what preprocessing takes from the model's cores. On a "
