@@ -9,64 +9,39 @@ from __future__ import annotations
 
 import asyncio
 import json
-from concurrent import futures
 from pathlib import Path
 
 import grpc
 import pytest
-from test_client_grpc import FakeLocator, img
+from test_client_grpc import FakeLocator, img, serve_fake
 
 from visloc_client import AsyncLocatorClient, LocateError, LocatorClient
-from visloc_client._common import DEFAULT_MAX_MESSAGE_BYTES, LOAD_BALANCING_POLICIES, connection
+from visloc_client._common import DEFAULT_MAX_MESSAGE_BYTES, LOAD_BALANCING_POLICIES
 from visloc_client.cli import main
-from visloc_client.v1 import locator_pb2_grpc as pb_grpc
 
 CALLS = 20
 # Neighbours that make a response larger than gRPC's own 4 MiB receive limit (~30 bytes each).
 BIG = 160_000
 
 
-def _start(servicer: FakeLocator) -> tuple[grpc.Server, int]:
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
-    pb_grpc.add_LocatorServicer_to_server(servicer, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    return server, port
-
-
 @pytest.fixture
 def two():
     """Two servers and one target that resolves to both: ``ipv4:127.0.0.1:P1,127.0.0.1:P2``."""
-    running: list[tuple[FakeLocator, grpc.Server]] = []
-    ports = []
-    try:
-        for _ in range(2):
-            servicer = FakeLocator()
-            server, port = _start(servicer)
-            running.append((servicer, server))
-            ports.append(port)
-        yield [s for s, _ in running], "ipv4:" + ",".join(f"127.0.0.1:{p}" for p in ports)
-    finally:
-        for servicer, server in running:
-            servicer.shutdown.set()
-            server.stop(grace=None)
+    with serve_fake() as (first, a), serve_fake() as (second, b):
+        yield [first, second], f"ipv4:{a},{b}"
 
 
 @pytest.fixture
 def one():
-    servicer = FakeLocator()
-    server, port = _start(servicer)
-    try:
-        yield servicer, f"127.0.0.1:{port}"
-    finally:
-        servicer.shutdown.set()
-        server.stop(grace=None)
+    with serve_fake() as served:
+        yield served
 
 
 def _connection(target: str = "127.0.0.1:1", **kwargs):
-    """The settings a client would open its channel with (nothing is opened)."""
+    """The settings a client opens its channel with (a channel connects only when used)."""
     kwargs = {"tls": False, "token": None, "timeout": 1.0, "retries": 0, "max_message_bytes": 1 << 20, **kwargs}
-    return connection(target, **kwargs)
+    with LocatorClient(target, **kwargs) as client:
+        return client._conn
 
 
 def _calls(servicers: list[FakeLocator]) -> list[int]:

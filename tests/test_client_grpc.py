@@ -2,13 +2,15 @@
 
 The fake ``Locator`` reads its instructions from the image bytes: ``b"lat,lon,conf"`` answers
 that location and confidence; prefixes add behaviour: ``sleep=S;`` (answer after S seconds),
-``flaky=N;`` (UNAVAILABLE for the first N attempts), ``hang;`` (never answer), and ``bad``
+``flaky=N;`` (UNAVAILABLE for the first N attempts), ``busy;`` (always RESOURCE_EXHAUSTED),
+``hang;`` (never answer), and ``bad``
 is undecodable (INVALID_ARGUMENT).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import csv
 import http.server
 import io
@@ -16,6 +18,7 @@ import json
 import queue
 import threading
 import time
+from collections.abc import Iterator
 from concurrent import futures
 from pathlib import Path
 
@@ -72,6 +75,8 @@ class FakeLocator(pb_grpc.LocatorServicer):
                 time.sleep(float(head[6:]))
             elif head.startswith("flaky=") and attempt <= int(head[6:]):
                 raise _Fail(grpc.StatusCode.UNAVAILABLE, "Triton is not ready")
+            elif head == "busy":
+                raise _Fail(grpc.StatusCode.RESOURCE_EXHAUSTED, "over capacity")
             elif head == "hang":
                 self.shutdown.wait(60)
         try:
@@ -190,9 +195,10 @@ class FakeLocator(pb_grpc.LocatorServicer):
             yield msg
 
 
-@pytest.fixture
-def fake():
-    servicer = FakeLocator()
+@contextlib.contextmanager
+def serve_fake(servicer: FakeLocator | None = None) -> Iterator[tuple[FakeLocator, str]]:
+    """A ``FakeLocator`` served on a free 127.0.0.1 port: (servicer, target); stopped after."""
+    servicer = servicer or FakeLocator()
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=32))
     pb_grpc.add_LocatorServicer_to_server(servicer, server)
     port = server.add_insecure_port("127.0.0.1:0")
@@ -202,6 +208,12 @@ def fake():
     finally:
         servicer.shutdown.set()
         server.stop(grace=None)
+
+
+@pytest.fixture
+def fake():
+    with serve_fake() as served:
+        yield served
 
 
 def img(lat: float, lon: float, conf: float = 0.5, prefix: str = "") -> bytes:
@@ -582,6 +594,45 @@ def test_cli_info(fake, capsys):
     assert json.loads(capsys.readouterr().out)["defaults"]["eps_km"] == 1.0
     assert main(["info", "--target", "127.0.0.1:1", "--retries", "0"]) == 1
     assert "UNAVAILABLE" in capsys.readouterr().err
+
+
+def test_cli_reads_the_token_under_the_service_names(fake, tmp_path, capsys, monkeypatch):
+    servicer, target = fake
+    servicer.required_token = "s3cret"
+    token = tmp_path / "token"
+    token.write_text("s3cret\n")
+    for name in ("VISLOC_AUTH_TOKEN", "VISLOC_AUTH_TOKEN_FILE", "VISLOC_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    info = ["--target", target, "--retries", "0", "info", "--json"]
+
+    assert main(info) == 1  # no token: refused
+    assert "UNAUTHENTICATED" in capsys.readouterr().err
+    assert main(["--auth-token-file", str(token), *info]) == 0
+    assert main([*info, "--auth-token-file", str(token)]) == 0  # after the subcommand too
+    assert "deprecated" not in capsys.readouterr().err
+    monkeypatch.setenv("VISLOC_AUTH_TOKEN_FILE", str(token))
+    assert main(info) == 0
+    monkeypatch.delenv("VISLOC_AUTH_TOKEN_FILE")
+    monkeypatch.setenv("VISLOC_AUTH_TOKEN", "s3cret")
+    assert main(info) == 0
+    assert "deprecated" not in capsys.readouterr().err
+    assert servicer.metadata[-1]["authorization"] == "Bearer s3cret"
+
+    # The old names still work, with a warning that names the new ones.
+    monkeypatch.delenv("VISLOC_AUTH_TOKEN")
+    assert main(["--token-file", str(token), *info]) == 0
+    assert "--token-file is deprecated; use --auth-token-file" in capsys.readouterr().err
+    monkeypatch.setenv("VISLOC_TOKEN", "s3cret")
+    assert main(info) == 0
+    assert "VISLOC_TOKEN is deprecated; use VISLOC_AUTH_TOKEN" in capsys.readouterr().err
+
+    # An empty token file is a usage error, not a call without a token.
+    empty = tmp_path / "empty"
+    empty.write_text("\n")
+    calls = len(servicer.metadata)
+    assert main(["--auth-token-file", str(empty), *info]) == 2
+    assert f"auth token file {empty} is empty" in capsys.readouterr().err
+    assert len(servicer.metadata) == calls
 
 
 def _dataset(tmp_path: Path) -> tuple[Path, Path, dict[str, tuple[float, float]]]:

@@ -13,9 +13,11 @@ from visloc_client._common import RetryPolicy, TLSConfig  # noqa: E402
 from visloc_client.aio import AsyncLocatorClient  # noqa: E402
 from visloc_client.client import LocatorClient  # noqa: E402
 from visloc_client.errors import LocateError  # noqa: E402
+from visloc_client.overload import AdaptiveThrottle, RetryBudget  # noqa: E402
 from visloc_client.results import (  # noqa: E402
     BatchItem,
     Cell,
+    LocateOptionArgs,
     LocateOptions,
     LocateResult,
     Method,
@@ -26,15 +28,18 @@ from visloc_client.results import (  # noqa: E402
 )
 
 __all__ = [
+    "AdaptiveThrottle",
     "AsyncLocatorClient",
     "BatchItem",
     "Cell",
     "LocateError",
+    "LocateOptionArgs",
     "LocateOptions",
     "LocateResult",
     "LocatorClient",
     "Method",
     "Neighbour",
+    "RetryBudget",
     "RetryPolicy",
     "ScaleDensity",
     "ServiceInfo",

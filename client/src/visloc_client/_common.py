@@ -1,24 +1,24 @@
-"""What the sync and asyncio clients share: connection settings, retry policy, and the
-bookkeeping of a ``LocateStream`` batch (kept I/O-free so both drivers stay thin)."""
+"""What the sync and asyncio clients share: connection settings, the retry policy and its
+overload guards, and the attempts of a unary call (kept I/O-free so both drivers stay thin;
+the ``LocateStream`` side is in ``_stream``)."""
 
 from __future__ import annotations
 
-import heapq
 import json
 import os
 import random
 import time
-import uuid
-from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, TypeVar, Union
 
 import grpc
 
 from visloc_client import __version__
-from visloc_client.errors import LocateError, status_code
-from visloc_client.results import BatchItem, LocateOptions, LocateResult
+from visloc_client.errors import LocateError
+from visloc_client.overload import OVERLOAD_CODES, AdaptiveThrottle, RetryBudget
+from visloc_client.results import LocateOptions
 from visloc_client.v1 import locator_pb2 as pb
 from visloc_client.v1 import locator_pb2_grpc as pb_grpc
 
@@ -29,6 +29,7 @@ _ENVELOPE_BYTES = 4096
 LOAD_BALANCING_POLICIES = ("pick_first", "round_robin")
 
 ImageInput = Union[bytes, bytearray, memoryview, str, "os.PathLike[str]"]
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -57,18 +58,25 @@ class TLSConfig:
 
 @dataclass(frozen=True)
 class RetryPolicy:
-    """Retry on UNAVAILABLE only (the one status that says "try again"; everything else is an
-    answer). Delays grow exponentially with "equal jitter": half fixed, half random, so
-    clients that failed together do not come back together."""
+    """Retry on the statuses in ``retry_on``: UNAVAILABLE only by default (the one status that
+    says "try again"; everything else is an answer). Add RESOURCE_EXHAUSTED to retry an
+    overloaded service's refusals (the client's retry budget keeps that bounded). Delays grow
+    exponentially with "equal jitter": half fixed, half random, so clients that failed
+    together do not come back together."""
 
     retries: int = 3
     initial_backoff: float = 0.1
     max_backoff: float = 5.0
     multiplier: float = 2.0
+    retry_on: frozenset[grpc.StatusCode] = field(default=frozenset({grpc.StatusCode.UNAVAILABLE}))
 
     def __post_init__(self) -> None:
         if self.retries < 0 or self.initial_backoff < 0 or self.max_backoff < 0:
             raise ValueError("retry settings must be non-negative")
+        codes = frozenset(self.retry_on)
+        if not all(isinstance(c, grpc.StatusCode) and c != grpc.StatusCode.OK for c in codes):
+            raise ValueError(f"retry_on holds grpc.StatusCode failure codes, not {self.retry_on!r}")
+        object.__setattr__(self, "retry_on", codes)
 
     def delay(self, attempt: int) -> float:
         """Seconds to wait before retry number ``attempt`` (0-based)."""
@@ -87,6 +95,8 @@ class Connection:
     timeout: float | None
     retry: RetryPolicy
     max_message_bytes: int
+    budget: RetryBudget | None = None
+    throttle: AdaptiveThrottle | None = None
 
     def open_channel(self, channels: Any) -> Any:
         """A channel from ``grpc`` or ``grpc.aio`` (the same two calls exist on both)."""
@@ -98,34 +108,48 @@ class Connection:
         """The ``time.monotonic()`` instant a unary call (its retries included) must end by."""
         return None if self.timeout is None else time.monotonic() + self.timeout
 
+    def admit(self) -> LocateError | None:
+        """None to send an attempt now; the error that stands for it when the adaptive throttle
+        refuses it locally (RESOURCE_EXHAUSTED, like the service's own refusal)."""
+        if self.throttle is None or self.throttle.admit():
+            return None
+        return LocateError(
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            f"throttled client-side, not sent: {self.throttle.describe()}",
+        )
+
+    def settle(self, code: grpc.StatusCode, *, answered: bool = True) -> None:
+        """Account how an attempt ended (OK or a failure) in the throttle and the retry budget.
+        ``answered=False``: a whole stream failed, which counts against the budget only."""
+        overloaded = code in OVERLOAD_CODES
+        if answered and self.throttle is not None:
+            self.throttle.record(accepted=not overloaded)
+        if self.budget is None:
+            return
+        if code == grpc.StatusCode.OK:
+            self.budget.on_success()
+        elif overloaded or code in self.retry.retry_on:
+            self.budget.on_failure()
+
     def retry_delay(self, code: grpc.StatusCode, attempt: int, deadline: float | None) -> float | None:
         """Seconds to wait before retrying a call that failed with ``code``, or None to give up:
-        only UNAVAILABLE is retried, ``retry.retries`` times, and never past the deadline."""
-        if code != grpc.StatusCode.UNAVAILABLE or attempt >= self.retry.retries:
+        only ``retry.retry_on`` statuses are retried, ``retry.retries`` times, while the retry
+        budget allows, and never past the deadline."""
+        if code not in self.retry.retry_on or attempt >= self.retry.retries:
+            return None
+        if self.budget is not None and not self.budget.allows_retry():
             return None
         delay = self.retry.delay(attempt)
         if deadline is not None and time.monotonic() + delay >= deadline:
             return None
         return delay
 
-    def batch(
-        self, images: Iterable[ImageInput], options: pb.LocateOptions, *, concurrency: int, ordered: bool
-    ) -> Batch:
-        """The bookkeeping of one ``locate_many`` call over this connection."""
-        return Batch(
-            images,
-            options,
-            concurrency=concurrency,
-            ordered=ordered,
-            retry=self.retry,
-            max_message_bytes=self.max_message_bytes,
-        )
-
-    def locate_request(self, image: ImageInput, options: pb.LocateOptions) -> pb.LocateRequest:
-        """Read the image (bytes or a path), check its size locally, build the request."""
+    def locate_request(self, image: ImageInput, options: dict[str, Any]) -> pb.LocateRequest:
+        """Read the image (bytes or a path), check its size locally, build the request;
+        ``options`` are ``LocateOptions`` fields."""
         data = read_image(image)
         check_size(data, self.max_message_bytes)
-        return pb.LocateRequest(image=data, options=options)
+        return pb.LocateRequest(image=data, options=LocateOptions(**options).to_pb())
 
 
 def build_channel_options(
@@ -172,47 +196,16 @@ def _with_load_balancing(service_config: Any, policy: str) -> str:
     return json.dumps({**config, "loadBalancingConfig": [{policy: {}}]}, separators=(",", ":"))
 
 
-def connection(
-    target: str,
-    *,
-    tls: bool | TLSConfig,
-    token: str | None,
-    timeout: float | None,
-    retries: int | RetryPolicy,
-    max_message_bytes: int,
-    load_balancing: str | None = None,
-    channel_options: Sequence[tuple[str, Any]] = (),
-) -> Connection:
-    if timeout is not None and timeout <= 0:
-        raise ValueError("timeout must be positive (or None for no deadline)")
-    if max_message_bytes <= _ENVELOPE_BYTES:
-        raise ValueError("max_message_bytes is too small")
-    tls_config = TLSConfig() if tls is True else tls or None
-    own: list[tuple[str, Any]] = [
-        ("grpc.max_send_message_length", max_message_bytes),
-        ("grpc.max_receive_message_length", max_message_bytes),
-        ("grpc.primary_user_agent", f"visloc-client/{__version__}"),
-    ]
-    if tls_config is not None and tls_config.server_name:
-        own.append(("grpc.ssl_target_name_override", tls_config.server_name))
-    options = build_channel_options(own, channel_options, load_balancing)
-    # Images are checked locally against the channel's send limit (gRPC would refuse them
-    # anyway, and in a stream that kills the whole call), also when channel_options set it.
-    send_limit = dict(options)["grpc.max_send_message_length"]
-    if isinstance(send_limit, int) and not isinstance(send_limit, bool) and send_limit > 0:
-        max_message_bytes = send_limit
-    # Sent as plain metadata rather than call credentials so that it also works over a
-    # plaintext hop to a TLS-terminating proxy; use TLS end to end in production.
-    metadata = (("authorization", f"Bearer {token}"),) if token else ()
-    return Connection(
-        target=target,
-        credentials=tls_config.credentials() if tls_config is not None else None,
-        options=options,
-        metadata=metadata,
-        timeout=timeout,
-        retry=retries if isinstance(retries, RetryPolicy) else RetryPolicy(retries=retries),
-        max_message_bytes=max_message_bytes,
-    )
+def _guard(value: bool | Any, kind: type) -> Any:
+    """True: a fresh ``kind`` with its defaults; False: none; an instance: that one (it may
+    be shared with other clients)."""
+    if value is True:
+        return kind()
+    if value is False:
+        return None
+    if isinstance(value, kind):
+        return value
+    raise TypeError(f"expected True, False or a {kind.__name__}, not {value!r}")
 
 
 class ClientBase:
@@ -232,16 +225,40 @@ class ClientBase:
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         load_balancing: str | None = None,
         channel_options: Sequence[tuple[str, Any]] = (),
+        retry_budget: bool | RetryBudget = True,
+        throttle: bool | AdaptiveThrottle = True,
     ) -> None:
-        self._conn = connection(
-            target,
-            tls=tls,
-            token=token,
+        if timeout is not None and timeout <= 0:
+            raise ValueError("timeout must be positive (or None for no deadline)")
+        if max_message_bytes <= _ENVELOPE_BYTES:
+            raise ValueError("max_message_bytes is too small")
+        tls_config = TLSConfig() if tls is True else tls or None
+        own: list[tuple[str, Any]] = [
+            ("grpc.max_send_message_length", max_message_bytes),
+            ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.primary_user_agent", f"visloc-client/{__version__}"),
+        ]
+        if tls_config is not None and tls_config.server_name:
+            own.append(("grpc.ssl_target_name_override", tls_config.server_name))
+        options = build_channel_options(own, channel_options, load_balancing)
+        # Images are checked locally against the channel's send limit (gRPC would refuse them
+        # anyway, and in a stream that kills the whole call), also when channel_options set it.
+        send_limit = dict(options)["grpc.max_send_message_length"]
+        if isinstance(send_limit, int) and not isinstance(send_limit, bool) and send_limit > 0:
+            max_message_bytes = send_limit
+        # Sent as plain metadata rather than call credentials so that it also works over a
+        # plaintext hop to a TLS-terminating proxy; use TLS end to end in production.
+        metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        self._conn = Connection(
+            target=target,
+            credentials=tls_config.credentials() if tls_config is not None else None,
+            options=options,
+            metadata=metadata,
             timeout=timeout,
-            retries=retries,
+            retry=retries if isinstance(retries, RetryPolicy) else RetryPolicy(retries=retries),
             max_message_bytes=max_message_bytes,
-            load_balancing=load_balancing,
-            channel_options=channel_options,
+            budget=_guard(retry_budget, RetryBudget),
+            throttle=_guard(throttle, AdaptiveThrottle),
         )
         self._channel = self._conn.open_channel(self._channels)
         self._stub = pb_grpc.LocatorStub(self._channel)
@@ -269,162 +286,37 @@ def check_size(data: bytes, max_message_bytes: int) -> None:
         )
 
 
-def make_options(
-    top_k: int | None,
-    eps_km: float | None,
-    conf_scale_km: float | None,
-    conf_threshold: float | None,
-    neighbours: int,
-    top_cells: int,
-) -> pb.LocateOptions:
-    return LocateOptions(top_k, eps_km, conf_scale_km, conf_threshold, neighbours, top_cells).to_pb()
+class UnaryCall:
+    """The attempts of one unary call, I/O-free: both clients drive it the same way, sending
+    each attempt with ``next_timeout()`` and sleeping for what ``failed()`` returns.
 
-
-@dataclass
-class _Pending:
-    index: int
-    source: str | None
-    request: pb.LocateRequest
-    attempts: int = 0
-
-
-class Batch:
-    """The state of one ``locate_many``: which requests are in flight, which wait for a retry,
-    which results wait to be yielded. Drivers feed it responses and stream losses; it never
-    blocks and does no network I/O (it reads image files lazily, one slot at a time).
-
-    At most ``concurrency`` images are held at once (in flight or waiting to be retried), so
-    memory stays bounded however long the input is. Finished items that cannot be yielded yet
-    (``ordered``) are kept; they are small result objects, not images.
+    The timeout bounds the whole call, retries included. Every attempt passes the adaptive
+    throttle first and is accounted in it and in the retry budget when it ends.
     """
 
-    def __init__(
-        self,
-        images: Iterable[ImageInput],
-        options: pb.LocateOptions,
-        *,
-        concurrency: int,
-        ordered: bool,
-        retry: RetryPolicy,
-        max_message_bytes: int,
-    ) -> None:
-        if concurrency < 1:
-            raise ValueError("concurrency must be at least 1")
-        self._images: Iterator[tuple[int, ImageInput]] = enumerate(images)
-        self._options = options
-        self._concurrency = concurrency
-        self._ordered = ordered
-        self._retry = retry
-        self._max = max_message_bytes
-        self._prefix = uuid.uuid4().hex[:12]
-        self._exhausted = False
-        self._sent: dict[str, _Pending] = {}
-        self._resend: list[_Pending] = []
-        self._delayed: list[tuple[float, int, _Pending]] = []
-        self._finished: dict[int, BatchItem] = {}
-        self._next_out = 0
+    def __init__(self, conn: Connection) -> None:
+        self._conn = conn
+        self._deadline = conn.deadline()
+        self._attempt = 0
 
-    @property
-    def awaiting(self) -> int:
-        """Requests written on the current stream and not answered yet."""
-        return len(self._sent)
+    def next_timeout(self) -> float | None:
+        """Admit the next attempt and give its timeout: what is left of the call's deadline.
+        Raises ``LocateError`` (RESOURCE_EXHAUSTED) when the throttle refuses it."""
+        refused = self._conn.admit()
+        if refused is not None:
+            raise refused
+        return None if self._deadline is None else max(0.0, self._deadline - time.monotonic())
 
-    def _held(self) -> int:
-        return len(self._sent) + len(self._resend) + len(self._delayed)
+    def succeeded(self, response: T) -> T:
+        self._conn.settle(grpc.StatusCode.OK)
+        return response
 
-    def _finish(self, item: BatchItem) -> None:
-        self._finished[item.index] = item
-
-    def requests(self, now: float) -> list[pb.LocateRequest]:
-        """The requests to write now: resends and due retries first, then new images."""
-        while self._delayed and self._delayed[0][0] <= now:
-            self._resend.append(heapq.heappop(self._delayed)[2])
-        out = []
-        for pending in self._resend:
-            self._sent[pending.request.request_id] = pending
-            out.append(pending.request)
-        self._resend.clear()
-        while not self._exhausted and self._held() < self._concurrency:
-            try:
-                index, image = next(self._images)
-            except StopIteration:
-                self._exhausted = True
-                break
-            source = source_name(image)
-            try:
-                data = read_image(image)
-                check_size(data, self._max)
-            except (OSError, LocateError) as err:
-                self._finish(BatchItem(index, source, None, err))
-                continue
-            request = pb.LocateRequest(image=data, options=self._options, request_id=f"{self._prefix}-{index}")
-            self._sent[request.request_id] = _Pending(index, source, request)
-            out.append(request)
-        return out
-
-    def on_response(self, msg: pb.LocateStreamResponse, now: float) -> None:
-        pending = self._sent.pop(msg.request_id, None)
-        if pending is None:
-            return  # not ours (or a duplicate after a resend): nothing to match it to
-        outcome = msg.WhichOneof("outcome")
-        if outcome == "result":
-            self._finish(BatchItem(pending.index, pending.source, LocateResult.from_pb(msg.result)))
-            return
-        if outcome == "error":
-            err = LocateError(status_code(msg.error.code), msg.error.message, request_id=msg.request_id)
-        else:
-            err = LocateError(grpc.StatusCode.UNKNOWN, "response carried neither result nor error")
-        if err.code == grpc.StatusCode.UNAVAILABLE and pending.attempts < self._retry.retries:
-            due = now + self._retry.delay(pending.attempts)
-            pending.attempts += 1
-            heapq.heappush(self._delayed, (due, pending.index, pending))
-            return
-        self._finish(BatchItem(pending.index, pending.source, None, err))
-
-    def on_stream_lost(self) -> None:
-        """The stream died: everything written on it goes out again on the next one."""
-        self._resend.extend(sorted(self._sent.values(), key=lambda p: p.index))
-        self._sent.clear()
-
-    def ready(self) -> list[BatchItem]:
-        """Finished items that may be yielded now (in input order when ``ordered``)."""
-        if not self._ordered:
-            items = list(self._finished.values())
-            self._finished.clear()
-            return items
-        items = []
-        while self._next_out in self._finished:
-            items.append(self._finished.pop(self._next_out))
-            self._next_out += 1
-        return items
-
-    def done(self) -> bool:
-        return self._exhausted and not self._held() and not self._finished
-
-    def next_due(self) -> float | None:
-        """When the earliest delayed retry becomes due, if any."""
-        return self._delayed[0][0] if self._delayed else None
-
-    def wait_time(self, now: float, last_activity: float, timeout: float | None) -> float | None:
-        """How long a driver may block for the next response (None: indefinitely)."""
-        waits = []
-        if self._sent and timeout is not None:
-            waits.append(max(0.0, last_activity + timeout - now))
-        due = self.next_due()
-        if due is not None:
-            waits.append(max(0.0, due - now))
-        return min(waits) if waits else None
-
-    def stalled(self, now: float, last_activity: float, timeout: float | None) -> bool:
-        return bool(self._sent) and timeout is not None and now - last_activity >= timeout
-
-
-def stall_error(timeout: float | None) -> LocateError:
-    return LocateError(grpc.StatusCode.DEADLINE_EXCEEDED, f"LocateStream: no response for {timeout:g} s")
-
-
-def unanswered_error(batch: Batch) -> LocateError:
-    return LocateError(
-        grpc.StatusCode.INTERNAL,
-        f"LocateStream ended before the batch was done ({batch.awaiting} request(s) unanswered)",
-    )
+    def failed(self, err: grpc.RpcError) -> float:
+        """Seconds to wait before the next attempt; raises ``LocateError`` when there is none."""
+        error = LocateError.from_rpc(err)
+        self._conn.settle(error.code)
+        delay = self._conn.retry_delay(error.code, self._attempt, self._deadline)
+        if delay is None:
+            raise error from err
+        self._attempt += 1
+        return delay

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
 import sys
@@ -33,7 +34,7 @@ from visloc_client.evaluation import (
 )
 from visloc_client.fetch import DEFAULT_MAX_BYTES, FetchError, fetch_url, is_url
 from visloc_client.progress import Progress
-from visloc_client.results import LocateResult
+from visloc_client.results import LocateOptions, LocateResult
 from visloc_client.web.serve import add_arguments as web_arguments
 
 DEFAULT_TARGET = "127.0.0.1:50051"
@@ -74,9 +75,20 @@ def _connection_args(parser: argparse.ArgumentParser, *, suppress: bool) -> None
     g.add_argument("--cert", default=default(None), help="client certificate for mutual TLS")
     g.add_argument("--key", default=default(None), help="client private key for mutual TLS")
     g.add_argument(
+        "--auth-token-file",
+        dest="token_file",
+        metavar="FILE",
+        default=default(os.environ.get("VISLOC_AUTH_TOKEN_FILE") or None),
+        help="file holding the bearer token the service requires (env VISLOC_AUTH_TOKEN_FILE; "
+        "else the token itself from env VISLOC_AUTH_TOKEN): the service's own names",
+    )
+    g.add_argument(
         "--token-file",
-        default=default(None),
-        help="file holding a bearer token (else env VISLOC_TOKEN)",
+        dest="token_file",
+        metavar="FILE",
+        action=_Deprecated,
+        default=argparse.SUPPRESS,
+        help="deprecated: use --auth-token-file",
     )
     g.add_argument(
         "--timeout",
@@ -100,6 +112,30 @@ def _connection_args(parser: argparse.ArgumentParser, *, suppress: bool) -> None
     )
 
 
+class _Deprecated(argparse.Action):
+    """An old spelling of an option: still works, with a warning naming the new one."""
+
+    def __call__(self, parser: Any, namespace: Any, values: Any, option_string: str | None = None) -> None:
+        _err(f"{option_string} is deprecated; use --auth-token-file")
+        setattr(namespace, self.dest, values)
+
+
+def _token(token_file: str | None) -> str | None:
+    """The bearer token, read as the service reads its own: a file, else VISLOC_AUTH_TOKEN
+    (the old VISLOC_TOKEN still works, with a warning)."""
+    if token_file:
+        token = Path(token_file).read_text().strip()
+        if not token:
+            raise ValueError(f"auth token file {token_file} is empty")
+        return token
+    if token := os.environ.get("VISLOC_AUTH_TOKEN"):
+        return token
+    if token := os.environ.get("VISLOC_TOKEN"):
+        _err("VISLOC_TOKEN is deprecated; use VISLOC_AUTH_TOKEN")
+        return token
+    return None
+
+
 def _option_args(parser: argparse.ArgumentParser, *, returns: bool) -> None:
     g = parser.add_argument_group("Locate options (unset: the server's defaults)")
     g.add_argument("--top-k", type=int, help="neighbours considered by SwC")
@@ -112,7 +148,8 @@ def _option_args(parser: argparse.ArgumentParser, *, returns: bool) -> None:
 
 
 def _options(args: argparse.Namespace) -> dict[str, Any]:
-    names = ("top_k", "eps_km", "conf_scale_km", "conf_threshold", "neighbours", "top_cells")
+    """The ``LocateOptions`` fields given on the command line."""
+    names = (f.name for f in dataclasses.fields(LocateOptions))
     return {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
 
 
@@ -196,10 +233,7 @@ def _client(args: argparse.Namespace) -> LocatorClient:
     tls: bool | TLSConfig = False
     if args.tls or args.ca or args.cert or args.key:
         tls = TLSConfig(ca=args.ca, cert=args.cert, key=args.key)
-    if args.token_file:
-        token: str | None = Path(args.token_file).read_text().strip()
-    else:
-        token = os.environ.get("VISLOC_TOKEN") or None
+    token = _token(args.token_file)
     # pick_first is gRPC's default: leave the service config unset for it.
     balancing = None if args.load_balancing == "pick_first" else args.load_balancing
     return LocatorClient(
@@ -532,7 +566,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as err:  # bad option values, e.g. a negative --neighbours
         _err(str(err))
         return EXIT_USAGE
-    except OSError as err:  # e.g. an unreadable --token-file or TLS file
+    except OSError as err:  # e.g. an unreadable --auth-token-file or TLS file
         _err(_describe(err))
         return EXIT_USAGE
     except KeyboardInterrupt:

@@ -1,4 +1,4 @@
-"""The blocking client: ``LocatorClient``."""
+"""The blocking client: ``LocatorClient``, a thin driver of ``UnaryCall`` and ``StreamRound``."""
 
 from __future__ import annotations
 
@@ -6,32 +6,24 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Generator, Iterable, Iterator
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
 
-from visloc_client._common import (
-    Batch,
-    ClientBase,
-    ImageInput,
-    make_options,
-    stall_error,
-    unanswered_error,
-)
+from visloc_client._common import ClientBase, ImageInput, UnaryCall
+from visloc_client._stream import Batch, Incoming, StreamEnd, StreamRound
 from visloc_client.errors import LocateError
 from visloc_client.results import BatchItem, LocateResult, ServiceInfo
 from visloc_client.v1 import locator_pb2 as pb
 
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
+    from visloc_client.results import LocateOptionArgs
+
 T = TypeVar("T")
 
 _CLOSE = object()
-
-
-class _End:
-    """The response stream is over; ``error`` is how it ended (None: cleanly)."""
-
-    def __init__(self, error: grpc.RpcError | None) -> None:
-        self.error = error
 
 
 class LocatorClient(ClientBase):
@@ -39,8 +31,14 @@ class LocatorClient(ClientBase):
 
     ``timeout`` bounds each ``locate``/``info`` call including its retries; in ``locate_many``
     it bounds the wait for the next response while requests are outstanding. Calls that fail
-    with UNAVAILABLE are retried with exponential backoff and jitter (``retries`` times); any
-    other failure raises ``LocateError`` at once.
+    with UNAVAILABLE are retried with exponential backoff and jitter (``retries`` times, or a
+    ``RetryPolicy``); any other failure raises ``LocateError`` at once.
+
+    So that the client does not make an overload worse, retries stay within a ``retry_budget``
+    (``RetryBudget``: about 10 % of the successful calls) and an ``AdaptiveThrottle`` refuses
+    calls locally (``LocateError`` RESOURCE_EXHAUSTED, "throttled client-side") in proportion to
+    how many the service has been refusing. True (the default) gives each client its own with
+    the default settings, False turns it off; an instance may be shared between clients.
 
     ``load_balancing``: None (gRPC's default, ``pick_first``: every call to one address),
     ``"pick_first"``, or ``"round_robin"`` (calls spread over every address the target resolves to, e.g. the pods
@@ -61,34 +59,18 @@ class LocatorClient(ClientBase):
         self._channel.close()
 
     def _unary(self, method: Callable[..., T], request: Any) -> T:
-        conn = self._conn
-        deadline = conn.deadline()
-        attempt = 0
+        call = UnaryCall(self._conn)
         while True:
-            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
             try:
-                return method(request, timeout=remaining, metadata=conn.metadata)
+                return call.succeeded(method(request, timeout=call.next_timeout(), metadata=self._conn.metadata))
             except grpc.RpcError as err:
-                delay = conn.retry_delay(err.code(), attempt, deadline)  # type: ignore[attr-defined]
-                if delay is None:
-                    raise LocateError.from_rpc(err) from err
-                time.sleep(delay)
-                attempt += 1
+                time.sleep(call.failed(err))
 
-    def locate(
-        self,
-        image: ImageInput,
-        *,
-        top_k: int | None = None,
-        eps_km: float | None = None,
-        conf_scale_km: float | None = None,
-        conf_threshold: float | None = None,
-        neighbours: int = 0,
-        top_cells: int = 0,
-    ) -> LocateResult:
-        """Locate one image (bytes or a path). Unset options take the server's defaults."""
-        options = make_options(top_k, eps_km, conf_scale_km, conf_threshold, neighbours, top_cells)
-        response = self._unary(self._stub.Locate, self._conn.locate_request(image, options))
+    def locate(self, image: ImageInput, **options: Unpack[LocateOptionArgs]) -> LocateResult:
+        """Locate one image (bytes or a path). ``options`` are the fields of ``LocateOptions``
+        (``top_k``, ``eps_km``, ``conf_scale_km``, ``conf_threshold``, ``neighbours``,
+        ``top_cells``); unset ones take the server's defaults."""
+        response = self._unary(self._stub.Locate, self._conn.locate_request(image, dict(options)))
         return LocateResult.from_pb(response)
 
     def info(self) -> ServiceInfo:
@@ -101,12 +83,7 @@ class LocatorClient(ClientBase):
         *,
         concurrency: int = 8,
         ordered: bool = True,
-        top_k: int | None = None,
-        eps_km: float | None = None,
-        conf_scale_km: float | None = None,
-        conf_threshold: float | None = None,
-        neighbours: int = 0,
-        top_cells: int = 0,
+        **options: Unpack[LocateOptionArgs],
     ) -> Iterator[BatchItem]:
         """Locate many images over one ``LocateStream``, at most ``concurrency`` in flight.
 
@@ -115,82 +92,55 @@ class LocatorClient(ClientBase):
         image yields an item with ``error`` and the batch goes on; per-image UNAVAILABLE is
         retried. If the stream itself fails with UNAVAILABLE it is reopened and the unanswered
         requests are sent again; any other stream failure raises ``LocateError``. The input
-        iterable is consumed lazily. Breaking out of the loop cancels the stream.
+        iterable is consumed lazily. Breaking out of the loop cancels the stream. ``options``:
+        as in ``locate``.
         """
-        options = make_options(top_k, eps_km, conf_scale_km, conf_threshold, neighbours, top_cells)
-        batch = self._conn.batch(images, options, concurrency=concurrency, ordered=ordered)
+        batch = Batch(images, dict(options), self._conn, concurrency=concurrency, ordered=ordered)
         return self._run_batch(batch)
 
     def _run_batch(self, batch: Batch) -> Iterator[BatchItem]:
-        failures = 0
         while True:
-            progressed, err = yield from self._stream_once(batch)
-            if err is None:
+            stream = StreamRound(batch, self._conn.timeout)
+            yield from self._stream_once(stream)
+            if stream.error is None:
                 return
-            failures = 0 if progressed else failures
-            delay = self._conn.retry_delay(err.code, failures, None)
-            if delay is None:
-                raise err
-            batch.on_stream_lost()
-            time.sleep(delay)
-            failures += 1
+            time.sleep(batch.after_loss(stream.error))
 
-    def _stream_once(self, batch: Batch) -> Generator[BatchItem, None, tuple[bool, LocateError | None]]:
-        """Run one stream until the batch is done or the stream fails.
-
-        Returns (whether any response arrived, the failure or None). Responses are read by a
+    def _stream_once(self, stream: StreamRound) -> Generator[BatchItem, None, None]:
+        """Run one stream until the batch is done or the stream fails. Responses are read by a
         helper thread into a queue so that this thread can time out, retry on schedule and
-        stay interruptible (Ctrl-C) while waiting.
-        """
+        stay interruptible (Ctrl-C) while waiting."""
         requests: queue.Queue[Any] = queue.Queue()
-        responses: queue.Queue[Any] = queue.Queue()
-
-        def request_iter() -> Iterator[pb.LocateRequest]:
-            while (item := requests.get()) is not _CLOSE:
-                yield item
-
-        call = self._stub.LocateStream(request_iter(), metadata=self._conn.metadata)
-
-        def pump() -> None:
-            try:
-                for msg in call:
-                    responses.put(msg)
-            except grpc.RpcError as err:
-                responses.put(_End(err))
-            else:
-                responses.put(_End(None))
-
-        threading.Thread(target=pump, name="visloc-stream-reader", daemon=True).start()
-        timeout = self._conn.timeout
-        progressed = False
-        last = time.monotonic()
-        closed = False
+        responses: queue.Queue[Incoming] = queue.Queue()
+        call = self._stub.LocateStream(iter(requests.get, _CLOSE), metadata=self._conn.metadata)
+        threading.Thread(target=_read, args=(call, responses), name="visloc-stream-reader", daemon=True).start()
         try:
             while True:
-                now = time.monotonic()
-                for request in batch.requests(now):
+                for request in stream.requests():
                     requests.put(request)
-                    last = now
-                yield from batch.ready()
-                if batch.done():
-                    requests.put(_CLOSE)
-                    closed = True
-                    return progressed, None
-                now = time.monotonic()
-                if batch.stalled(now, last, timeout):
-                    return progressed, stall_error(timeout)
-                try:
-                    msg = responses.get(timeout=batch.wait_time(now, last, timeout))
-                except queue.Empty:
-                    continue
-                if isinstance(msg, _End):
-                    if msg.error is not None:
-                        return progressed, LocateError.from_rpc(msg.error)
-                    return progressed, unanswered_error(batch)
-                progressed = True
-                last = time.monotonic()
-                batch.on_response(msg, last)
+                yield from stream.ready()
+                if stream.over():
+                    return
+                stream.receive(_next(responses, stream.wait_time()))
         finally:
-            if not closed:
-                requests.put(_CLOSE)
+            requests.put(_CLOSE)
+            if not stream.clean:
                 call.cancel()
+
+
+def _read(call: Iterator[pb.LocateStreamResponse], responses: queue.Queue[Incoming]) -> None:
+    """The reader thread: every response, then how the stream ended."""
+    try:
+        for msg in call:
+            responses.put(msg)
+    except grpc.RpcError as err:
+        responses.put(StreamEnd(LocateError.from_rpc(err)))
+    else:
+        responses.put(StreamEnd())
+
+
+def _next(responses: queue.Queue[Incoming], timeout: float | None) -> Incoming:
+    try:
+        return responses.get(timeout=timeout)
+    except queue.Empty:
+        return None

@@ -6,10 +6,12 @@ import dataclasses
 import enum
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypedDict, TypeVar
 
 from visloc_client.errors import LocateError
 from visloc_client.v1 import locator_pb2 as pb
+
+_C = TypeVar("_C", bound="_Copied")
 
 
 class Method(str, enum.Enum):
@@ -40,6 +42,14 @@ def _from_fields(cls: Any, msg: Any, **converted: Any) -> Any:
     return cls(
         **{f.name: converted[f.name] if f.name in converted else getattr(msg, f.name) for f in dataclasses.fields(cls)}
     )
+
+
+class _Copied:
+    """A view whose fields are copies of the message's fields of the same names."""
+
+    @classmethod
+    def from_pb(cls: type[_C], msg: Any) -> _C:
+        return _from_fields(cls, msg)  # type: ignore[no-any-return]
 
 
 @dataclass(frozen=True)
@@ -86,20 +96,28 @@ class LocateOptions:
         )
 
 
+class LocateOptionArgs(TypedDict, total=False):
+    """``LocateOptions`` as keywords, for type checkers: ``client.locate(image, **options)``
+    (a test keeps the two in step)."""
+
+    top_k: int | None
+    eps_km: float | None
+    conf_scale_km: float | None
+    conf_threshold: float | None
+    neighbours: int
+    top_cells: int
+
+
 @dataclass(frozen=True)
-class Cell:
+class Cell(_Copied):
     id: int
     lat: float
     lon: float
     probability: float
 
-    @classmethod
-    def from_pb(cls, msg: pb.Cell) -> Cell:
-        return _from_fields(cls, msg)
-
 
 @dataclass(frozen=True)
-class Neighbour:
+class Neighbour(_Copied):
     """A background image that SwC considered; ``row_id`` indexes the upstream collection."""
 
     row_id: int
@@ -109,19 +127,15 @@ class Neighbour:
     cluster: int
     in_prediction: bool
 
-    @classmethod
-    def from_pb(cls, msg: pb.Neighbour) -> Neighbour:
-        return _from_fields(cls, msg)
-
 
 @dataclass(frozen=True)
-class ScaleDensity:
+class ScaleDensity(_Copied):
     scale_km: float
     density: float
 
 
 @dataclass(frozen=True)
-class Timings:
+class Timings(_Copied):
     """Server-side milliseconds per stage (``queue_ms``: waiting to be batched for Triton)."""
 
     decode_ms: float = 0.0
@@ -131,10 +145,6 @@ class Timings:
     swc_ms: float = 0.0
     pd_ms: float = 0.0
     total_ms: float = 0.0
-
-    @classmethod
-    def from_pb(cls, msg: pb.StageTimings) -> Timings:
-        return _from_fields(cls, msg)
 
 
 @dataclass(frozen=True)
@@ -168,7 +178,7 @@ class LocateResult:
             msg,
             method=Method.from_pb(msg.method),
             top_cell=Cell.from_pb(msg.top_cell) if msg.HasField("top_cell") else None,
-            prediction_density=tuple(ScaleDensity(d.scale_km, d.density) for d in msg.prediction_density),
+            prediction_density=tuple(ScaleDensity.from_pb(d) for d in msg.prediction_density),
             neighbours=tuple(Neighbour.from_pb(n) for n in msg.neighbours),
             top_cells=tuple(Cell.from_pb(c) for c in msg.top_cells),
             timings=Timings.from_pb(msg.timings),
