@@ -248,3 +248,19 @@ def test_a_checkpoint_of_only_skipped_photos(tiny_base, tmp_path):
     report = json.loads((new.path / I.REPORT).read_text())
     assert new.num_background == 2 and report["counts"]["skipped"] == 2
     assert sorted(np.asarray(new.labels)[:, 0].tolist()) == [40.0, 41.0]
+
+
+def test_many_shapes_do_not_wait_for_full_batches(tiny_base, tmp_path, monkeypatch):
+    """Photos of 70 aspect ratios at batch size 32: groups are sent before the checkpoint, so
+    decoded photos waiting for a batch stay bounded; every photo is indexed once."""
+    rng = np.random.default_rng(9)
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i in range(70):
+        (folder / f"s{i:02d}.jpg").write_bytes(jpeg(rng.integers(0, 256, (12, 12 + i, 3), dtype=np.uint8), (1.0, i)))
+    sizes = []
+    real = I.OnnxEmbedder.submit
+    monkeypatch.setattr(I.OnnxEmbedder, "submit", lambda self, batch: sizes.append(len(batch)) or real(self, batch))
+    new = I.build_index(tiny_base.path, tmp_path / "new", photos=folder, options=I.Options(batch_size=32))
+    assert new.num_background == 70 and sum(sizes) == 70
+    assert len(sizes) > 1  # some groups went before the end of the run

@@ -209,6 +209,9 @@ def embed_photos(sources: list[Source], embedder, ckpt: _Checkpoint, opts: Optio
         while len(inflight) > opts.concurrency:
             take_oldest()
 
+    # Photos of one shape wait to fill a batch; with many aspect ratios that could be thousands
+    # of decoded images, so past this many the largest group goes as it is.
+    max_waiting = max(2 * opts.batch_size, 64)
     position = ckpt.position
     bar = tqdm(
         total=len(sources),
@@ -231,6 +234,8 @@ def embed_photos(sources: list[Source], embedder, ckpt: _Checkpoint, opts: Optio
                 groups.setdefault(item.array.shape, []).append(item)
                 if len(groups[item.array.shape]) >= opts.batch_size:
                     dispatch(item.array.shape)
+                elif sum(map(len, groups.values())) > max_waiting:  # many shapes: send the largest group
+                    dispatch(max(groups, key=lambda k: len(groups[k])))
             while inflight and inflight[0][1].done():
                 take_oldest()
             bar.update(1)
