@@ -7,7 +7,10 @@ For in-process onnxruntime and for Triton (the embedded local one), in turn:
 2. index: ``build_index`` over the geotagged JPEGs (read, hash, EXIF, preprocess, embed,
    checkpoint), pass 1 only timed, then the bundle assembly separately;
 3. raw again; the ratio is index / mean(raw before, raw after); steps 2-3 repeat ``--rounds``
-   times and the median round is reported (all rounds are kept in the JSON).
+   times and the median round is reported (all rounds are kept in the JSON). CPU seconds per
+   photo (this process and the local Triton) are measured for every run too: on a shared
+   machine they move far less than wall time, so raw / index CPU per photo is the steadier
+   figure of what indexing adds to the model.
 
 Results: bench/results/index.json and the "Indexing your own photos" section of
 docs/BENCHMARKS.md (``bench/report.py`` renders it; ``make bench`` keeps it).
@@ -19,13 +22,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
+import statistics
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
+from bench.procstat import tree_cpu_s
 from swc_service import bundle as B
 from swc_service import samples
 from swc_service.preprocessing import preprocess
@@ -43,9 +49,15 @@ def _photos(folder: Path, count: int) -> list[Path]:
     return paths
 
 
-def _raw(embedder, arrays: list[np.ndarray], batch: int, concurrency: int) -> float:
-    """Photos per second of the model alone, fed like the indexer feeds it."""
+def _cpu_s() -> float:
+    """CPU seconds of this process and its children (the local Triton and its stubs)."""
+    return tree_cpu_s(os.getpid())
+
+
+def _raw(embedder, arrays: list[np.ndarray], batch: int, concurrency: int) -> tuple[float, float]:
+    """(photos per second, CPU seconds per photo) of the model alone, fed like the indexer feeds it."""
     embedder.run(arrays[0][None])  # warm up
+    cpu = _cpu_s()
     start = time.perf_counter()
     inflight = []
     for a in range(0, len(arrays), batch):
@@ -54,20 +66,21 @@ def _raw(embedder, arrays: list[np.ndarray], batch: int, concurrency: int) -> fl
             inflight.pop(0).result()
     for f in inflight:
         f.result()
-    return len(arrays) / (time.perf_counter() - start)
+    return len(arrays) / (time.perf_counter() - start), (_cpu_s() - cpu) / len(arrays)
 
 
-def _index(bundle: Path, photos: Path, out: Path, options, triton_url: str | None) -> tuple[float, float]:
-    """(photos/s of pass 1, seconds of the assembly)."""
+def _index(bundle: Path, photos: Path, out: Path, options, triton_url: str | None) -> tuple[float, float, float]:
+    """(photos/s of pass 1, CPU seconds per photo in pass 1, seconds of the assembly)."""
     from visloc_export import index as I
 
     timings = {}
     real_embed, real_assemble = I.embed_photos, I.assemble
 
     def embed(*args, **kw):
-        t = time.perf_counter()
+        t, cpu = time.perf_counter(), _cpu_s()
         real_embed(*args, **kw)
         timings["embed"] = time.perf_counter() - t
+        timings["cpu"] = _cpu_s() - cpu
 
     def assemble(*args, **kw):
         t = time.perf_counter()
@@ -80,7 +93,8 @@ def _index(bundle: Path, photos: Path, out: Path, options, triton_url: str | Non
         new = I.build_index(bundle, out, photos=photos, triton_url=triton_url, options=options)
     finally:
         I.embed_photos, I.assemble = real_embed, real_assemble
-    return new.manifest["index"]["counts"]["indexed"] / timings["embed"], timings["assemble"]
+    n = new.manifest["index"]["counts"]["indexed"]
+    return n / timings["embed"], timings["cpu"] / n, timings["assemble"]
 
 
 def run(bundle: Path, count: int, work: Path, rounds: int = 3) -> dict:
@@ -91,7 +105,7 @@ def run(bundle: Path, count: int, work: Path, rounds: int = 3) -> dict:
     paths = _photos(work / "photos", count)
     arrays = [preprocess(p.read_bytes()).array for p in paths]
     out: dict = {
-        "machine": {"cpus": __import__("os").cpu_count(), "python": platform.python_version()},
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
         "when": time.strftime("%Y-%m-%d %H:%M:%S"),
         "photos": count,
         "rounds": rounds,
@@ -104,19 +118,24 @@ def run(bundle: Path, count: int, work: Path, rounds: int = 3) -> dict:
         is compared with the mean of the raw runs on either side of it; the median round counts."""
         emb = make_embedder()
         try:
-            raws = [_raw(emb, arrays, opts.batch_size, opts.concurrency)]
-            rates, assemble = [], []
+            raws, raw_cpu = map(list, zip(_raw(emb, arrays, opts.batch_size, opts.concurrency)))
+            rates, index_cpu, assemble = [], [], []
             for k in range(rounds):
-                rate, assemble_s = _index(bundle, work / "photos", work / f"new-{name}-{k}", opts, url)
+                rate, cpu, assemble_s = _index(bundle, work / "photos", work / f"new-{name}-{k}", opts, url)
                 rates.append(rate)
+                index_cpu.append(cpu)
                 assemble.append(assemble_s)
-                raws.append(_raw(emb, arrays, opts.batch_size, opts.concurrency))
+                raw_rate, cpu = _raw(emb, arrays, opts.batch_size, opts.concurrency)
+                raws.append(raw_rate)
+                raw_cpu.append(cpu)
         finally:
             emb.close()
         ratios = [rate / ((raws[k] + raws[k + 1]) / 2) for k, rate in enumerate(rates)]
+        # CPU per photo is far less sensitive to other tenants than wall time: raw / index.
+        cpu_ratio = statistics.median(raw_cpu) / statistics.median(index_cpu)
         mid = sorted(range(rounds), key=lambda k: ratios[k])[rounds // 2]
         print(f"{name}: raw {[round(x, 2) for x in raws]} photos/s, index {[round(x, 2) for x in rates]}, ratios "
-              f"{[round(x, 3) for x in ratios]}")  # fmt: skip
+              f"{[round(x, 3) for x in ratios]}, CPU/photo raw {raw_cpu}, index {index_cpu}")  # fmt: skip
         return {
             "raw_per_s": (raws[mid] + raws[mid + 1]) / 2,
             "raw_before_after": [raws[mid], raws[mid + 1]],
@@ -126,6 +145,8 @@ def run(bundle: Path, count: int, work: Path, rounds: int = 3) -> dict:
                 {"raw_before": raws[k], "index": rates[k], "raw_after": raws[k + 1], "ratio": ratios[k]}
                 for k in range(rounds)
             ],
+            "cpu_s_per_photo": {"raw": statistics.median(raw_cpu), "index": statistics.median(index_cpu)},
+            "cpu_ratio": cpu_ratio,
             "assemble_s": assemble[mid],
             "batch_size": opts.batch_size,
             "concurrency": opts.concurrency,
