@@ -21,6 +21,7 @@ docs/BENCHMARKS.md (``bench/report.py`` renders it; ``make bench`` keeps it).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -31,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.procstat import tree_cpu_s
+from bench.procstat import proc_stat
 from swc_service import bundle as B
 from swc_service import samples
 from swc_service.preprocessing import preprocess
@@ -49,9 +50,26 @@ def _photos(folder: Path, count: int) -> list[Path]:
     return paths
 
 
+_ROOTS: list[int] = [os.getpid()]  # plus the local Triton's pid while it runs
+
+
 def _cpu_s() -> float:
-    """CPU seconds of this process and its children (the local Triton and its stubs)."""
-    return tree_cpu_s(os.getpid())
+    """CPU seconds of this process, the local Triton and their descendants, each counted once."""
+    seen: set[int] = set()
+    todo = list(_ROOTS)
+    while todo:
+        pid = todo.pop()
+        if pid in seen:
+            continue
+        seen.add(pid)
+        for task in Path(f"/proc/{pid}/task").glob("*"):
+            with contextlib.suppress(FileNotFoundError, ProcessLookupError):  # ended meanwhile
+                todo += [int(c) for c in (task / "children").read_text().split()]
+    total = 0.0
+    for pid in seen:
+        with contextlib.suppress(FileNotFoundError, ProcessLookupError):  # ended meanwhile
+            total += proc_stat(pid).cpu_s
+    return total
 
 
 def _raw(embedder, arrays: list[np.ndarray], batch: int, concurrency: int) -> tuple[float, float]:
@@ -155,6 +173,7 @@ def run(bundle: Path, count: int, work: Path, rounds: int = 3) -> dict:
     model = B.load_bundle(bundle).model_path
     out["in_process"] = measure(lambda: OnnxEmbedder(model), Options(batch_size=1, concurrency=1), "ort", None)
     with LocalTriton(bundle, threads=0) as triton:
+        _ROOTS.append(triton.pid)
         out["triton"] = measure(
             lambda: TritonEmbedder(triton.grpc_url, "visloc"),
             Options(batch_size=4, concurrency=4),
