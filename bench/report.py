@@ -259,8 +259,9 @@ def index_section(r: dict) -> list[str]:
         "",
         "Decoding and preprocessing run on a thread pool ahead of the model (onnxruntime and PIL release the "
         "GIL), so on a CPU the indexer gives up only what preprocessing takes from the model's cores. On a "
-        "GPU Triton the model is no longer the bottleneck and the indexer's own preprocessing sets the rate: "
-        "raise `--workers` (threads decoding and resizing) and run one indexer per host share if needed.",
+        "GPU Triton the model is no longer the bottleneck and the indexer's own decoding sets the rate: raise "
+        "`--workers` (threads decoding and resizing) and `--batch-size`/`--concurrency`. No GPU was lent to this "
+        "session, so that regime is not measured here.",
         "",
     ]
 
