@@ -10,20 +10,21 @@ BUNDLE ?=
 DEMO_BUNDLE := .cache/demo-bundle
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test lint format proto bench soak clean help
+.PHONY: setup demo test lint format proto bench soak capacity clean help
 
 help:
 	@echo "make demo      local Triton + Locate service + sample images (DEMO_ONESHOT=1 to exit after)"
 	@echo "make test      ruff + pytest"
 	@echo "make demo BUNDLE=DIR   serve another bundle (e.g. imported with visloc-export upstream)"
 	@echo "make bench     benchmarks -> bench/results, docs/BENCHMARKS.md"
+	@echo "make capacity  10x spike through the prod HPAs -> bench/results/capacity.json, docs/img (docs/capacity.md)"
 
-$(STAMP): client/pyproject.toml swc_service/pyproject.toml swc_service/setup.py export/pyproject.toml requirements-dev.txt
+$(STAMP): pyproject.toml client/pyproject.toml swc_service/pyproject.toml swc_service/setup.py export/pyproject.toml requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# torch first and pinned: the CPU build on this machine's disk, never the CUDA one.
 	$(PY) -m pip install -q "torch==2.13.0"
-	$(PY) -m pip install -q -e "./client[plot,exif]" -e "./swc_service[triton]" -e ./export -r requirements-dev.txt
+	$(PY) -m pip install -q -e "./client[plot,web,exif]" -e "./swc_service[triton]" -e ./export -e . -r requirements-dev.txt
 	touch $(STAMP)
 	touch $(KERNELS)
 
@@ -39,7 +40,7 @@ $(DEMO_BUNDLE)/manifest.json: | $(KERNELS)
 	$(VENV)/bin/visloc-export demo --out $(DEMO_BUNDLE)
 
 demo: $(KERNELS) $(if $(BUNDLE),,$(DEMO_BUNDLE)/manifest.json)
-	$(PY) -m swc_service.demo --bundle $(if $(BUNDLE),$(BUNDLE),$(DEMO_BUNDLE))
+	$(PY) -m devtools.demo --bundle $(if $(BUNDLE),$(BUNDLE),$(DEMO_BUNDLE))
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
@@ -61,9 +62,19 @@ proto: $(STAMP)
 bench: $(KERNELS)
 	$(PY) -m bench.run
 
+# Overload (issue 17): capacity, then 4x and 12x the clients with 2 s deadlines, and two callers;
+# -> bench/results/overload.json and the Overload section of docs/BENCHMARKS.md (bounded, ~4 min).
+.PHONY: overload
+overload: $(KERNELS) $(DEMO_BUNDLE)/manifest.json
+	$(PY) -m bench.overload --bundle $(DEMO_BUNDLE)
+
 # A bounded soak at saturation on loopback (SOAK_SECONDS, default 600): 0 errors, no growth.
 soak: $(KERNELS) $(DEMO_BUNDLE)/manifest.json
 	$(PY) -m bench.soak --bundle $(DEMO_BUNDLE)
+
+# The 10x spike simulation (docs/capacity.md): measured costs through the prod overlay's HPAs.
+capacity: $(STAMP)
+	$(PY) -m bench.capacity_sim --json bench/results/capacity.json
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache .ruff_cache .hypothesis

@@ -22,7 +22,7 @@ trap 'docker rm -f visloc-triton-bench >/dev/null 2>&1 || true; rm -rf "$work"' 
 mkdir -p "$out"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$out/gpu.csv"
 
-run_case() {  # $1: name, $2: model repository (writable: TensorRT caches its engines there)
+run_case() {  # $1: name, $2: model repository (TensorRT caches its engines in the container's /var/cache/triton)
   docker rm -f visloc-triton-bench >/dev/null 2>&1 || true
   docker run -d --name visloc-triton-bench --gpus 1 --shm-size 1g -p 127.0.0.1:18001:8001 \
     -v "$2":/models "$triton_image" tritonserver --model-repository=/models \

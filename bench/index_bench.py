@@ -34,8 +34,8 @@ import numpy as np
 
 from bench.procstat import proc_stat
 from swc_service import bundle as B
-from swc_service import samples
 from swc_service.preprocessing import preprocess
+from visloc_export import samples
 
 
 def _photos(folder: Path, count: int) -> list[Path]:
@@ -116,7 +116,7 @@ def _index(bundle: Path, photos: Path, out: Path, options, triton_url: str | Non
 
 
 def run(bundle: Path, count: int, work: Path, rounds: int = 3) -> dict:
-    from swc_service.triton_local import LocalTriton
+    from devtools.triton_local import LocalTriton
     from visloc_export.index import Options
     from visloc_export.index_embed import OnnxEmbedder, TritonEmbedder
 

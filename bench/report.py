@@ -211,8 +211,69 @@ def write_report(r: dict, md_path: Path, img_dir: Path) -> None:
     lines += _analysis(r, q)
     if INDEX_RESULTS.is_file():  # bench/index_bench.py, run on its own
         lines += index_section(json.loads(INDEX_RESULTS.read_text()))
+    if OVERLOAD_JSON.is_file():  # `make overload`'s section survives a `make bench`
+        lines += overload_section(json.loads(OVERLOAD_JSON.read_text()))
     md_path.parent.mkdir(parents=True, exist_ok=True)
     md_path.write_text("\n".join(lines) + "\n")
+
+
+# --------------------------------------------------------------------------- make overload
+
+OVERLOAD_JSON = Path(__file__).resolve().parent / "results" / "overload.json"
+OVERLOAD_HEADING = "## Overload (`make overload`)"
+
+
+def _s(v: float | None, scale: float = 1.0, fmt: str = ".2f") -> str:
+    return "-" if v is None else format(v * scale, fmt)
+
+
+def overload_section(o: dict) -> list[str]:
+    """bench/results/overload.json (bench/overload.py) as a Markdown section."""
+    d = o["deadline_s"]
+    cap = o["capacity_per_s"]
+    lines = [
+        OVERLOAD_HEADING,
+        "",
+        f"Issue 17, run {o['when']} on {o['cpus']} CPUs (`bench/overload.py`, bundle `{o['bundle']}`): capacity "
+        f"with 4 clients, then 4x and 12x the clients for {o['seconds']:.0f} s each, every call with a {d:.0f} s "
+        f"deadline; a refused client (RESOURCE_EXHAUSTED/UNAVAILABLE) backs off {o['backoff_s'][0] * 1e3:.0f}-"
+        f'{o["backoff_s"][1] * 1e3:.0f} ms and calls again. "after": 4 clients once the load stopped (after '
+        "one deadline of quiet).",
+        "",
+        f"Capacity (4 clients, no deadline): **{cap:.2f} images/s**. Load average (1 min) before/after the "
+        f"run: {o.get('loadavg_before', float('nan')):.1f} / {o.get('loadavg_after', float('nan')):.1f} "
+        "(other work on the machine moves every figure).",
+        "",
+        "| offered | clients | calls | goodput img/s | / capacity | OK p99 s | refused p50 s | codes | after: OK |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    rows = list(o["phases"].items())
+    if o.get("two_callers"):
+        rows.append(("A 12x + B 0.5x", o["two_callers"]))
+    for name, p in rows:
+        codes = ", ".join(f"{k} {v}" for k, v in sorted(p["codes"].items()))
+        lines.append(
+            f"| {name} | {p['clients']} | {p['calls']} | {p['goodput_per_s']:.2f} | {p['goodput_per_s'] / cap:.2f} "
+            f"| {_s(p['ok_p99_s'])} | {_s(p['refused_p50_s'])} | {codes} | {_s(p['after']['ok_share'], 100, '.1f')} % |"
+        )
+    if o.get("note"):
+        lines += ["", o["note"]]
+    two = o.get("two_callers")
+    if two:
+        lines += ["", "Two callers" + ("" if o["named_callers"] else " (the service took no callers file: both "
+                  "calls shared one identity, so per-caller limits could not apply)") + ":", ""]  # fmt: skip
+        for name, c in two["callers"].items():
+            lines.append(f"- caller {name}: {c['calls']} calls, {_s(c['ok_share'], 100, '.1f')} % OK, goodput "
+                         f"{c['goodput_per_s']:.2f} img/s")  # fmt: skip
+    if o.get("targets"):
+        lines += ["", "Targets (issue 17):", ""]
+        lines += [f"- {'met' if ok else '**missed**'}: {name}" for name, ok in o["targets"].items()]
+    return lines + [""]
+
+
+def write_overload_section(md_path: Path, o: dict) -> None:
+    """Replace (or append) the Overload section of docs/BENCHMARKS.md, leaving the rest as it is."""
+    put_section(md_path, OVERLOAD_HEADING, overload_section(o))
 
 
 INDEX_RESULTS = Path(__file__).resolve().parent / "results" / "index.json"
@@ -268,15 +329,21 @@ def index_section(r: dict) -> list[str]:
 
 def replace_section(md_path: Path, r: dict) -> None:
     """Put the indexing section into an existing BENCHMARKS.md (replacing an older one)."""
+    put_section(md_path, INDEX_HEADING, index_section(r))
+
+
+def put_section(md_path: Path, heading: str, lines: list[str]) -> None:
+    """Replace (or append) the section under ``heading`` in ``md_path``, leaving the rest as it is
+    (sections measured by their own scripts survive one another)."""
     text = md_path.read_text() if md_path.is_file() else "# Benchmarks\n"
-    section = "\n".join(index_section(r))
-    if INDEX_HEADING in text:
-        head, _, rest = text.partition(INDEX_HEADING)
-        nxt = rest.find("\n## ")
-        text = head + section + (rest[nxt + 1 :] if nxt >= 0 else "")
+    section = "\n".join(lines).rstrip("\n")
+    start = text.find(heading)
+    if start < 0:
+        text = text.rstrip("\n") + "\n\n" + section + "\n"
     else:
-        text = text.rstrip("\n") + "\n\n" + section
-    md_path.write_text(text.rstrip("\n") + "\n")
+        end = text.find("\n## ", start + len(heading))
+        text = text[:start] + section + ("\n\n" + text[end + 1 :] if end >= 0 else "\n")
+    md_path.write_text(text)
 
 
 def _analysis(r: dict, q: dict) -> list[str]:

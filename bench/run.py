@@ -33,12 +33,13 @@ import numpy as np
 
 from bench.load import run_load
 from bench.procstat import proc_stat, tree_cpu_s
-from swc_service import samples
+from devtools.net import free_port, wait_serving
 from swc_service.bundle import load_bundle
 from swc_service.method import DensityIndex, search_within_cell
 from swc_service.preprocessing import preprocess
 from visloc_client.v1 import locator_pb2 as pb
 from visloc_client.v1 import locator_pb2_grpc as pb_grpc
+from visloc_export import samples
 
 CONCURRENCIES = (1, 4, 8, 16, 32)
 BATCHES = (1, 2, 4, 8, 16)
@@ -48,14 +49,6 @@ MIX = ((400, 300), (300, 400), (533, 300), (300, 300))  # 4:3, 3:4, 16:9, 1:1
 
 def log(msg: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # --------------------------------------------------------------------------- 1. ORT ceiling
@@ -129,13 +122,13 @@ def raw_triton(triton, concurrency: int, seconds: float):
     return go()
 
 
-def locate_unary(target: str, images: list[bytes], concurrency: int, seconds: float):
+def locate_unary(target: str, images: list[bytes], concurrency: int, seconds: float, metadata=None):
     async def go():
         async with grpc.aio.insecure_channel(target) as ch:
             stub = pb_grpc.LocatorStub(ch)
 
             async def call(i: int):
-                await stub.Locate(pb.LocateRequest(image=images[i % len(images)]), timeout=120)
+                await stub.Locate(pb.LocateRequest(image=images[i % len(images)]), timeout=120, metadata=metadata)
 
             return await run_load(call, concurrency, seconds, warmup_calls=2)
 
@@ -181,18 +174,8 @@ class Service:
         self.startup_s = self._wait_serving()
 
     def _wait_serving(self, timeout: float = 120) -> float:
-        from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-        with grpc.insecure_channel(self.target) as ch:
-            stub = health_pb2_grpc.HealthStub(ch)
-            while time.monotonic() - self.started < timeout:
-                try:
-                    if stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status == 1:
-                        return time.monotonic() - self.started
-                except grpc.RpcError:
-                    pass
-                time.sleep(0.01)
-        raise TimeoutError("service not SERVING")
+        wait_serving(self.target, timeout, proc=self.proc, poll_s=0.01)
+        return time.monotonic() - self.started
 
     def stop(self) -> None:
         self.proc.terminate()
@@ -377,7 +360,7 @@ def ensure_bundle(path: Path, cells: int, background: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from swc_service.triton_local import LocalTriton
+    from devtools.triton_local import LocalTriton
 
     p = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__)
     p.add_argument("--bundle", default=".cache/bench/bundle-upstream-scale")

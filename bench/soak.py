@@ -18,9 +18,9 @@ from dataclasses import asdict, dataclass
 import grpc
 
 from bench.procstat import ProcStat, proc_stat
-from swc_service import samples
 from visloc_client.v1 import locator_pb2 as pb
 from visloc_client.v1 import locator_pb2_grpc as pb_grpc
+from visloc_export import samples
 
 
 @dataclass
@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     import os
     import subprocess
 
-    from swc_service.triton_local import LocalTriton
+    from devtools.triton_local import LocalTriton
 
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--bundle", default=".cache/demo-bundle")

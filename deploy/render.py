@@ -46,7 +46,7 @@ def dev_triton_config(cells: int = DEV_CELLS) -> str:
     from google.protobuf import text_format
     from tritonclient.grpc import model_config_pb2 as mc
 
-    from swc_service.triton_local import production_config
+    from swc_service.triton_config import production_config
 
     cfg = production_config(cells, PRODUCTION_CONFIG)
     cfg.ClearField("optimization")  # TensorRT execution accelerator (GPU only)

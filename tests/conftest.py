@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import pytest
+
+from devtools.net import free_port, wait_serving
+
+__all__ = ["free_port", "wait_serving"]  # the test files import both from here
 
 
 def dependency_closure(*roots: str) -> set[str]:
@@ -62,13 +64,6 @@ def final_stage(instructions: list[tuple[str, str]]) -> list[tuple[str, str]]:
     return instructions[starts[-1] :]
 
 
-def free_port() -> int:
-    """A free TCP port on 127.0.0.1 (tests only ever listen on loopback)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def demo_bundle(tmp_path_factory) -> Path:
     """A small demo bundle (M=2000, N=20000) built by the real exporter, once per session."""
@@ -77,25 +72,6 @@ def demo_bundle(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("bundles") / "demo"
     build_demo(out, cells=2000, background=20_000, seed=0)
     return out
-
-
-def wait_serving(target: str, timeout: float = 60.0, service: str = "") -> None:
-    """Block until the gRPC health check of ``target`` says SERVING."""
-    import grpc
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-    deadline = time.monotonic() + timeout
-    with grpc.insecure_channel(target) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        while time.monotonic() < deadline:
-            try:
-                status = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=1).status
-                if status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.RpcError:
-                pass
-            time.sleep(0.1)
-    raise TimeoutError(f"{target} did not become SERVING within {timeout} s")
 
 
 class ServiceProcess:
@@ -129,7 +105,7 @@ class ServiceProcess:
 @pytest.fixture(scope="session")
 def local_triton(demo_bundle):
     """The real embedded Triton serving the demo bundle (one per session)."""
-    from swc_service.triton_local import LocalTriton
+    from devtools.triton_local import LocalTriton
 
     with LocalTriton(demo_bundle, threads=2) as triton:
         yield triton

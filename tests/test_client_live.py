@@ -19,7 +19,7 @@ N_IMAGES = 20
 
 @pytest.fixture
 def dataset(tmp_path: Path) -> tuple[Path, Path, dict[str, tuple[float, float]]]:
-    from swc_service.samples import photo_bytes
+    from visloc_export.samples import photo_bytes
 
     images = tmp_path / "images"
     images.mkdir()

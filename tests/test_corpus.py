@@ -7,12 +7,11 @@ import grpc
 import pytest
 from corpus.cases import CASES, OK, _exif, _photo, _save
 
-from swc_service import samples
 from swc_service.config import Settings
-from swc_service.locator import prepare_input
-from swc_service.preprocessing import Limits
+from swc_service.preprocessing import Limits, preprocess
 from visloc_client.v1 import locator_pb2 as pb
 from visloc_client.v1 import locator_pb2_grpc as pb_grpc
+from visloc_export import samples
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +43,7 @@ def test_corpus_case(stub, case):
 
 def test_exif_orientation_applied_when_enabled():
     data = _save(_photo(), "JPEG", exif=_exif(orientation=6))  # stored 400x300, displayed 300x400
-    as_stored = prepare_input(data, Settings(bundle="-"), Limits())
-    rotated = prepare_input(data, Settings(bundle="-", exif_transpose=True), Limits())
+    as_stored = preprocess(data, Limits(), exif_transpose=Settings(bundle="-").exif_transpose)
+    rotated = preprocess(data, Limits(), exif_transpose=True)
     assert as_stored.array.shape[:2] == (300, 400)
     assert rotated.array.shape[:2] == (400, 300)

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import importlib.util
 import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -24,11 +26,12 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import dependency_closure, dockerfile, final_stage, free_port
+from conftest import ServiceProcess, dependency_closure, dockerfile, final_stage, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "k8s"
 DEPLOY = ROOT / "deploy"
+LIVENESS = K8S / "base" / "swc-service" / "liveness.py"
 
 # Every kustomization in k8s/ (overlays are the deployable ones; base is rendered through them).
 KUSTOMIZATIONS = {
@@ -48,6 +51,11 @@ EXTERNAL_SECRETS = {"swc-service-auth"}
 # Volumes that are not stateful and never reach the node's filesystem.
 ALLOWED_VOLUME_TYPES = {"emptyDir", "configMap", "secret", "persistentVolumeClaim", "projected", "downwardAPI"}
 TRITON_IMAGE = "nvcr.io/nvidia/tritonserver:24.10-py3"
+# Workloads that talk to the Kubernetes API (and so mount a token), each with its own account.
+API_CLIENTS = {"custom-metrics-adapter": "custom-metrics-adapter"}
+# What kube-prometheus' own adapter owns (resource metrics behind metrics.k8s.io): never replaced.
+KUBE_PROMETHEUS_ADAPTER = {("ConfigMap", "adapter-config"), ("Deployment", "prometheus-adapter"),
+                           ("APIService", "v1beta1.metrics.k8s.io")}  # fmt: skip
 
 
 # --------------------------------------------------------------------------- rendering
@@ -243,7 +251,11 @@ def test_every_container_is_bounded_and_unprivileged(name):
         pod_sc = spec.get("securityContext", {})
         assert pod_sc.get("seccompProfile", {}).get("type") == "RuntimeDefault", where
         assert not (spec.get("hostNetwork") or spec.get("hostPID") or spec.get("hostIPC")), where
-        assert spec.get("automountServiceAccountToken") is False, f"{where}: no API access needed"
+        account = API_CLIENTS.get(workload["metadata"]["name"])
+        if account is None:
+            assert spec.get("automountServiceAccountToken") is False, f"{where}: no API access needed"
+        else:
+            assert spec.get("serviceAccountName") == account, f"{where}: API access under its own account"
         for vol in spec.get("volumes", []):
             assert set(vol) - {"name"} <= ALLOWED_VOLUME_TYPES, f"{where}: volume {vol}"
         for role, c in all_containers(spec):
@@ -297,6 +309,52 @@ def test_triton_probes_ports_and_gpu(name):
     assert volumes["bundle"]["persistentVolumeClaim"]["readOnly"] is True
 
 
+def _trt_cache_path() -> str:
+    """trt_engine_cache_path of config.pbtxt's TensorRT opt-in block, uncommented and parsed."""
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2 as mc
+
+    text = (ROOT / "model_repository" / "visloc" / "config.pbtxt").read_text()
+    block = text.split("# BEGIN tensorrt\n", 1)[1].split("# END tensorrt", 1)[0]
+    cfg = text_format.Parse("\n".join(line.removeprefix("# ") for line in block.splitlines()), mc.ModelConfig())
+    (accelerator,) = cfg.optimization.execution_accelerators.gpu_execution_accelerator
+    assert accelerator.name == "tensorrt" and accelerator.parameters["trt_engine_cache_enable"] == "true"
+    return accelerator.parameters["trt_engine_cache_path"]
+
+
+@pytest.mark.parametrize("name", OVERLAYS)
+def test_tensorrt_cache_is_on_a_writable_volume(name):
+    """The TensorRT opt-in's engine cache lies on a writable volume of the Triton container, not
+    under the read-only model repository (k8s and compose)."""
+    cache = Path(_trt_cache_path())
+    spec = one(name, "Deployment", "triton")["spec"]["template"]["spec"]
+    (c,) = spec["containers"]
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    covering = [m for m in c["volumeMounts"] if cache.is_relative_to(m["mountPath"])]
+    assert covering, f"{cache} is on no volume of the Triton container (the root filesystem is read-only)"
+    deepest = max(covering, key=lambda m: len(m["mountPath"]))
+    assert not deepest.get("readOnly"), f"{cache} is under the read-only mount {deepest['mountPath']}"
+    assert {"emptyDir", "persistentVolumeClaim"} & set(volumes[deepest["name"]])
+    assert not cache.is_relative_to("/models")
+    compose = yaml.safe_load((DEPLOY / "compose.yaml").read_text())["services"]["triton"]["volumes"]
+    writable = [v.split(":")[1] for v in compose if not v.endswith(":ro")]
+    assert any(cache.is_relative_to(m) for m in writable), compose
+
+
+@pytest.mark.parametrize("name", OVERLAYS)
+def test_triton_drains_before_it_stops(name):
+    """preStop keeps Triton serving while its endpoint leaves DNS and the service pools; then
+    SIGTERM drains for --exit-timeout-secs; the grace period covers both."""
+    spec = one(name, "Deployment", "triton")["spec"]["template"]["spec"]
+    (c,) = spec["containers"]
+    command = c["lifecycle"]["preStop"]["exec"]["command"]
+    assert command[0] == "sleep"
+    pre_stop_s = int(command[1])
+    assert pre_stop_s >= 10  # DNS TTL of a headless answer (~5 s) and the pool's re-resolution
+    (exit_timeout,) = [int(a.split("=", 1)[1]) for a in c["args"] if a.startswith("--exit-timeout-secs=")]
+    assert pre_stop_s + exit_timeout < spec["terminationGracePeriodSeconds"]
+
+
 @pytest.mark.parametrize("name", OVERLAYS)
 def test_swc_service_probes_settings_and_bundle(name):
     from swc_service.config import Settings, load_settings
@@ -305,17 +363,26 @@ def test_swc_service_probes_settings_and_bundle(name):
     spec = swc["spec"]["template"]["spec"]
     (c,) = spec["containers"]
     settings_cm = configmap(name, "visloc-settings")
-    assert c["envFrom"] == [{"configMapRef": {"name": settings_cm["metadata"]["name"]}}]
-    data = settings_cm["data"]
+    bundle_cm = configmap(name, "visloc-bundle-settings")
+    assert c["envFrom"] == [{"configMapRef": {"name": cm["metadata"]["name"]}} for cm in (bundle_cm, settings_cm)]
+    assert set(bundle_cm["data"]) == {"VISLOC_BUNDLE"} and not set(bundle_cm["data"]) & set(settings_cm["data"])
+    data = {**bundle_cm["data"], **settings_cm["data"]}
     fields = {"VISLOC_" + f.upper() for f in Settings.__dataclass_fields__}
     assert set(data) <= fields, f"not service settings: {set(data) - fields}"
     s = load_settings([], env=data)  # the settings parse and validate as the service would
-    assert s.host == "0.0.0.0" and s.triton_url.split(":")[0] == "triton"
+    assert s.host == "0.0.0.0"
     ports = {p["name"]: p["containerPort"] for p in c["ports"]}
     assert ports == {"grpc": s.port, "metrics": s.metrics_port, "grpc-health": s.health_port}
     # Native gRPC health (Triton-aware) on the plaintext health-only port: works with in-pod TLS.
     assert s.health_port and c["readinessProbe"]["grpc"] == {"port": s.health_port}
-    assert c["livenessProbe"]["tcpSocket"]["port"] == "grpc"  # a Triton outage restarts nothing
+    # Liveness: the exec probe that asks every worker's loop (test_liveness_probe_*), from the
+    # ConfigMap rendered from k8s/base/swc-service/liveness.py, mounted where the command says.
+    assert c["livenessProbe"]["exec"]["command"] == ["python", "/probes/liveness.py"]
+    assert c["livenessProbe"]["timeoutSeconds"] > 2  # liveness.py's own per-answer timeout
+    probes_cm = configmap(name, "swc-service-probes")
+    assert probes_cm["data"]["liveness.py"] == LIVENESS.read_text()
+    probe_mount = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}["/probes"]
+    assert {v["name"]: v for v in spec["volumes"]}[probe_mount]["configMap"]["name"] == probes_cm["metadata"]["name"]
     # Resources fit the workers; the bundle is read-only; /tmp is writable (root fs is not).
     cpu = c["resources"]["requests"]["cpu"]
     cores = float(cpu[:-1]) / 1000 if cpu.endswith("m") else float(cpu)
@@ -329,9 +396,23 @@ def test_swc_service_probes_settings_and_bundle(name):
     init = one(name, "Deployment", "triton")["spec"]["template"]["spec"]["initContainers"][0]
     env = {e["name"]: e for e in init["env"]}
     assert env["VISLOC_BUNDLE"]["valueFrom"]["configMapKeyRef"] == {
-        "name": settings_cm["metadata"]["name"],
+        "name": bundle_cm["metadata"]["name"],
         "key": "VISLOC_BUNDLE",
     }
+
+
+@pytest.mark.parametrize("name", OVERLAYS)
+def test_triton_does_not_read_the_service_settings(name):
+    """A change of a service setting rolls the Locate pods only: the Triton pod template refers to
+    no ConfigMap the service's settings live in (the one it shares holds only the bundle)."""
+    settings = configmap(name, "visloc-settings")["metadata"]["name"]
+    spec = one(name, "Deployment", "triton")["spec"]["template"]["spec"]
+    text = json.dumps(spec)
+    assert settings not in text
+    shared = {cm["metadata"]["name"] for cm in objects(name, "ConfigMap") if cm["metadata"]["name"] in text}
+    for cm in objects(name, "ConfigMap"):
+        if cm["metadata"]["name"] in shared and cm["metadata"]["name"].startswith("visloc-"):
+            assert set(cm["data"]) == {"VISLOC_BUNDLE"}, cm["metadata"]["name"]
 
 
 @pytest.mark.parametrize("name", OVERLAYS)
@@ -351,9 +432,16 @@ def test_services_and_network_policy(name):
         for p in svc["spec"]["ports"]:
             assert p["targetPort"] in port_names, (svc["metadata"]["name"], p)
     assert one(name, "Service", "swc-service")["spec"]["clusterIP"] == "None"
-    triton_svc = one(name, "Service", "triton")
-    assert triton_svc["spec"].get("clusterIP") != "None"
-    assert {p["name"]: p["port"] for p in triton_svc["spec"]["ports"]} == {"http": 8000, "grpc": 8001, "metrics": 8002}
+    # Triton: only the headless Service (the service balances batches over its pods itself; a
+    # ClusterIP would pin each worker's connection to one pod).
+    triton_services = [
+        s for s in objects(name, "Service")
+        if labels_match(s["spec"]["selector"], workloads["triton"]["spec"]["template"]["metadata"]["labels"])
+    ]  # fmt: skip
+    assert [s["metadata"]["name"] for s in triton_services] == ["triton-headless"]
+    (triton_svc,) = triton_services
+    assert triton_svc["spec"]["clusterIP"] == "None" and not triton_svc["spec"].get("publishNotReadyAddresses")
+    assert {p["name"]: p["port"] for p in triton_svc["spec"]["ports"]} == {"grpc": 8001}
 
     triton_labels = workloads["triton"]["spec"]["template"]["metadata"]["labels"]
     swc_labels = workloads["swc-service"]["spec"]["template"]["metadata"]["labels"]
@@ -384,9 +472,11 @@ def test_services_and_network_policy(name):
                 for p in rule.get("ports", []):
                     admitted.setdefault(p["port"], []).append(rule.get("from"))
     assert admitted["grpc-health"] == admitted["grpc"] == [None]
-    # The service talks to Triton over gRPC on the Service's grpc port.
+    # The service talks to every Triton pod: the headless Service's name in this namespace, on
+    # its grpc port.
     settings = configmap(name, "visloc-settings")["data"]
-    assert settings["VISLOC_TRITON_URL"] == "triton:8001"
+    namespace = triton_svc["metadata"]["namespace"]
+    assert settings["VISLOC_TRITON_URL"] == f"dns:///triton-headless.{namespace}.svc.cluster.local:8001"
 
 
 @pytest.mark.parametrize("name", OVERLAYS)
@@ -437,6 +527,109 @@ def test_autoscaling_disruption_and_references(name):
     assert all(d["metadata"].get("namespace") == ns["metadata"]["name"] for d in docs if d["kind"] != "Namespace")
 
 
+@pytest.mark.parametrize("name", OVERLAYS)
+def test_hpa_owned_deployments_set_no_replicas(name):
+    """`kubectl apply -k` would reset a scaled Deployment to its `replicas` (8 GPU pods back to 2):
+    where an HPA owns the count, the rendered Deployment must not carry one."""
+    owned = set()
+    for hpa in objects(name, "HorizontalPodAutoscaler"):
+        ref = hpa["spec"]["scaleTargetRef"]
+        target = one(name, ref["kind"], ref["name"])
+        assert "replicas" not in target["spec"], f"{name}: {ref['kind']}/{ref['name']} is scaled by an HPA"
+        owned.add(ref["name"])
+    assert {"swc-service", "triton"} & owned == ({"swc-service", "triton"} if name == "prod" else {"swc-service"})
+
+
+@pytest.mark.parametrize("name", OVERLAYS)
+def test_disruption_budgets_let_unhealthy_pods_go(name):
+    """NotReady pods (every Locate pod while Triton is down) must not stall drains and scale-downs."""
+    pdbs = objects(name, "PodDisruptionBudget")
+    assert {p["metadata"]["name"] for p in pdbs} >= {"swc-service", "triton"}
+    for pdb in pdbs:
+        assert pdb["spec"].get("unhealthyPodEvictionPolicy") == "AlwaysAllow", pdb["metadata"]["name"]
+
+
+def test_prometheus_adapter_serves_custom_metrics_beside_kube_prometheus():
+    """The adapter manifests touch nothing of kube-prometheus' adapter (adapter-config, its
+    Deployment, v1beta1.metrics.k8s.io) and register their own custom.metrics.k8s.io APIService,
+    served by their own Deployment with the rule the Triton HPA reads."""
+    docs = render("prometheus-adapter")
+    names = {(d["kind"], d["metadata"]["name"]) for d in docs}
+    assert not names & KUBE_PROMETHEUS_ADAPTER, names & KUBE_PROMETHEUS_ADAPTER
+    (api,) = objects("prometheus-adapter", "APIService")
+    assert (api["spec"]["group"], api["spec"]["version"]) == ("custom.metrics.k8s.io", "v1beta1")
+    assert api["metadata"]["name"] == "v1beta1.custom.metrics.k8s.io"
+    ref = api["spec"]["service"]
+    svc = one("prometheus-adapter", "Service", ref["name"])
+    assert svc["metadata"]["namespace"] == ref["namespace"]
+    (port,) = [p for p in svc["spec"]["ports"] if p["port"] == ref["port"]]
+    (deployment,) = objects("prometheus-adapter", "Deployment")
+    pod = deployment["spec"]["template"]
+    assert labels_match(svc["spec"]["selector"], pod["metadata"]["labels"])
+    (c,) = pod["spec"]["containers"]
+    assert port["targetPort"] in {p["name"] for p in c["ports"]}
+    args = dict(a.lstrip("-").split("=", 1) for a in c["args"])
+    assert int(args["secure-port"]) == next(p["containerPort"] for p in c["ports"] if p["name"] == port["targetPort"])
+    # --config names a file of the generated ConfigMap, mounted where the flag says.
+    config_dir, config_file = args["config"].rsplit("/", 1)
+    mount = next(m for m in c["volumeMounts"] if m["mountPath"] == config_dir)
+    volume = next(v for v in pod["spec"]["volumes"] if v["name"] == mount["name"])
+    (cm,) = objects("prometheus-adapter", "ConfigMap")
+    assert volume["configMap"]["name"] == cm["metadata"]["name"] and cm["metadata"]["namespace"] == "monitoring"
+    adapter_config = yaml.safe_load(cm["data"][config_file])
+    assert set(adapter_config) == {"rules"}, "custom rules only: resource metrics stay where they are"
+    hpa_metric = one("prod", "HorizontalPodAutoscaler", "triton")["spec"]["metrics"][0]["pods"]["metric"]["name"]
+    assert hpa_metric in {r["name"]["as"] for r in adapter_config["rules"]}
+    # Its own account, bound to what an aggregated API server needs, plus the HPA controller's read.
+    account = pod["spec"]["serviceAccountName"]
+    assert ("ServiceAccount", account) in names
+    bound = {
+        (b["roleRef"]["name"], b["metadata"].get("namespace"))
+        for b in docs if b["kind"] in ("RoleBinding", "ClusterRoleBinding")
+        and any(s["name"] == account and s["namespace"] == "monitoring" for s in b["subjects"])
+    }  # fmt: skip
+    assert ("system:auth-delegator", None) in bound
+    assert ("extension-apiserver-authentication-reader", "kube-system") in bound
+    hpa_reads = [
+        b for b in objects("prometheus-adapter", "ClusterRoleBinding")
+        if {"name": "horizontal-pod-autoscaler", "namespace": "kube-system", "kind": "ServiceAccount"} in b["subjects"]
+    ]  # fmt: skip
+    (role,) = [one("prometheus-adapter", "ClusterRole", b["roleRef"]["name"]) for b in hpa_reads]
+    assert role["rules"][0]["apiGroups"] == ["custom.metrics.k8s.io"]
+    for d in docs:  # namespaced objects in monitoring, except the one binding kube-system requires
+        if d["kind"] in ("ClusterRole", "ClusterRoleBinding", "APIService"):
+            assert "namespace" not in d["metadata"]
+        elif d["kind"] == "RoleBinding":
+            assert d["metadata"]["namespace"] == "kube-system"
+        else:
+            assert d["metadata"]["namespace"] == "monitoring", d["metadata"]
+
+
+@pytest.mark.parametrize("name", sorted(KUSTOMIZATIONS))
+def test_images_can_be_pinned_by_digest(name, tmp_path):
+    """Every image reaches the rendered pods through kustomize's `images:` names, so the digests
+    documented in docs/deploy.md (`kustomize edit set image NAME@sha256:...`) replace every tag:
+    layer a kustomization with a digest for each image name on top and render it."""
+    images = sorted({c["image"].split("@")[0].rsplit(":", 1)[0] for _, s in pod_specs(name)
+                     for _, c in all_containers(s)})  # fmt: skip
+    digests = {image: "sha256:" + hashlib.sha256(image.encode()).hexdigest() for image in images}
+    layer = tmp_path / "pinned"
+    layer.mkdir()
+    (layer / "kustomization.yaml").write_text(yaml.safe_dump({
+        "apiVersion": "kustomize.config.k8s.io/v1beta1",
+        "kind": "Kustomization",
+        "resources": [os.path.relpath(KUSTOMIZATIONS[name], layer)],
+        "images": [{"name": image, "digest": digest} for image, digest in digests.items()],
+    }))  # fmt: skip
+    out = subprocess.run([_kubectl(), "kustomize", str(layer)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    pinned = [c["image"] for d in yaml.safe_load_all(out.stdout) if d and "template" in d.get("spec", {})
+              for _, c in all_containers(d["spec"]["template"]["spec"])]  # fmt: skip
+    assert pinned and all(image == f"{image.split('@')[0]}@{digests[image.split('@')[0]]}" for image in pinned), pinned
+    doc = (ROOT / "docs" / "deploy.md").read_text()
+    assert "kustomize edit set image" in doc and "@sha256:" in doc
+
+
 def test_bundle_volume_is_written_by_jobs_only():
     for name in ("dev", "prod", "import-upstream"):
         for w, spec in pod_specs(name):
@@ -463,11 +656,59 @@ def test_prometheus_adapter_config_and_helm_values_agree():
     assert "nv_inference_request_success" in rule["metricsQuery"]
 
 
+# --------------------------------------------------------------------------- liveness
+
+
+def _liveness(env: dict[str, str]) -> subprocess.CompletedProcess:
+    """liveness.py as the kubelet runs it (with this Python), in the pod's VISLOC_* environment."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("VISLOC_")}
+    return subprocess.run([sys.executable, str(LIVENESS)], env={**clean, **env}, capture_output=True,
+                          text=True, timeout=60)  # fmt: skip
+
+
+def _children(pid: int) -> list[int]:
+    kids = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        kids += [int(k) for k in (task / "children").read_text().split()]
+    return kids
+
+
+def test_liveness_probe_fails_for_a_hung_worker_only(demo_bundle):
+    """Two workers sharing the health port, Triton down (NOT_SERVING: alive, no restart); one
+    worker stopped (SIGSTOP: its loop runs no more, the kernel still accepts its connections, as
+    for a hung event loop): the probe fails; resumed: it passes again. No listener: it fails."""
+    svc = ServiceProcess(demo_bundle, f"127.0.0.1:{free_port()}", "--workers", "2", "--health-port",
+                         str(health := free_port()))  # fmt: skip
+    env = {"VISLOC_HEALTH_PORT": str(health), "VISLOC_WORKERS": "2"}
+    stopped = None
+    try:
+        deadline = time.monotonic() + 60
+        while "health: NOT_SERVING" not in svc.log_text() or len(_children(svc.proc.pid)) != 2:
+            assert svc.proc.poll() is None and time.monotonic() < deadline, svc.log_text()
+            time.sleep(0.1)
+        while (alive := _liveness(env)).returncode != 0:  # both workers bound the port
+            assert time.monotonic() < deadline, alive.stderr
+            time.sleep(0.2)
+        stopped = _children(svc.proc.pid)[0]
+        os.kill(stopped, signal.SIGSTOP)
+        hung = _liveness(env)
+        assert hung.returncode == 1 and "DEADLINE_EXCEEDED" in hung.stderr, hung.stderr
+        os.kill(stopped, signal.SIGCONT)
+        stopped = None
+        assert _liveness(env).returncode == 0
+    finally:
+        if stopped is not None:
+            os.kill(stopped, signal.SIGCONT)
+        svc.stop()
+    gone = _liveness(env)
+    assert gone.returncode == 1 and "UNAVAILABLE" in gone.stderr
+
+
 # --------------------------------------------------------------------------- Triton flags
 
 
 def _tritonserver():
-    from swc_service import triton_local
+    from devtools import triton_local
 
     try:
         exe = triton_local._wheel_dir() / "tritonserver" / "bin" / "tritonserver"

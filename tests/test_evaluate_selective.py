@@ -6,10 +6,11 @@ import json
 import random
 
 import pytest
-from conftest import ServiceProcess, wait_serving
+from conftest import ServiceProcess
 from test_index import jpeg
 from tiny_bundle import build_tiny_bundle
 
+from devtools.net import wait_serving
 from visloc_client.evaluation import lowest_threshold, parse_goal, risk_coverage, target_threshold
 
 
@@ -56,7 +57,7 @@ def test_target_threshold_and_seeded_bootstrap():
 
 @pytest.fixture(scope="module")
 def tiny_service(tmp_path_factory):
-    from swc_service.triton_local import LocalTriton
+    from devtools.triton_local import LocalTriton
 
     bundle = build_tiny_bundle(tmp_path_factory.mktemp("tiny-eval") / "b")
     with LocalTriton(bundle.path, threads=2) as triton:

@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 import torch
 
-from swc_service import samples
 from swc_service.bundle import load_bundle
 from swc_service.method import DEFAULT_CONF_THRESHOLD, DensityIndex, top_cell
 from swc_service.preprocessing import preprocess
 from visloc_client.safe_pickle import UnsafePickleError
+from visloc_export import samples
 from visloc_export.build import (
     check_parity,
     demo_net_for,
@@ -147,6 +147,7 @@ def _import(files, out, **kw):
 def test_upstream_round_trip_every_number(upstream_files, tmp_path):
     b = _import(upstream_files, tmp_path / "bundle", features_dtype="float32")
     assert b.source == "upstream" and b.manifest["parity"]["ok"]
+    assert b.probes is not None and b.probes.cell_probs.shape == (4, M)  # the import records probes too
     np.testing.assert_array_equal(b.centres, upstream_files["mus"].T)
     assert b.centres.dtype == np.float64
     feats, labels, assignments = (
@@ -226,16 +227,21 @@ def test_bad_assignments_are_refused(tmp_path, assignments, message):
         read_assignments(path, 2, 3)
 
 
+def _visloc_export_upstream(d, rrm, out) -> subprocess.CompletedProcess:
+    """``visloc-export upstream`` on the fixture's files, with ``rrm`` as the retrieval head."""
+    return subprocess.run(
+        [VENV_BIN / "visloc-export", "upstream", "--backbone", d / "efficientnet_backbone.pt",
+         "--mvmf", d / "mvmf_head.pt", "--rrm", rrm,
+         "--background", d / "back_coll_features.hdf5", "--assignments", d / "cells_assignments.pkl",
+         "--out", out],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+
+
 def test_wrong_checkpoint_is_refused_with_a_clear_error(upstream_files, tmp_path):
     d = upstream_files["dir"]
     torch.save({"something.else": torch.zeros(3)}, tmp_path / "rrm_head.pt")
-    out = subprocess.run(
-        [VENV_BIN / "visloc-export", "upstream", "--backbone", d / "efficientnet_backbone.pt",
-         "--mvmf", d / "mvmf_head.pt", "--rrm", tmp_path / "rrm_head.pt",
-         "--background", d / "back_coll_features.hdf5", "--assignments", d / "cells_assignments.pkl",
-         "--out", tmp_path / "out"],
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+    out = _visloc_export_upstream(d, tmp_path / "rrm_head.pt", tmp_path / "out")
     assert out.returncode == 2
     assert "does not match the upstream layout" in out.stderr
     assert not (tmp_path / "out").exists()  # nothing half-written
@@ -244,13 +250,7 @@ def test_wrong_checkpoint_is_refused_with_a_clear_error(upstream_files, tmp_path
 
 def test_upstream_import_shows_progress(upstream_files, tmp_path):
     d = upstream_files["dir"]
-    out = subprocess.run(
-        [VENV_BIN / "visloc-export", "upstream", "--backbone", d / "efficientnet_backbone.pt",
-         "--mvmf", d / "mvmf_head.pt", "--rrm", d / "rrm_head.pt",
-         "--background", d / "back_coll_features.hdf5", "--assignments", d / "cells_assignments.pkl",
-         "--out", tmp_path / "out"],
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+    out = _visloc_export_upstream(d, d / "rrm_head.pt", tmp_path / "out")
     assert out.returncode == 0, out.stderr
     assert f"{N}/{N}" in out.stderr and "rows" in out.stderr
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())

@@ -17,9 +17,9 @@ from PIL import Image
 
 from swc_service.config import Settings
 from swc_service.errors import InvalidArgument
-from swc_service.locator import prepare_input, resolve_options
 from swc_service.method import DEFAULT_SCALES_KM
-from swc_service.preprocessing import Limits
+from swc_service.options import resolve_options
+from swc_service.preprocessing import Limits, preprocess
 from visloc_client.v1 import locator_pb2 as pb
 
 EXAMPLES = 10_000
@@ -98,7 +98,7 @@ def option_sets(draw) -> pb.LocateOptions:
 def test_mutated_images_and_options_never_escape_as_internal(data, options):
     COUNT["images"] += 1
     try:
-        prepared = prepare_input(data, SETTINGS, LIMITS)
+        prepared = preprocess(data, LIMITS, exif_transpose=SETTINGS.exif_transpose)
     except InvalidArgument as exc:
         assert str(exc)  # a reason, always
     else:

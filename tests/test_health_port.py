@@ -15,11 +15,11 @@ from conftest import ServiceProcess, free_port, wait_serving
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from swc_service import samples
 from swc_service.config import load_settings
 from swc_service.server import SERVICE_NAME
 from visloc_client.v1 import locator_pb2 as pb
 from visloc_client.v1 import locator_pb2_grpc as pb_grpc
+from visloc_export import samples
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING

@@ -9,15 +9,16 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import pytest
-from conftest import ServiceProcess, wait_serving
+from conftest import ServiceProcess
 from PIL import Image
 from tiny_bundle import build_tiny_bundle
 
+from devtools.net import wait_serving
 from swc_service import bundle as B
-from swc_service import samples
 from swc_service.preprocessing import preprocess
 from visloc_client.exif import GPSError, gps_from_bytes
 from visloc_export import index as I
+from visloc_export import samples
 from visloc_export.cli import main as export_main
 
 PHOTOS = 2000
@@ -72,7 +73,7 @@ def test_exif_gps_round_trip_and_reasons():
 
 
 def test_index_extend_serves_each_photo_as_its_own_first_neighbour(tiny_base, photo_dir, tmp_path, capsys):
-    from swc_service.triton_local import LocalTriton
+    from devtools.triton_local import LocalTriton
     from visloc_client.client import LocatorClient
 
     root, truth = photo_dir

@@ -35,3 +35,18 @@ def test_generated_stubs_match_the_proto(tmp_path):
     for name in ("locator_pb2.py", "locator_pb2.pyi", "locator_pb2_grpc.py"):
         fresh = (tmp_path / "visloc_client" / "v1" / name).read_text()
         assert fresh == (src / "visloc_client" / "v1" / name).read_text(), f"{name} is stale: run `make proto`"
+
+
+def test_service_package_imports_no_web_page_demo_or_dev_tools():
+    """What a production pod runs imports neither the web page nor the development tools."""
+    import ast
+
+    banned = ("visloc_client.web", "devtools", "visloc_export")
+    bad = []
+    for path in (ROOT / "swc_service" / "src" / "swc_service").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom) and node.level == 0:
+                names = [node.module or ""]
+            bad += [f"{path.name}: {n}" for n in names if n.startswith(banned)]
+    assert not bad, bad

@@ -252,9 +252,9 @@ def prometheus(live_service, local_triton, tmp_path_factory):
 def _locate(target: str, seeds) -> None:
     import grpc
 
-    from swc_service.samples import photo_bytes
     from visloc_client.v1 import locator_pb2 as pb
     from visloc_client.v1 import locator_pb2_grpc
+    from visloc_export.samples import photo_bytes
 
     with grpc.insecure_channel(target) as channel:
         stub = locator_pb2_grpc.LocatorStub(channel)

@@ -12,10 +12,10 @@ from conftest import ServiceProcess, free_port, wait_serving
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from bench.soak import soak
-from swc_service import samples
-from swc_service.triton_local import LocalTriton
+from devtools.triton_local import LocalTriton
 from visloc_client.v1 import locator_pb2 as pb
 from visloc_client.v1 import locator_pb2_grpc as pb_grpc
+from visloc_export import samples
 
 
 def _health(target: str) -> int:

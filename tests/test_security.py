@@ -11,9 +11,9 @@ import pytest
 from conftest import ServiceProcess, wait_serving
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from swc_service import samples
 from visloc_client.v1 import locator_pb2 as pb
 from visloc_client.v1 import locator_pb2_grpc as pb_grpc
+from visloc_export import samples
 
 TOKEN = "s3cret-token-for-tests"
 

@@ -19,11 +19,11 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from PIL import Image
 
 from bench.seed_style import reference_pd, reference_swc
-from swc_service import samples
 from swc_service.bundle import load_bundle
 from swc_service.preprocessing import preprocess
 from visloc_client.v1 import locator_pb2 as pb
 from visloc_client.v1 import locator_pb2_grpc as pb_grpc
+from visloc_export import samples
 from visloc_export.build import onnx_session
 
 IMAGES = 12

@@ -25,11 +25,11 @@ from conftest import free_port
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
+from devtools.triton_local import LocalTriton
 from swc_service import bundle as B
-from swc_service.triton_local import (
+from swc_service.triton_config import (
     MODEL_NAME,
     PRODUCTION_CONFIG,
-    LocalTriton,
     TritonError,
     load_production_config,
     production_config,
@@ -123,6 +123,11 @@ def test_served_config_is_the_production_contract(demo_bundle: Path, triton: Loc
     assert db.max_queue_delay_microseconds == prod.dynamic_batching.max_queue_delay_microseconds
     # Triton fills an absent preferred_batch_size with max_batch_size: the same batcher.
     assert list(db.preferred_batch_size) in ([], [prod.max_batch_size])
+    # Overload (issue 17): Triton drops expired work; the service may set each request's timeout.
+    qp = prod.dynamic_batching.default_queue_policy
+    assert qp.timeout_action == qp.REJECT and qp.allow_timeout_override
+    assert qp.max_queue_size > 0 and qp.default_timeout_microseconds > 0
+    assert db.default_queue_policy == qp  # loaded by Triton as written
 
 
 # --------------------------------------------------------------------------- serving
@@ -195,7 +200,7 @@ def _live_procs(text: str) -> dict[int, str]:
 
 def _launcher() -> list[str]:
     script = Path(sys.executable).with_name("visloc-triton")
-    return [str(script)] if script.exists() else [sys.executable, "-m", "swc_service.triton_local"]
+    return [str(script)] if script.exists() else [sys.executable, "-m", "devtools.triton_local"]
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])

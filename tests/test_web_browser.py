@@ -21,9 +21,9 @@ from pathlib import Path
 import pytest
 from conftest import free_port
 
-from swc_service.samples import photo_bytes
 from visloc_client import LocatorClient
 from visloc_client.web import WebApp, WebConfig, messages, start
+from visloc_export.samples import photo_bytes
 
 CHROMIUM = Path("/usr/bin/chromium")
 ROOT = Path(__file__).resolve().parents[1]

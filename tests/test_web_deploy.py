@@ -253,6 +253,8 @@ def test_k8s_component(tmp_path, overlay, components):
     assert int(port) in {p["port"] for p in swc_svc["spec"]["ports"] if p["name"] == "grpc"}
     parsed = _parse_web(settings, c.get("args", []))
     assert parsed.host == "0.0.0.0" and parsed.port == next(p["containerPort"] for p in c["ports"])
+    # The Locate Service is headless: per-call round_robin over its pods, not pick_first to one.
+    assert parsed.load_balancing == "round_robin"
 
     if overlay == "prod":
         # The token the service requires, from the same out-of-band Secret, as a file.

@@ -17,6 +17,7 @@ from visloc_client.cli import build_parser
 from visloc_client.results import Cell, Neighbour, ScaleDensity
 from visloc_client.web import WebApp, WebConfig, messages, start, upload
 from visloc_client.web.app import content_security_policy, parse_options, tile_origin
+from visloc_client.web.body import FormSink
 from visloc_client.web.upload import UploadError
 
 JPEG = b"\xff\xd8\xff\xe0\x00\x10JFIF\x00" + b"\x00" * 100
@@ -105,18 +106,32 @@ def _multipart(fields: list[tuple[str, str | None, bytes]], boundary: str = "XyZ
     return f"multipart/form-data; boundary={boundary}", body
 
 
+def _form_image(ctype: str, body: bytes, chunk: int = 7) -> bytes:
+    """The image a streamed form yields, fed in small chunks (boundaries split across them)."""
+    sink = FormSink(ctype)
+    for i in range(0, len(body), chunk):
+        sink.feed(body[i : i + chunk])
+    return bytes(sink.finish())
+
+
 def test_multipart_extracts_the_image_field_byte_exact():
     data = JPEG + bytes(range(256)) + b"\r\n--XyZ12" + b"\r\n\r\n"  # boundary-like bytes inside
     ctype, body = _multipart([("note", None, b"hi"), ("image", "p.jpg", data)])
-    assert upload.extract_image(ctype, body) == data
-    ctype, body = _multipart([("photo", "p.jpg", data)])  # another name: the first file part
-    assert upload.extract_image(ctype, body) == data
+    assert _form_image(ctype, body) == data
+    assert _form_image(ctype, body, chunk=len(body)) == data
+    ctype, body = _multipart([("photo", "p.jpg", data)])  # another name: the one file part
+    assert _form_image(ctype, body) == data
     ctype, body = _multipart([("note", None, b"hi")])
     with pytest.raises(UploadError) as info:
-        upload.extract_image(ctype, body)
+        _form_image(ctype, body)
     assert info.value.status == 400
-    assert upload.extract_image("application/octet-stream", data) == data
-    assert upload.extract_image(None, data) == data
+    ctype, body = _multipart([("image", "a.jpg", JPEG), ("more", "b.jpg", PNG)])
+    with pytest.raises(UploadError, match="more than one file"):
+        _form_image(ctype, body)
+    with pytest.raises(UploadError, match="closing boundary"):
+        _form_image(ctype, body[: len(body) // 2])
+    with pytest.raises(UploadError, match="boundary"):
+        FormSink("multipart/form-data")
 
 
 # --- error mapping -----------------------------------------------------------------------------
@@ -159,6 +174,10 @@ def test_options_from_the_query():
         with pytest.raises(UploadError) as info:
             parse_options(bad)
         assert info.value.status == 400
+        assert info.value.message.startswith(next(iter(bad)))  # names the option
+    for bad in ({"top_k": ["1_000"]}, {"top_k": [" 7"]}, {"eps_km": ["."]}, {"top_k": ["\u0663"]}):
+        with pytest.raises(UploadError):
+            parse_options(bad)
 
 
 def test_csp_is_self_only_unless_tiles_are_configured():
@@ -265,7 +284,7 @@ def _request(port, method, path, body=None, headers=None):
     try:
         conn.request(method, path, body=body, headers=headers or {})
         resp = conn.getresponse()
-        return resp.status, dict(resp.getheaders()), resp.read()
+        return resp.status, resp.headers, resp.read()
     finally:
         conn.close()
 

@@ -69,10 +69,14 @@ def tiny_model(num_cells: int, seed: int = 0) -> onnx.ModelProto:
 
 def build_tiny_bundle(out: Path, cells: int = 500, background: int = 5000, seed: int = 0) -> B.Bundle:
     from visloc_export import demo
+    from visloc_export.probes import record_probes
 
     rng = np.random.default_rng(seed)
     centres = demo.cell_centres(cells, rng)
     with B.BundleWriter(out) as w:
         onnx.save(tiny_model(cells, seed), str(w.path(B.MODEL)))
-        demo.write_background(w, centres, background, rng)
+        record_probes(w, centres)  # the service checks its backend with them
+        for rel, array in zip((B.OFFSETS, B.LABELS, B.ROW_IDS), demo.write_background(w, centres, background, rng)):
+            w.save(rel, array)
+        w.save(B.CELLS, centres)
         return w.commit(source="demo", tool="tests", extra={"warning": "TEST BUNDLE: a tiny random model."})

@@ -13,13 +13,14 @@ import torch
 from tqdm import tqdm
 
 from swc_service import bundle as B
-from swc_service import samples
 from swc_service.preprocessing import prepare_image, preprocess
 from visloc_client import safe_pickle
+from visloc_export import samples
 
 from . import __version__, demo
 from .model import VislocNet, load_upstream
 from .onnx_export import export_onnx
+from .probes import record_probes
 
 TOOL = f"visloc-export {__version__}"
 VERIFY_SHAPES = ((300, 300), (400, 300), (300, 400), (533, 300))  # (width, height)
@@ -104,6 +105,13 @@ def check_parity(net: VislocNet, onnx_path: str | os.PathLike[str], batches: lis
 # --------------------------------------------------------------------------- demo
 
 
+def _commit(w: B.BundleWriter, arrays: tuple, *, source: str, extra: dict) -> B.Bundle:
+    """Save the other arrays (cells, offsets, labels, row ids) next to the filled features and commit."""
+    for rel, array in zip((B.CELLS, B.OFFSETS, B.LABELS, B.ROW_IDS), arrays):
+        w.save(rel, array)
+    return w.commit(source=source, tool=TOOL, extra=extra)
+
+
 def build_demo(
     out: str | os.PathLike[str],
     *,
@@ -124,17 +132,15 @@ def build_demo(
         parity = check_parity(net, w.path(B.MODEL), parity_batches())
         if not parity.ok:
             raise RuntimeError(f"ONNX parity check failed: {parity.as_dict()}")
+        record_probes(w, centres)
         print(f"demo: background N={background} over M={cells} cells", file=sys.stderr)
-        demo.write_background(w, centres, background, rng, features_dtype)
-        return w.commit(
-            source="demo",
-            tool=TOOL,
-            extra={
-                "warning": "DEMO BUNDLE: random weights, synthetic background. Not a geolocation model.",
-                "demo": record | {"cells": cells, "background": background},
-                "parity": parity.as_dict(),
-            },
-        )
+        offsets, labels, row_ids = demo.write_background(w, centres, background, rng, features_dtype)
+        extra = {
+            "warning": "DEMO BUNDLE: random weights, synthetic background. Not a geolocation model.",
+            "demo": record | {"cells": cells, "background": background},
+            "parity": parity.as_dict(),
+        }
+        return _commit(w, (centres, offsets, labels, row_ids), source="demo", extra=extra)
 
 
 def demo_net_for(bundle: B.Bundle) -> VislocNet:
@@ -215,6 +221,7 @@ def import_upstream(
             parity = check_parity(net, w.path(B.MODEL), parity_batches())
             if not parity.ok:
                 raise RuntimeError(f"ONNX parity check failed: {parity.as_dict()}")
+            record_probes(w, centres)
             feats = w.open_array(B.FEATURES, np.dtype(features_dtype), (n, B.EMBEDDING_DIM))
             labels = np.empty((n, 2), dtype=np.float64)
             with _progress(total=n, unit="rows", desc="background") as bar:
@@ -226,13 +233,10 @@ def import_upstream(
                     bar.update(b - a)
             feats.flush()
             del feats
-            w.save(B.CELLS, centres)
-            w.save(B.OFFSETS, offsets)
-            w.save(B.LABELS, labels)
-            w.save(B.ROW_IDS, order)
-            return w.commit(
+            return _commit(
+                w,
+                (centres, offsets, labels, order),
                 source="upstream",
-                tool=TOOL,
                 extra={
                     "upstream": {
                         k: os.path.basename(v)

@@ -10,36 +10,27 @@ from pathlib import Path
 from swc_service.bundle import BundleError, load_bundle
 
 
+def _options(args: argparse.Namespace, *names: str) -> dict:
+    return {name: getattr(args, name) for name in names}
+
+
+def _written(kind: str, b) -> int:
+    print(f"{kind} bundle {b.bundle_id} written to {b.path} (M={b.num_cells}, N={b.num_background})")
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .build import build_demo
 
-    b = build_demo(
-        args.out,
-        cells=args.cells,
-        background=args.background,
-        seed=args.seed,
-        features_dtype=args.features_dtype,
-        overwrite=args.overwrite,
-    )
-    print(f"demo bundle {b.bundle_id} written to {b.path} (M={b.num_cells}, N={b.num_background})")
-    return 0
+    names = ("cells", "background", "seed", "features_dtype", "overwrite")
+    return _written("demo", build_demo(args.out, **_options(args, *names)))
 
 
 def _cmd_upstream(args: argparse.Namespace) -> int:
     from .build import import_upstream
 
-    b = import_upstream(
-        args.out,
-        backbone=args.backbone,
-        mvmf=args.mvmf,
-        rrm=args.rrm,
-        background=args.background,
-        assignments=args.assignments,
-        features_dtype=args.features_dtype,
-        overwrite=args.overwrite,
-    )
-    print(f"upstream bundle {b.bundle_id} written to {b.path} (M={b.num_cells}, N={b.num_background})")
-    return 0
+    names = ("backbone", "mvmf", "rrm", "background", "assignments", "features_dtype", "overwrite")
+    return _written("upstream", import_upstream(args.out, **_options(args, *names)))
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
@@ -97,8 +88,24 @@ def _cmd_index(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_add_probes(args: argparse.Namespace) -> int:
+    from .probes import add_to_bundle
+
+    before = load_bundle(args.bundle)
+    if before.probes is not None:
+        print(f"{before.path} already has probes (recorded by {before.probes.info.get('tool', '?')}); nothing to do")
+        return 0
+    b = add_to_bundle(args.bundle)
+    shapes = ", ".join(f"{a.shape[1]}x{a.shape[0]}" for a in b.probes.images)
+    print(
+        f"added {len(b.probes.images)} probes ({shapes}) to {b.path}: outputs of its model {b.model_version}; "
+        f"bundle {b.bundle_id} unchanged otherwise"
+    )
+    return 0
+
+
 def _cmd_place(args: argparse.Namespace) -> int:
-    from swc_service.triton_local import place_model
+    from swc_service.triton_config import place_model
 
     dest = place_model(args.bundle, args.repository)
     print(f"placed {dest} (config sized for the bundle's cells)")
@@ -145,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     i = sub.add_parser(
         "index",
-        help="a bundle whose background is your own geotagged photos (docs/service.md)",
+        help="a bundle whose background is your own geotagged photos (docs/indexing.md)",
         description="Embed photos with the base bundle's model (same preprocessing as Locate), put each "
         "in the cell with the nearest centre, and write a new bundle. Skipped photos are listed in "
         "index-report.json inside it. An interrupted run resumes when rerun with the same arguments.",
@@ -165,6 +172,13 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--checkpoint-every", type=int, default=2048, help="photos between checkpoints")
     i.add_argument("--features-dtype", choices=["float16", "float32"], default="float16")
     i.set_defaults(func=_cmd_index)
+
+    a = sub.add_parser(
+        "add-probes",
+        help="record probe images and the outputs of the bundle's own model.onnx (bundles written before probes)",
+    )
+    a.add_argument("bundle")
+    a.set_defaults(func=_cmd_add_probes)
 
     m = sub.add_parser("place", help="put a bundle's model.onnx into a Triton model repository")
     m.add_argument("--bundle", required=True)

@@ -17,9 +17,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from swc_service import samples
 from swc_service.method import DEFAULT_CONF_SCALE_KM, DEFAULT_CONF_THRESHOLD, DensityIndex, top_cell
 from swc_service.preprocessing import prepare_image
+from visloc_export import samples
 
 from .model import VislocNet
 
@@ -100,8 +100,11 @@ def fill_features(out: np.ndarray, rng: np.random.Generator, chunk: int = 65536)
         out[a : a + block.shape[0]] = block
 
 
-def write_background(w, centres: np.ndarray, num_rows: int, rng: np.random.Generator, features_dtype="float16") -> None:
-    """Cells and a synthetic background of ``num_rows`` rows into a ``BundleWriter`` ``w``."""
+def write_background(
+    w, centres: np.ndarray, num_rows: int, rng: np.random.Generator, features_dtype="float16"
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A synthetic background's features into a ``BundleWriter`` ``w``; returns its (offsets,
+    labels, row_ids) for the writer to save with the cells."""
     from swc_service import bundle as B
 
     offsets, labels, row_ids = background(centres, num_rows, rng)
@@ -109,10 +112,7 @@ def write_background(w, centres: np.ndarray, num_rows: int, rng: np.random.Gener
     fill_features(feats, rng)
     feats.flush()
     del feats
-    w.save(B.CELLS, centres)
-    w.save(B.OFFSETS, offsets)
-    w.save(B.LABELS, labels)
-    w.save(B.ROW_IDS, row_ids)
+    return offsets, labels, row_ids
 
 
 def calibration_batch(count: int = CALIBRATION_IMAGES) -> list[np.ndarray]:

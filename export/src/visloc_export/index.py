@@ -40,6 +40,7 @@ from visloc_client.exif import GPSError, gps_from_bytes
 from . import __version__
 from .index_embed import EmbedError, OnnxEmbedder, TritonEmbedder
 from .index_sources import Skip, Source, digest, read_list, walk_photos
+from .probes import record_probes
 
 TOOL = f"visloc-export {__version__} index"
 REPORT = "index-report.json"
@@ -264,6 +265,17 @@ def _link_or_copy(src: Path, dest: Path) -> None:
         shutil.copyfile(src, dest)
 
 
+def _carry_probes(base: B.Bundle, w: B.BundleWriter) -> None:
+    """Same model, same probes: copied from the base (computed from its model.onnx if it has none),
+    so the service can check its backend against the new bundle too."""
+    if base.probes is None:
+        record_probes(w, base.centres)
+        return
+    own = ("images", "shapes", "cell_probs", "embeddings", "model_sha256")
+    info = {k: v for k, v in base.probes.info.items() if k not in own} | {"copied_from_bundle": base.bundle_id}
+    w.add_probes(list(base.probes.images), base.probes.cell_probs, base.probes.embeddings, info)
+
+
 def assemble(
     base: B.Bundle,
     chunks: list[Path],
@@ -296,6 +308,7 @@ def assemble(
 
     with B.BundleWriter(out) as w:
         _link_or_copy(base.model_path, w.path(B.MODEL))
+        _carry_probes(base, w)
         w.save(B.CELLS, base.centres)
         w.save(B.OFFSETS, offsets)
         total = n_base + k
@@ -439,12 +452,9 @@ def build_index(
 def _embedder(base: B.Bundle, triton_url: str | None, triton_model: str, options: Options):
     if triton_url is None:
         return OnnxEmbedder(base.model_path, options.threads)
-    from swc_service import samples
-    from swc_service.preprocessing import prepare_image
-
     embedder = TritonEmbedder(triton_url, triton_model)
     try:
-        embedder.check(base, prepare_image(samples.photo(0, (400, 300))))
+        embedder.check(base)
     except BaseException:
         embedder.close()
         raise

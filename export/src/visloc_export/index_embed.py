@@ -18,9 +18,6 @@ import numpy as np
 from swc_service.bundle import INPUT_NAME, OUTPUT_EMBEDDING, Bundle
 from swc_service.errors import LocateFailure
 
-# A Triton model is the base bundle's when a sample's embedding agrees this closely.
-SAME_MODEL_MIN_COSINE = 0.999
-
 
 class EmbedError(RuntimeError):
     """The model could not embed a batch (Triton down, wrong model); the run stops resumably."""
@@ -76,26 +73,14 @@ class TritonEmbedder:
     def submit(self, batch: np.ndarray) -> Future:
         return asyncio.run_coroutine_threadsafe(self._one(batch), self._loop)
 
-    def check(self, bundle: Bundle, sample: np.ndarray) -> None:
-        """Refuse a Triton whose model is not the bundle's: shapes, then one sample's embedding
-        against in-process onnxruntime (the background must come from the model that serves)."""
-        problem = asyncio.run_coroutine_threadsafe(
-            self._client.check_model(bundle.num_cells, int(bundle.features.shape[1])), self._loop
-        ).result()
-        if problem:
-            raise EmbedError(f"{self.name}: {problem}")
-        remote = self.run(sample[None]).astype(np.float64)[0]
-        local = OnnxEmbedder(bundle.model_path, threads=1)
-        try:
-            here = local.run(sample[None]).astype(np.float64)[0]
-        finally:
-            local.close()
-        cosine = float(remote @ here / (np.linalg.norm(remote) * np.linalg.norm(here) + 1e-30))
-        if cosine < SAME_MODEL_MIN_COSINE:
-            raise EmbedError(
-                f"{self.name} does not serve the base bundle's model (a sample embedding's cosine "
-                f"to the bundle's model.onnx is {cosine:.4f} < {SAME_MODEL_MIN_COSINE})"
-            )
+    def check(self, bundle: Bundle) -> None:
+        """Refuse a Triton whose model is not the bundle's: the bundle's probes through it, held to
+        the service's own model check (the background must come from the model that serves it)."""
+        from swc_service.model_check import check_model
+
+        verdict = asyncio.run_coroutine_threadsafe(check_model(self._client.infer, bundle), self._loop).result()
+        if not verdict.ok:
+            raise EmbedError(f"{self.name}: {verdict.message}")
 
     def close(self) -> None:
         asyncio.run_coroutine_threadsafe(self._client.close(), self._loop).result()

@@ -9,6 +9,15 @@ Layout (format version 1)::
     background/features.npy        float16 (default) or float32 [N, D] embeddings, grouped by cell
     background/labels.npy          float64 [N, 2] (lat, lon) of each row
     background/row_ids.npy         int64 [N] the row's index in the upstream collection
+    probes/image_<i>.npy           uint8 [H, W, 3] probe image i, preprocessed (the model's input)
+    probes/cell_probs.npy          float32 [P, M] the model's cell_probs for the P probes
+    probes/embeddings.npy          float32 [P, D] the model's embeddings for the P probes
+
+The probes (optional: bundles written before them have none) prove which model a backend
+serves: the service sends them through Triton and compares the answers with the recorded
+outputs (``swc_service.model_check``). They are derived from ``model.onnx``, so they do not
+enter ``bundle_id``; like every file they are listed with their sha256 in the manifest,
+under ``files``, and described under ``probes``.
 
 Rows of one cell are contiguous and ordered by upstream row id, so SwC reads one slice.
 Every array is a plain ``.npy`` file memory-mapped read-only: no copy, no transpose, and the
@@ -42,6 +51,9 @@ FEATURES = "background/features.npy"
 LABELS = "background/labels.npy"
 ROW_IDS = "background/row_ids.npy"
 ARRAY_FILES = (CELLS, OFFSETS, FEATURES, LABELS, ROW_IDS)
+PROBES_DIR = "probes"
+PROBE_PROBS = "probes/cell_probs.npy"
+PROBE_EMBEDDINGS = "probes/embeddings.npy"
 
 # The model contract shared by the exporter, Triton configs and the service.
 INPUT_NAME = "image"
@@ -62,6 +74,47 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
+def probe_image_file(index: int) -> str:
+    return f"{PROBES_DIR}/image_{index}.npy"
+
+
+@dataclass(frozen=True)
+class Probes:
+    """Probe images and the outputs the bundle's own model gave for them at export."""
+
+    images: tuple[np.ndarray, ...]  # uint8 [H, W, 3] each, preprocessed: sent to the model as is
+    cell_probs: np.ndarray  # float32 [P, M]
+    embeddings: np.ndarray  # float32 [P, D]
+    info: dict[str, Any]  # the manifest's "probes" entry
+
+    @property
+    def names(self) -> list[str]:
+        """Labels for reports: ``probe i (WxH)``."""
+        return [f"probe {i} ({a.shape[1]}x{a.shape[0]})" for i, a in enumerate(self.images)]
+
+    def batches(self, max_batch: int | None = None) -> list[tuple[list[int], np.ndarray]]:
+        """The probes as the model is called on them: see :func:`batches_by_shape`."""
+        return batches_by_shape(self.images, max_batch)
+
+
+def batches_by_shape(images, max_batch: int | None = None) -> list[tuple[list[int], np.ndarray]]:
+    """Images grouped by shape, first appearance first, at most ``max_batch`` per batch:
+    (indices, uint8 [B, H, W, 3]). The exporter records probe outputs batched this way and the
+    service's check sends them this way."""
+    if max_batch is not None and max_batch < 1:
+        raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, image in enumerate(images):
+        groups.setdefault(image.shape, []).append(i)
+    out = []
+    for idx in groups.values():
+        step = max_batch or len(idx)
+        for a in range(0, len(idx), step):
+            part = idx[a : a + step]
+            out.append((part, np.stack([images[i] for i in part])))
+    return out
+
+
 @dataclass(frozen=True)
 class Bundle:
     """A loaded bundle: small arrays in memory, the background memory-mapped."""
@@ -73,6 +126,7 @@ class Bundle:
     features: np.ndarray  # memmap [N, D]
     labels: np.ndarray  # memmap float64 [N, 2]
     row_ids: np.ndarray  # memmap int64 [N]
+    probes: Probes | None = None  # None: a bundle written before probes existed
 
     @property
     def model_path(self) -> Path:
@@ -167,7 +221,61 @@ def load_bundle(path: str | os.PathLike[str]) -> Bundle:
             f"manifest says M={manifest.get('num_cells')}, N={manifest.get('num_background')}; "
             f"the arrays hold M={m}, N={n}"
         )
-    return Bundle(root, manifest, centres, offsets, features, labels, row_ids)
+    probes = _load_probes(root, manifest) if "probes" in manifest else None
+    return Bundle(root, manifest, centres, offsets, features, labels, row_ids, probes)
+
+
+def _load_probes(root: Path, manifest: dict[str, Any]) -> Probes:
+    """Read and check the probes (small: read whole, sha256 checked, since they are the proof)."""
+    info = manifest["probes"]
+    files = manifest["files"]
+    try:
+        image_files = list(info["images"])
+        probs_file, emb_file, model_sha = info["cell_probs"], info["embeddings"], info["model_sha256"]
+    except (KeyError, TypeError) as exc:
+        raise BundleError(f"{root / MANIFEST}: the probes entry is incomplete ({exc!r} missing)") from exc
+    if model_sha != files[MODEL]["sha256"]:
+        raise BundleError(
+            f"bundle {root}: the probes were recorded for model sha256:{str(model_sha)[:12]}, the bundle's "
+            f"{MODEL} is sha256:{files[MODEL]['sha256'][:12]}"
+        )
+    arrays = []
+    for rel in (*image_files, probs_file, emb_file):
+        if rel not in files:
+            raise BundleError(f"bundle {root}: probe file {rel} is not listed in the manifest's files")
+        array = _load_array(root, rel, mmap=False)
+        if sha256_file(root / rel) != files[rel]["sha256"]:
+            raise BundleError(f"bundle {root}: probe file {rel} does not match its sha256 in the manifest")
+        arrays.append(array)
+    *images, probs, emb = arrays
+    check_probes(images, probs, emb, int(manifest["num_cells"]), int(manifest["embedding_dim"]))
+    return Probes(tuple(images), probs, emb, info)
+
+
+def check_probes(images, cell_probs, embeddings, num_cells: int, embedding_dim: int) -> None:
+    """Probe images uint8 [H, W, 3], outputs float32 [P, M] and [P, D]; raises :class:`BundleError`."""
+    p = len(images)
+    if p == 0:
+        raise BundleError("probes: at least one probe image is needed")
+    for i, image in enumerate(images):
+        if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3 or min(image.shape[:2]) == 0:
+            raise BundleError(f"{probe_image_file(i)} must be uint8 [H, W, 3], got {image.dtype} {list(image.shape)}")
+    if cell_probs.dtype != np.float32 or cell_probs.shape != (p, num_cells):
+        raise BundleError(
+            f"{PROBE_PROBS} must be float32 [{p}, {num_cells}], got {cell_probs.dtype} {list(cell_probs.shape)}"
+        )
+    if embeddings.dtype != np.float32 or embeddings.shape != (p, embedding_dim):
+        raise BundleError(
+            f"{PROBE_EMBEDDINGS} must be float32 [{p}, {embedding_dim}], "
+            f"got {embeddings.dtype} {list(embeddings.shape)}"
+        )
+
+
+def content_id(files: dict[str, dict[str, Any]]) -> str:
+    """``bundle_id``: sha256 over the model's and the arrays' hashes (probes, derived from the
+    model, are left out, so adding them to an older bundle keeps its id)."""
+    core = {rel: files[rel] for rel in (MODEL, *ARRAY_FILES)}
+    return hashlib.sha256("".join(f"{k}:{v['sha256']}\n" for k, v in sorted(core.items())).encode()).hexdigest()[:12]
 
 
 def check_arrays(centres, offsets, features, labels, row_ids) -> None:
@@ -203,6 +311,7 @@ class BundleWriter:
         self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.tmp-", dir=self.out.parent))
         (self.tmp / "background").mkdir()
         self._committed = False
+        self._probes: dict[str, Any] | None = None
 
     def __enter__(self) -> BundleWriter:
         return self
@@ -221,6 +330,16 @@ class BundleWriter:
         """A writable memory-mapped ``.npy`` to fill in chunks (for arrays larger than RAM)."""
         return np.lib.format.open_memmap(self.tmp / rel, mode="w+", dtype=dtype, shape=shape)
 
+    def add_probes(
+        self, images: list[np.ndarray], cell_probs: np.ndarray, embeddings: np.ndarray, info: dict[str, Any]
+    ) -> None:
+        """Record probe images and the outputs that the bundle's ``model.onnx`` (already written)
+        gave for them; ``info`` says how they were made (tool, runtime, image sources)."""
+        if not (self.tmp / MODEL).is_file():
+            raise BundleError(f"write {MODEL} before its probes: they are its outputs")
+        model_sha = sha256_file(self.tmp / MODEL)
+        self._probes = _write_probe_files(self.tmp, images, cell_probs, embeddings, info, model_sha)
+
     def commit(self, *, source: str, tool: str, extra: dict[str, Any] | None = None) -> Bundle:
         """Check the arrays, hash every file, write the manifest and move the bundle into place."""
         if not (self.tmp / MODEL).is_file():
@@ -231,9 +350,12 @@ class BundleWriter:
         for rel in (MODEL, *ARRAY_FILES):
             p = self.tmp / rel
             files[rel] = {"sha256": sha256_file(p), "bytes": p.stat().st_size}
-        bundle_id = hashlib.sha256(
-            "".join(f"{k}:{v['sha256']}\n" for k, v in sorted(files.items())).encode()
-        ).hexdigest()[:12]
+        bundle_id = content_id(files)
+        probes_extra: dict[str, Any] = {}
+        if self._probes is not None:
+            entry, probe_files = _checked_probes(self.tmp, self._probes, files, arrays[0].shape[0], arrays[2].shape[1])
+            files |= probe_files
+            probes_extra = {"probes": entry}
         manifest = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
@@ -253,6 +375,7 @@ class BundleWriter:
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "tool": tool,
             "files": files,
+            **probes_extra,
             **(extra or {}),
         }
         del arrays
@@ -266,3 +389,86 @@ class BundleWriter:
         os.rename(self.tmp, self.out)
         self._committed = True
         return load_bundle(self.out)
+
+
+def _write_probe_files(
+    root: Path,
+    images: list[np.ndarray],
+    cell_probs: np.ndarray,
+    embeddings: np.ndarray,
+    info: dict[str, Any],
+    model_sha256: str,
+) -> dict[str, Any]:
+    """Save the probes under ``root/probes``; returns their manifest entry (without hashes)."""
+    images = [np.ascontiguousarray(a) for a in images]
+    cell_probs, embeddings = np.asarray(cell_probs), np.asarray(embeddings)
+    check_probes(images, cell_probs, embeddings, cell_probs.shape[-1], embeddings.shape[-1])
+    (root / PROBES_DIR).mkdir(exist_ok=True)
+    rels = [probe_image_file(i) for i in range(len(images))]
+    for rel, array in zip((*rels, PROBE_PROBS, PROBE_EMBEDDINGS), (*images, cell_probs, embeddings), strict=True):
+        np.save(root / rel, np.ascontiguousarray(array), allow_pickle=False)
+    return {
+        **info,
+        "images": rels,
+        "shapes": [[int(a.shape[0]), int(a.shape[1])] for a in images],
+        "cell_probs": PROBE_PROBS,
+        "embeddings": PROBE_EMBEDDINGS,
+        "model_sha256": model_sha256,
+    }
+
+
+def _checked_probes(
+    root: Path, entry: dict[str, Any], files: dict[str, dict[str, Any]], num_cells: int, embedding_dim: int
+) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """The probes entry checked against the bundle's model and shapes, and the probe files' hashes."""
+    if entry["model_sha256"] != files[MODEL]["sha256"]:
+        raise BundleError(f"{MODEL} changed after its probes were computed: compute them again")
+    probs = np.load(root / entry["cell_probs"])
+    emb = np.load(root / entry["embeddings"])
+    check_probes([np.load(root / rel) for rel in entry["images"]], probs, emb, num_cells, embedding_dim)
+    probe_files = {}
+    for rel in (*entry["images"], entry["cell_probs"], entry["embeddings"]):
+        p = root / rel
+        probe_files[rel] = {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+    return entry, probe_files
+
+
+def add_probes(
+    path: str | os.PathLike[str],
+    images: list[np.ndarray],
+    cell_probs: np.ndarray,
+    embeddings: np.ndarray,
+    info: dict[str, Any],
+) -> Bundle:
+    """Add probes to a bundle written without them; its other files and ``bundle_id`` stay.
+
+    The probe files are written first, then the manifest is replaced in one rename, so a reader
+    sees the old bundle or the new one, never a manifest naming missing files. ``cell_probs``
+    and ``embeddings`` must be the outputs of this bundle's own ``model.onnx`` for ``images``.
+    """
+    bundle = load_bundle(path)
+    root = bundle.path
+    if bundle.probes is not None:
+        raise BundleError(f"bundle {root} already has probes")
+    model_sha = sha256_file(root / MODEL)
+    if model_sha != bundle.manifest["files"][MODEL]["sha256"]:
+        raise BundleError(f"bundle {root}: {MODEL} does not match its sha256 in the manifest")
+    leftover = root / PROBES_DIR
+    if leftover.exists():  # an interrupted earlier run: not in the manifest, so nobody reads it
+        shutil.rmtree(leftover)
+    try:
+        entry = _write_probe_files(root, images, cell_probs, embeddings, info, model_sha)
+        files = dict(bundle.manifest["files"])
+        entry, probe_files = _checked_probes(root, entry, files, bundle.num_cells, bundle.features.shape[1])
+    except BaseException:
+        shutil.rmtree(leftover, ignore_errors=True)
+        raise
+    manifest = {**bundle.manifest, "files": files | probe_files, "probes": entry}
+    for p in leftover.rglob("*"):
+        p.chmod(0o444)
+    fd, tmp = tempfile.mkstemp(prefix=f".{MANIFEST}.", dir=root)
+    with os.fdopen(fd, "w") as f:
+        f.write(json.dumps(manifest, indent=2) + "\n")
+    os.chmod(tmp, 0o444)
+    os.replace(tmp, root / MANIFEST)
+    return load_bundle(root)

@@ -1,6 +1,13 @@
-"""Errors of the data plane; the interceptor maps each to one gRPC status."""
+"""Errors of the data plane and the one mapping of any exception to a gRPC status.
+
+Every failure a caller can see is a :class:`LocateFailure` carrying its status; anything else
+is a bug and becomes INTERNAL with a message that reveals nothing. :func:`classify` is the only
+place that decides this, for unary calls, streams and each stream item alike.
+"""
 
 from __future__ import annotations
+
+import asyncio
 
 import grpc
 
@@ -10,26 +17,50 @@ class LocateFailure(Exception):
 
     code = grpc.StatusCode.INTERNAL
 
+    def __init_subclass__(cls, code: grpc.StatusCode | None = None, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        if code is not None:
+            cls.code = code
 
-class InvalidArgument(LocateFailure):
-    code = grpc.StatusCode.INVALID_ARGUMENT
+
+_S = grpc.StatusCode
 
 
-class Unavailable(LocateFailure):
+class InvalidArgument(LocateFailure, code=_S.INVALID_ARGUMENT):
+    """The request (image bytes or options) is wrong; the message says what to change."""
+
+
+class Unavailable(LocateFailure, code=_S.UNAVAILABLE):
     """Triton is unreachable or not ready: the caller may retry (elsewhere)."""
 
-    code = grpc.StatusCode.UNAVAILABLE
+
+class DeadlineExceeded(LocateFailure, code=_S.DEADLINE_EXCEEDED):
+    """The caller's deadline (or Triton's timeout) passed first."""
 
 
-class DeadlineExceeded(LocateFailure):
-    code = grpc.StatusCode.DEADLINE_EXCEEDED
+class Overloaded(LocateFailure):
+    """The service refused the call to protect the calls it serves (admission control): the
+    caller should back off and retry later. ``reason`` says which limit refused it."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+    def __init__(self, message: str, reason: str = "overloaded") -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 class InferenceFailed(LocateFailure):
-    """Triton answered with an error that is not the caller's fault."""
-
-    code = grpc.StatusCode.INTERNAL
+    """Triton answered with an error that is not the caller's fault (INTERNAL)."""
 
 
-class Unauthenticated(LocateFailure):
-    code = grpc.StatusCode.UNAUTHENTICATED
+class Unauthenticated(LocateFailure, code=_S.UNAUTHENTICATED):
+    """No valid bearer token."""
+
+
+def classify(exc: BaseException, request_id: str = "") -> tuple[grpc.StatusCode, str]:
+    """(status, public message) of a failure; bugs become INTERNAL without their details."""
+    if isinstance(exc, LocateFailure):
+        return exc.code, str(exc)
+    if isinstance(exc, asyncio.CancelledError):
+        return grpc.StatusCode.CANCELLED, "cancelled"
+    return grpc.StatusCode.INTERNAL, f"internal error (request_id {request_id})" if request_id else "internal error"

@@ -1,4 +1,11 @@
-"""One place where failures become gRPC statuses, and where every call is counted and logged."""
+"""The service's interceptors, each doing one thing, for the Locator service's methods only
+(health and reflection pass through untouched and stay open):
+
+- :class:`StatusInterceptor` (outermost): maps any failure to its status with
+  :func:`~swc_service.errors.classify` (no stack traces to callers), counts and logs each call;
+- :class:`AuthInterceptor`: the bearer-token check, raising ``Unauthenticated`` (which the
+  status interceptor then answers, counts and logs like any other failure).
+"""
 
 from __future__ import annotations
 
@@ -7,19 +14,16 @@ import hmac
 import json
 import logging
 import time
-import uuid
 from collections.abc import Awaitable, Callable
 
 import grpc
 
 from . import metrics
-from .errors import LocateFailure, Unauthenticated
+from .errors import Unauthenticated, classify
 
 log = logging.getLogger("swc_service.access")
 
-
-def _method_name(full: str) -> str:
-    return full.rsplit("/", 1)[-1]
+Behaviour = Callable  # a handler's unary_unary or stream_stream function
 
 
 def check_token(expected: str | None, metadata) -> None:
@@ -36,16 +40,12 @@ def check_token(expected: str | None, metadata) -> None:
         raise Unauthenticated("a valid 'authorization: Bearer <token>' header is required")
 
 
-class StatusInterceptor(grpc.aio.ServerInterceptor):
-    """Maps :class:`LocateFailure` to its status (no stack traces to callers), checks the bearer
-    token, counts and logs calls.
+class ServiceInterceptor(grpc.aio.ServerInterceptor):
+    """Base: wraps the unary and stream behaviours of one service's methods (by full name,
+    taken from the descriptor) with :meth:`unary` and :meth:`stream`."""
 
-    Applies to the Locator service; health and reflection pass through untouched (open).
-    """
-
-    def __init__(self, service_prefix: str = "/visloc.v1.Locator/", token: str | None = None):
-        self.prefix = service_prefix
-        self.token = token
+    def __init__(self, service: str):
+        self.prefix = f"/{service}/"
 
     async def intercept_service(
         self,
@@ -55,71 +55,93 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(details)
         if handler is None or not details.method.startswith(self.prefix):
             return handler
-        method = _method_name(details.method)
+        method = details.method.rsplit("/", 1)[-1]
+        codec = dict(request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer)
         if handler.unary_unary is not None:
-            return grpc.unary_unary_rpc_method_handler(
-                self._wrap_unary(method, handler.unary_unary),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
+            return grpc.unary_unary_rpc_method_handler(self.unary(method, handler.unary_unary), **codec)
         if handler.stream_stream is not None:
-            return grpc.stream_stream_rpc_method_handler(
-                self._wrap_stream(method, handler.stream_stream),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
+            return grpc.stream_stream_rpc_method_handler(self.stream(method, handler.stream_stream), **codec)
         return handler
 
-    def _finish(self, method: str, code: grpc.StatusCode, started: float, request_id: str, reason: str = "") -> None:
-        elapsed = time.perf_counter() - started
-        metrics.REQUESTS.labels(method, code.name).inc()
-        metrics.REQUEST_SECONDS.labels(method).observe(elapsed)
-        entry = {"rpc": method, "request_id": request_id, "code": code.name, "ms": round(elapsed * 1e3, 3)}
-        if reason:
-            entry["reason"] = reason
-        log.info(json.dumps(entry))
+    def unary(self, method: str, behaviour: Behaviour) -> Behaviour:
+        return behaviour
 
-    def _wrap_unary(self, method: str, behaviour):
+    def stream(self, method: str, behaviour: Behaviour) -> Behaviour:
+        return behaviour
+
+
+class AuthInterceptor(ServiceInterceptor):
+    """Refuses calls without the configured bearer token (install only when one is set)."""
+
+    def __init__(self, service: str, token: str):
+        super().__init__(service)
+        self.token = token
+
+    def unary(self, method: str, behaviour: Behaviour) -> Behaviour:
+        async def wrapper(request, context: grpc.aio.ServicerContext):
+            check_token(self.token, context.invocation_metadata())
+            return await behaviour(request, context)
+
+        return wrapper
+
+    def stream(self, method: str, behaviour: Behaviour) -> Behaviour:
+        async def wrapper(request_iterator, context: grpc.aio.ServicerContext):
+            check_token(self.token, context.invocation_metadata())
+            async for item in behaviour(request_iterator, context):
+                yield item
+
+        return wrapper
+
+
+def access_log(method: str, code: grpc.StatusCode, started: float, request_id: str, reason: str = "") -> None:
+    """Count, time and log one finished call (one JSON line on ``swc_service.access``)."""
+    elapsed = time.perf_counter() - started
+    metrics.REQUESTS.labels(method, code.name).inc()
+    metrics.REQUEST_SECONDS.labels(method).observe(elapsed)
+    entry = {"rpc": method, "request_id": request_id, "code": code.name, "ms": round(elapsed * 1e3, 3)}
+    if reason:
+        entry["reason"] = reason
+    log.info(json.dumps(entry))
+
+
+class StatusInterceptor(ServiceInterceptor):
+    """Every failure leaves as the status :func:`classify` gives it; every call is logged once."""
+
+    async def _fail(
+        self, method: str, exc: BaseException, context: grpc.aio.ServicerContext, started: float, request_id: str
+    ) -> None:
+        """Log and answer a failed call; always raises (abort, or the cancellation itself)."""
+        if isinstance(exc, grpc.aio.AbortError):  # a handler aborted: its status is already set
+            access_log(method, context.code() or grpc.StatusCode.UNKNOWN, started, request_id, context.details() or "")
+            raise exc
+        code, message = classify(exc, request_id)
+        if code is grpc.StatusCode.INTERNAL:
+            log.error("%s failed (request_id %s)", method, request_id, exc_info=exc)
+        access_log(method, code, started, request_id, message if code is not grpc.StatusCode.CANCELLED else "")
+        if code is grpc.StatusCode.CANCELLED:
+            raise exc
+        await context.abort(code, message)
+
+    def unary(self, method: str, behaviour: Behaviour) -> Behaviour:
         async def wrapper(request, context: grpc.aio.ServicerContext):
             started = time.perf_counter()
-            request_id = getattr(request, "request_id", "") or ""
-            if hasattr(request, "request_id") and not request_id:
-                request_id = request.request_id = uuid.uuid4().hex
             try:
-                check_token(self.token, context.invocation_metadata())
                 response = await behaviour(request, context)
-            except LocateFailure as exc:
-                self._finish(method, exc.code, started, request_id, str(exc))
-                await context.abort(exc.code, str(exc))
-            except (asyncio.CancelledError, grpc.aio.AbortError):
-                self._finish(method, grpc.StatusCode.CANCELLED, started, request_id)
-                raise
-            except Exception:
-                log.exception("%s failed (request_id %s)", method, request_id)
-                self._finish(method, grpc.StatusCode.INTERNAL, started, request_id, "internal error")
-                await context.abort(grpc.StatusCode.INTERNAL, f"internal error (request_id {request_id})")
-            self._finish(method, grpc.StatusCode.OK, started, request_id)
+            except (Exception, asyncio.CancelledError) as exc:
+                await self._fail(method, exc, context, started, getattr(request, "request_id", ""))
+            access_log(method, grpc.StatusCode.OK, started, getattr(request, "request_id", ""))
             return response
 
         return wrapper
 
-    def _wrap_stream(self, method: str, behaviour):
+    def stream(self, method: str, behaviour: Behaviour) -> Behaviour:
         async def wrapper(request_iterator, context: grpc.aio.ServicerContext):
             started = time.perf_counter()
             try:
-                check_token(self.token, context.invocation_metadata())
                 async for item in behaviour(request_iterator, context):
                     yield item
-            except LocateFailure as exc:
-                self._finish(method, exc.code, started, "", str(exc))
-                await context.abort(exc.code, str(exc))
-            except (asyncio.CancelledError, grpc.aio.AbortError):
-                self._finish(method, grpc.StatusCode.CANCELLED, started, "")
-                raise
-            except Exception:
-                log.exception("%s failed", method)
-                self._finish(method, grpc.StatusCode.INTERNAL, started, "", "internal error")
-                await context.abort(grpc.StatusCode.INTERNAL, "internal error")
-            self._finish(method, grpc.StatusCode.OK, started, "")
+            except (Exception, asyncio.CancelledError) as exc:
+                await self._fail(method, exc, context, started, "")
+            access_log(method, grpc.StatusCode.OK, started, "")
 
         return wrapper

@@ -46,3 +46,48 @@ BUNDLE_INFO = Gauge(
 BATCH_WINDOW = Gauge(
     "visloc_batch_window_seconds", "The shape-grouping window the service waits", multiprocess_mode="max"
 )
+
+# Admission control (swc_service.admission, issue 17). ``caller`` is a name from the callers
+# token file (bounded), "default" for the shared token, "anonymous" when auth is off.
+ADMISSION_SHED = Counter(
+    "visloc_admission_shed_total",
+    "Calls shed by admission control, by reason (deadline_unmeetable, expired_in_queue, queue_full, "
+    "caller_limit, queue_timeout) and caller",
+    ["reason", "caller"],
+)
+ADMISSION_QUEUE_WAIT = Histogram(
+    "visloc_admission_queue_wait_seconds",
+    "Time admitted calls waited in the admission queue, by caller",
+    ["caller"],
+    buckets=_LATENCY_BUCKETS,
+)
+ADMISSION_IN_FLIGHT = Gauge(
+    "visloc_admission_in_flight", "Calls admitted and not yet done, by caller", ["caller"], multiprocess_mode="livesum"
+)
+ADMISSION_LIMIT = Gauge(
+    "visloc_admission_limit", "Calls admission control lets in flight (adaptive)", multiprocess_mode="livesum"
+)
+
+
+class AdmissionMetrics:
+    """The admission controller's observer (swc_service.admission.AdmissionObserver) -> Prometheus."""
+
+    def shed(self, caller: str, reason: str) -> None:
+        ADMISSION_SHED.labels(reason=reason, caller=caller).inc()
+
+    def queue_wait(self, caller: str, seconds: float) -> None:
+        ADMISSION_QUEUE_WAIT.labels(caller=caller).observe(seconds)
+
+    def in_flight(self, caller: str, delta: int) -> None:
+        ADMISSION_IN_FLIGHT.labels(caller=caller).inc(delta)
+
+    def limit(self, value: int) -> None:
+        ADMISSION_LIMIT.set(value)
+
+
+def observe_located(pixels: int, stages: dict[str, float], method: str, localizable: bool) -> None:
+    """One located image: its size, the seconds of each stage and what was predicted."""
+    IMAGE_PIXELS.observe(pixels)
+    for stage, seconds in stages.items():
+        STAGE_SECONDS.labels(stage).observe(seconds)
+    PREDICTIONS.labels(method, str(localizable).lower()).inc()

@@ -12,11 +12,14 @@ Used by the service, the exporter's parity check, the tests and the benchmarks a
 from __future__ import annotations
 
 import io
+import time
 import warnings
 from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageOps
+
+from .errors import InvalidArgument
 
 SHORT_SIDE = 300
 MEAN = (0.485, 0.456, 0.406)
@@ -26,8 +29,8 @@ DEFAULT_MAX_PIXELS = 50_000_000  # decoded source pixels
 DEFAULT_MAX_SIDE = 3_000  # preprocessed long side (an aspect ratio of 10:1 at 300 px)
 
 
-class ImageError(ValueError):
-    """The bytes are not an image we can locate; the message says why (for INVALID_ARGUMENT)."""
+class ImageError(InvalidArgument, ValueError):
+    """The bytes are not an image we can locate; the message says why (an INVALID_ARGUMENT)."""
 
 
 @dataclass(frozen=True)
@@ -38,10 +41,14 @@ class Limits:
 
 @dataclass(frozen=True)
 class PreparedImage:
-    array: np.ndarray  # uint8 [H, W, 3], C-contiguous
-    source_width: int
+    """The model input and what the caller may want to know about how it was made."""
+
+    array: np.ndarray  # uint8 [H, W, 3], C-contiguous: what Triton gets
+    source_width: int  # of the decoded image
     source_height: int
     source_format: str
+    decode_s: float  # seconds spent decoding
+    preprocess_s: float  # seconds spent converting, resizing (and cropping)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -135,12 +142,21 @@ def prepare_image(img: Image.Image, limits: Limits = Limits()) -> np.ndarray:
     return np.ascontiguousarray(np.asarray(rgb, dtype=np.uint8))
 
 
-def preprocess(data: bytes, limits: Limits = Limits(), *, exif_transpose: bool = False) -> PreparedImage:
-    """Bytes -> model input (uint8 ``[H, W, 3]``); raises :class:`ImageError` on bad input."""
+def preprocess(
+    data: bytes, limits: Limits = Limits(), *, exif_transpose: bool = False, crop: bool = False
+) -> PreparedImage:
+    """Bytes -> model input (uint8 ``[H, W, 3]``); raises :class:`ImageError` on bad input.
+
+    ``crop`` adds the centre 300 x 300 crop after the exact resize (``center_crop_300``).
+    """
+    t0 = time.perf_counter()
     img = decode(data, limits, exif_transpose=exif_transpose)
-    fmt = img.format or "unknown"
+    t1 = time.perf_counter()
+    array = prepare_image(img, limits)
+    if crop:
+        array = center_crop(array)
     w, h = img.size
-    return PreparedImage(prepare_image(img, limits), w, h, fmt)
+    return PreparedImage(array, w, h, img.format or "unknown", t1 - t0, time.perf_counter() - t1)
 
 
 def center_crop(array: np.ndarray, size: int = SHORT_SIDE) -> np.ndarray:

@@ -93,13 +93,14 @@ async def _watch_triton(
     """SERVING only while Triton and the model are ready, the model answers with the bundle's
     shapes (checked by one small inference each time Triton comes up), and we are not draining."""
     from . import metrics
+    from .inference import check_model
 
     last = None
     verified = False
     while not draining.is_set():
         ready = await inference.ready(timeout_s=max(0.2, interval))
         if ready and not verified:
-            problem = await inference.check_model(bundle.num_cells, int(bundle.features.shape[1]))
+            problem = await check_model(inference, bundle.num_cells, int(bundle.features.shape[1]))
             if problem:
                 log.error("Triton's model does not match the bundle: %s", problem)
             verified = problem is None
@@ -120,7 +121,7 @@ async def _watch_triton(
 
 async def serve(settings: Settings, *, on_started=None) -> None:
     """Run one server until SIGTERM/SIGINT, then drain: NOT_SERVING, finish in-flight calls, exit."""
-    from .interceptors import StatusInterceptor
+    from .interceptors import AuthInterceptor, StatusInterceptor
     from .locator import Locator
     from .servicer import LocatorServicer
     from .triton_infer import TritonInference
@@ -130,8 +131,10 @@ async def serve(settings: Settings, *, on_started=None) -> None:
         bundle.prefetch()
     inference = TritonInference(settings.triton_url, settings.triton_model, settings.triton_timeout_s)
     locator = Locator(settings, bundle, inference)
+    token = settings.token()
     server = grpc.aio.server(
-        interceptors=[StatusInterceptor(token=settings.token())],
+        # Outermost first: the status interceptor answers, counts and logs auth failures too.
+        interceptors=[StatusInterceptor(SERVICE_NAME), *([AuthInterceptor(SERVICE_NAME, token)] if token else [])],
         options=grpc_options(settings),
         maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
     )

@@ -1,10 +1,12 @@
-"""The gRPC servicer: thin. Deadlines in, data plane called, stream items answered one by one."""
+"""The gRPC servicer: thin. Request ids and deadlines in, data plane called, stream items
+answered one by one (each failure classified like a whole call's)."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import time
+import uuid
 from collections.abc import AsyncIterator
 
 import grpc
@@ -13,10 +15,18 @@ from visloc_client.v1 import locator_pb2 as pb
 from visloc_client.v1 import locator_pb2_grpc as pb_grpc
 
 from . import metrics
-from .errors import DeadlineExceeded, LocateFailure
+from .errors import DeadlineExceeded, classify
 from .locator import Locator
 
 log = logging.getLogger("swc_service")
+
+
+def assign_request_id(request: pb.LocateRequest) -> str:
+    """The one place request ids are made: the caller's, or a fresh one written into the request
+    (so the reply, the access log and a failed stream item all carry it)."""
+    if not request.request_id:
+        request.request_id = uuid.uuid4().hex
+    return request.request_id
 
 
 def deadline_of(context: grpc.aio.ServicerContext) -> float | None:
@@ -26,6 +36,7 @@ def deadline_of(context: grpc.aio.ServicerContext) -> float | None:
 
 async def locate_within(locator: Locator, request: pb.LocateRequest, deadline: float | None) -> pb.LocateResponse:
     """One image, bounded by the caller's deadline; counts the image and its outcome."""
+    assign_request_id(request)
     metrics.IN_FLIGHT.inc()
     code = grpc.StatusCode.OK
     try:
@@ -36,14 +47,8 @@ async def locate_within(locator: Locator, request: pb.LocateRequest, deadline: f
                 return await locator.locate(request, deadline)
         except TimeoutError as exc:
             raise DeadlineExceeded("the deadline passed before the image was located") from exc
-    except LocateFailure as exc:
-        code = exc.code
-        raise
-    except asyncio.CancelledError:
-        code = grpc.StatusCode.CANCELLED
-        raise
-    except Exception:
-        code = grpc.StatusCode.INTERNAL
+    except (Exception, asyncio.CancelledError) as exc:
+        code, _ = classify(exc)
         raise
     finally:
         metrics.IN_FLIGHT.dec()
@@ -74,12 +79,11 @@ class LocatorServicer(pb_grpc.LocatorServicer):
             try:
                 result = await locate_within(self.locator, request, deadline)
                 await out.put(pb.LocateStreamResponse(request_id=result.request_id, index=index, result=result))
-            except LocateFailure as exc:
-                err = pb.Error(code=exc.code.value[0], message=str(exc))
-                await out.put(pb.LocateStreamResponse(request_id=request.request_id, index=index, error=err))
-            except Exception:  # an unexpected bug answers this image, not the whole stream
-                log.exception("LocateStream item %d failed", index)
-                err = pb.Error(code=grpc.StatusCode.INTERNAL.value[0], message="internal error")
+            except Exception as exc:  # a failure answers this image, not the whole stream
+                code, message = classify(exc, request.request_id)
+                if code is grpc.StatusCode.INTERNAL:
+                    log.error("LocateStream item %d failed", index, exc_info=exc)
+                err = pb.Error(code=code.value[0], message=message)
                 await out.put(pb.LocateStreamResponse(request_id=request.request_id, index=index, error=err))
             finally:
                 slots.release()

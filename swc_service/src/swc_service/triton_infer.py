@@ -8,7 +8,7 @@ from tritonclient.utils import InferenceServerException
 
 from . import metrics
 from .bundle import INPUT_NAME, OUTPUT_EMBEDDING, OUTPUT_PROBS
-from .errors import DeadlineExceeded, InferenceFailed, LocateFailure, Unavailable
+from .errors import DeadlineExceeded, InferenceFailed, Unavailable
 
 _MAX_MESSAGE = 2**31 - 1
 
@@ -32,7 +32,7 @@ def _status(exc: InferenceServerException) -> str:
 
 
 class TritonInference:
-    """``infer(batch uint8 [B, H, W, 3]) -> (cell_probs [B, M], embedding [B, D])``."""
+    """One Triton endpoint as an :class:`~swc_service.inference.Inference`."""
 
     def __init__(self, url: str, model: str, timeout_s: float = 30.0):
         self.url = url
@@ -68,19 +68,6 @@ class TritonInference:
             )
         except InferenceServerException:
             return False
-
-    async def check_model(self, num_cells: int, embedding_dim: int) -> str | None:
-        """One small inference: None when the outputs have the bundle's shapes, else what differs."""
-        try:
-            probs, emb = await self.infer(np.zeros((1, 300, 300, 3), dtype=np.uint8), timeout_s=30)
-        except LocateFailure as exc:
-            return f"test inference failed: {exc}"
-        if probs.shape != (1, num_cells) or emb.shape != (1, embedding_dim):
-            return (
-                f"model outputs cell_probs {list(probs.shape)} and embedding {list(emb.shape)}; "
-                f"the bundle needs [1, {num_cells}] and [1, {embedding_dim}]"
-            )
-        return None
 
     async def close(self) -> None:
         await self._client.close()

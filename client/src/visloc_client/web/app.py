@@ -1,8 +1,8 @@
-"""The web app: one page and a small JSON API in front of the Locate service.
+"""The web app's logic: settings, the static files, the service info cache and one locate call.
 
-Standard library only (``http.server.ThreadingHTTPServer``): the page is a handful of static
-files and two API calls that hand the image to ``LocatorClient``, so a framework would add
-dependencies and nothing else. Put it behind the usual reverse proxy / Ingress for TLS.
+No HTTP here (``visloc_client.web.asgi`` is the HTTP layer, ``visloc_client.web.server`` the
+server), and nothing beyond the client library: ``visloc`` imports this module for its flags
+whether or not the ``web`` extra is installed.
 
 Routes: ``GET /`` the page, ``GET /static/...`` its files (read into memory at start-up, so
 no path ever reaches the file system), ``GET /api/info`` what is served and the upload limits,
@@ -15,23 +15,21 @@ the duration of the call: nothing is written to disk or logged.
 from __future__ import annotations
 
 import hashlib
-import json
+import ipaddress
 import math
-import socket
-import sys
+import re
 import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import urlsplit
 
 from visloc_client import __version__
 from visloc_client.client import LocatorClient
 from visloc_client.errors import LocateError
+from visloc_client.limits import FLOAT_OPTIONS, INT_OPTIONS, MAX_TOP_CELLS, MAX_TOP_K, RANGES, option_error
 from visloc_client.results import ServiceInfo
 from visloc_client.web import messages, upload
 from visloc_client.web.upload import UploadError
@@ -56,9 +54,26 @@ class WebConfig:
     # Evidence asked of the service for each photo (neighbours are capped at top_k).
     neighbours: int = 10
     top_cells: int = 5
-    # Uploads processed at once; more wait up to ``busy_wait_s``, then get 503.
+    # Uploads located at once (after their body is read); more wait up to ``busy_wait_s``,
+    # then get 503.
     max_concurrent: int = 8
     busy_wait_s: float = 10.0
+    # Open connections; more are answered 503 and closed at once.
+    max_connections: int = 64
+    # Upload bytes held in memory at once, over all requests (0: 2 x max_concurrent uploads);
+    # a request that would go beyond gets 503 BUSY.
+    max_buffered_bytes: int = 0
+    # Time limits: the request line and headers (and the draining of a refused body) within
+    # ``header_timeout_s``; the whole body within ``body_timeout_s``, and after the first
+    # ``body_grace_s`` at ``min_body_rate`` bytes/s on average, else 408.
+    header_timeout_s: float = 10.0
+    body_timeout_s: float = 120.0
+    body_grace_s: float = 10.0
+    min_body_rate: int = 16 * 1024
+    # Host header names accepted besides loopback (localhost, 127.0.0.0/8, ::1): the public
+    # name behind a reverse proxy, e.g. ("visloc.example.org",); "*.example.org" matches the
+    # subdomains; "*" accepts any (DNS rebinding then is the proxy's problem).
+    allowed_hosts: tuple[str, ...] = ()
     # Optional raster tiles ("https://tile.example.org/{z}/{x}/{y}.png"): off by default; the
     # page then draws the offline Natural Earth outline only.
     tiles_url: str | None = None
@@ -69,14 +84,79 @@ class WebConfig:
     def __post_init__(self) -> None:
         if self.max_upload_bytes <= 0:
             raise ValueError("max_upload_bytes must be positive")
-        if self.neighbours < 0 or self.top_cells < 0:
-            raise ValueError("neighbours and top_cells must be non-negative")
-        if self.max_concurrent < 1:
-            raise ValueError("max_concurrent must be at least 1")
+        if not 0 <= self.neighbours <= MAX_TOP_K:
+            raise ValueError(f"neighbours must be in 0..{MAX_TOP_K}")
+        if not 0 <= self.top_cells <= MAX_TOP_CELLS:
+            raise ValueError(f"top_cells must be in 0..{MAX_TOP_CELLS}")
+        if self.max_concurrent < 1 or self.max_connections < 1:
+            raise ValueError("max_concurrent and max_connections must be at least 1")
+        if self.max_buffered_bytes and self.max_buffered_bytes < self.max_upload_bytes:
+            raise ValueError("max_buffered_bytes must hold at least one upload")
+        for name in ("busy_wait_s", "header_timeout_s", "body_timeout_s", "body_grace_s"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                raise ValueError(f"{name} must be a positive number of seconds")
+        if self.min_body_rate < 1:
+            raise ValueError("min_body_rate must be at least 1 byte/s")
+        for host in self.allowed_hosts:
+            if not _HOST_PATTERN.fullmatch(host):
+                raise ValueError(f"allowed host {host!r} is not a host name, address, *.domain or *")
         if self.tiles_url is not None:
             tile_origin(self.tiles_url)  # validates
         if not 0 <= self.tiles_max_zoom <= 22:
             raise ValueError("tiles_max_zoom must be in 0..22")
+
+    @property
+    def buffer_budget(self) -> int:
+        """Upload bytes held in memory at once, over all requests."""
+        return self.max_buffered_bytes or 2 * self.max_concurrent * (self.max_upload_bytes + upload.MULTIPART_OVERHEAD)
+
+
+_HOST_PATTERN = re.compile(r"\*|(\*\.)?[a-z0-9]([a-z0-9.-]*[a-z0-9])?|[0-9a-f:.]+", re.IGNORECASE)
+
+
+def host_allowed(host_header: str | None, allowed: tuple[str, ...]) -> bool:
+    """Whether a Host header names this server: loopback, or a name in ``allowed``. A foreign
+    name is what a DNS-rebinding page in a visitor's browser would send."""
+    if host_header is None:
+        return False
+    host = host_header.strip().lower()
+    if host.startswith("["):  # [v6]:port
+        host = host[1 : host.find("]")] if "]" in host else ""
+    elif host.count(":") == 1:
+        host, _, port = host.partition(":")
+        if not port.isdigit():
+            return False
+    host = host.rstrip(".")
+    if not host:
+        return False
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        if ipaddress.ip_address(host).is_loopback:
+            return True
+    except ValueError:
+        pass
+    for pattern in allowed:
+        pattern = pattern.lower()
+        if pattern == "*" or host == pattern:
+            return True
+        if pattern.startswith("*.") and host.endswith(pattern[1:]):
+            return True
+    return False
+
+
+def security_headers(csp: str) -> list[tuple[str, str]]:
+    """The headers every answer carries, the server's own error answers included."""
+    return [
+        ("Content-Security-Policy", csp),
+        ("X-Content-Type-Options", "nosniff"),
+        ("X-Frame-Options", "DENY"),
+        ("Referrer-Policy", "no-referrer"),
+        ("Cross-Origin-Opener-Policy", "same-origin"),
+        ("Cross-Origin-Resource-Policy", "same-origin"),
+        ("Permissions-Policy", "camera=(), microphone=(), geolocation=(), interest-cohort=()"),
+    ]
 
 
 def tile_origin(url: str) -> str:
@@ -123,55 +203,49 @@ def _load_static() -> dict[str, tuple[bytes, str, str]]:
 # After a failed GetInfo, uploads do not ask again for this long (Locate reports the failure).
 _INFO_RETRY_S = 5.0
 
-_INT_OPTIONS = ("top_k", "neighbours", "top_cells")
-_FLOAT_OPTIONS = ("eps_km", "conf_scale_km", "conf_threshold")
+# A number as typed: ASCII digits, one dot, an exponent; no "_", spaces, "inf" or "nan".
+_INT = re.compile(r"[0-9]{1,12}")
+_FLOAT = re.compile(r"[0-9]{0,24}(\.[0-9]{0,24})?([eE][+-]?[0-9]{1,3})?")
+
+
+def bad_option(name: str, raw: Any) -> UploadError:
+    return UploadError(400, "BAD_OPTION", "A setting is not valid", f"{name} must be {RANGES[name]}, got {raw!r}.")
 
 
 def parse_options(query: Mapping[str, list[str]]) -> dict[str, Any]:
-    """Locate options from the query string (unknown names are ignored)."""
+    """Locate options from the query string (unknown names are ignored), each checked against
+    the service's range (``visloc_client.limits``) before anything else is done: a 400 naming
+    the option, never a protobuf error."""
     options: dict[str, Any] = {}
-    for name in _INT_OPTIONS + _FLOAT_OPTIONS:
+    for name in INT_OPTIONS + FLOAT_OPTIONS:
         values = query.get(name)
         if not values or values[-1] == "":
             continue
         raw = values[-1]
-        try:
-            value: Any = int(raw) if name in _INT_OPTIONS else float(raw)
-        except ValueError:
-            value = None
-        if value is None or (isinstance(value, float) and not math.isfinite(value)) or value < 0:
-            kind = "a non-negative integer" if name in _INT_OPTIONS else "a non-negative number"
-            raise UploadError(400, "BAD_OPTION", "A setting is not valid", f"{name} must be {kind}, got {raw!r}.")
-        options[name] = value
+        pattern = _INT if name in INT_OPTIONS else _FLOAT
+        if not pattern.fullmatch(raw) or not any(c.isdigit() for c in raw):
+            raise bad_option(name, raw)
+        options[name] = int(raw) if name in INT_OPTIONS else float(raw)
+        if option_error({name: options[name]}) is not None:
+            raise bad_option(name, raw)
+    name = option_error(options)  # neighbours against the given top_k
+    if name is not None:
+        raise bad_option(name, options[name])
     return options
 
 
 class WebApp:
-    """What the HTTP handler calls; holds the one ``LocatorClient`` (thread-safe)."""
+    """What the HTTP layer calls (from worker threads: the client is blocking and
+    thread-safe); holds the one ``LocatorClient``."""
 
     def __init__(self, client: LocatorClient, config: WebConfig | None = None) -> None:
         self.client = client
         self.config = config or WebConfig()
         self.csp = content_security_policy(self.config)
         self.static = _load_static()
-        self.slots = threading.BoundedSemaphore(self.config.max_concurrent)
         self._info_lock = threading.Lock()
         self._info: tuple[float, ServiceInfo] | None = None
         self._info_failed = -math.inf  # when GetInfo last failed (monotonic)
-
-    def drain(self, timeout: float) -> bool:
-        """Wait until no upload is being processed (for a graceful stop); False on timeout."""
-        deadline = time.monotonic() + timeout
-        taken = 0
-        try:
-            while taken < self.config.max_concurrent:
-                if not self.slots.acquire(timeout=max(0.0, deadline - time.monotonic())):
-                    return False
-                taken += 1
-            return True
-        finally:
-            for _ in range(taken):
-                self.slots.release()
 
     # --- service info (cached: the page asks on every load) --------------------------------
 
@@ -238,9 +312,9 @@ class WebApp:
 
     # --- locate ----------------------------------------------------------------------------
 
-    def locate(self, data: bytes, options: dict[str, Any]) -> dict[str, Any]:
-        """Check ``data`` and locate it; raises ``UploadError`` or ``LocateError``."""
-        fmt = upload.check_image(data, self.upload_limit())
+    def resolve_options(self, options: dict[str, Any]) -> dict[str, Any]:
+        """The page's defaults added (neighbours capped at top_k), then every option checked
+        against the service's ranges and served scales; ``UploadError`` 400 names the one."""
         info = self.cached_info()
         defaults = info.defaults if info is not None else None
         options = dict(options)
@@ -248,6 +322,21 @@ class WebApp:
             top_k = options.get("top_k") or (defaults.top_k if defaults is not None else None)
             options["neighbours"] = min(self.config.neighbours, top_k) if top_k else self.config.neighbours
         options.setdefault("top_cells", self.config.top_cells)
+        name = option_error(
+            options,
+            default_top_k=defaults.top_k if defaults is not None else None,
+            pd_scales_km=info.pd_scales_km if info is not None else (),
+        )
+        if name is not None:
+            raise bad_option(name, options[name])
+        return options
+
+    def locate(self, data: bytes, options: dict[str, Any]) -> dict[str, Any]:
+        """Check ``data`` and locate it; raises ``UploadError`` or ``LocateError``."""
+        fmt = upload.check_image(data, self.upload_limit())
+        options = self.resolve_options(options)
+        info = self.cached_info()
+        defaults = info.defaults if info is not None else None
         result = self.client.locate(data, **options)
         scale = options.get("conf_scale_km", defaults.conf_scale_km if defaults is not None else None)
         threshold = options.get("conf_threshold", defaults.conf_threshold if defaults is not None else None)
@@ -258,193 +347,3 @@ class WebApp:
             "conf_threshold": threshold,
             "upload": {"format": fmt, "bytes": len(data)},
         }
-
-
-def _error_body(code: str, title: str, message: str, reason: str = "") -> dict[str, str]:
-    """The one shape of every error the API answers: {"error": {code, title, message, reason}}."""
-    return {"code": code, "title": title, "message": message, "reason": reason}
-
-
-class Handler(BaseHTTPRequestHandler):
-    server: WebServer
-    server_version = f"visloc-web/{__version__}"
-    sys_version = ""
-    # Seconds a socket read may block: a stalled client cannot hold a thread for long.
-    timeout = 30
-
-    # --- responses -------------------------------------------------------------------------
-
-    def end_headers(self) -> None:
-        self.send_header("Content-Security-Policy", self.server.app.csp)
-        self.send_header("X-Content-Type-Options", "nosniff")
-        self.send_header("X-Frame-Options", "DENY")
-        self.send_header("Referrer-Policy", "no-referrer")
-        self.send_header("Cross-Origin-Opener-Policy", "same-origin")
-        self.send_header("Cross-Origin-Resource-Policy", "same-origin")
-        self.send_header("Permissions-Policy", "camera=(), microphone=(), geolocation=(), interest-cohort=()")
-        super().end_headers()
-
-    def _send(self, status: int, body: bytes, ctype: str, headers: Mapping[str, str] | None = None) -> None:
-        self.send_response(status)
-        self.send_header("Content-Type", ctype)
-        self.send_header("Content-Length", str(len(body)))
-        for key, value in (headers or {}).items():
-            self.send_header(key, value)
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(body)
-
-    def _json(self, status: int, payload: Any) -> None:
-        body = json.dumps(payload, separators=(",", ":")).encode()
-        self._send(status, body, "application/json", {"Cache-Control": "no-store"})
-
-    def _error(self, status: int, error: dict[str, Any]) -> None:
-        self._json(status, {"error": error})
-
-    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
-        """http.server's own errors (bad request line, unsupported method) as JSON too."""
-        try:
-            phrase = HTTPStatus(code).phrase
-        except ValueError:
-            phrase = "Error"
-        self.close_connection = True
-        self._error(code, _error_body(phrase.upper().replace(" ", "_"), phrase, message or phrase))
-
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base class's name
-        # The request line and status only: never bodies, never image bytes.
-        sys.stderr.write(f"visloc-web {self.address_string()} {format % args}\n")
-
-    # --- routes ----------------------------------------------------------------------------
-
-    def do_GET(self) -> None:  # noqa: N802 - http.server's naming
-        path = urlsplit(self.path).path
-        if path == "/":
-            path = "/static/index.html"
-        if path in self.server.app.static:
-            data, ctype, etag = self.server.app.static[path]
-            if self.headers.get("If-None-Match") == etag:
-                self.send_response(304)
-                self.send_header("ETag", etag)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-                return
-            self._send(200, data, ctype, {"ETag": etag, "Cache-Control": "no-cache"})
-        elif path == "/api/info":
-            status, payload = self.server.app.info_payload()
-            self._json(status, payload)
-        elif path == "/healthz":
-            self._send(200, b"ok\n", "text/plain; charset=utf-8", {"Cache-Control": "no-store"})
-        elif path == "/api/locate":
-            self._error(405, _error_body("METHOD_NOT_ALLOWED", "Use POST", "POST the image to /api/locate."))
-        else:
-            self._error(404, _error_body("NOT_FOUND", "Not found", path))
-
-    do_HEAD = do_GET
-
-    def do_POST(self) -> None:  # noqa: N802
-        self._drained = False
-        split = urlsplit(self.path)
-        if split.path != "/api/locate":
-            self._discard_body()
-            self._error(404, _error_body("NOT_FOUND", "Not found", split.path))
-            return
-        app = self.server.app
-        if not app.slots.acquire(timeout=app.config.busy_wait_s):
-            self._discard_body()
-            busy = "Too many photos are being located. Try again in a moment."
-            self._error(503, _error_body("BUSY", "The web app is busy", busy))
-            return
-        try:
-            self._locate(app, split.query)
-        finally:
-            app.slots.release()
-
-    def _locate(self, app: WebApp, query: str) -> None:
-        try:
-            options = parse_options(parse_qs(query))
-            ctype = self.headers.get("Content-Type")
-            if self.headers.get("Transfer-Encoding"):
-                raise UploadError(
-                    411, "LENGTH_REQUIRED", "No upload size given", "Send the image with a Content-Length, not chunked."
-                )
-            length = self._content_length()
-            upload.check_declared_length(length, app.upload_limit(), multipart=upload.is_multipart(ctype))
-            body = self.rfile.read(length)
-            self._drained = True
-            if len(body) != length:
-                raise UploadError(400, "INCOMPLETE", "The upload was cut short", "Try again.")
-            payload = app.locate(upload.extract_image(ctype, body), options)
-        except UploadError as err:
-            self._discard_body()
-            self._error(err.status, err.to_dict())
-            return
-        except LocateError as err:
-            status, error = messages.service_error(err)
-            self._error(status, error)
-            return
-        except (TimeoutError, ConnectionError):
-            self.close_connection = True
-            return
-        self._json(200, payload)
-
-    def _content_length(self) -> int | None:
-        raw = self.headers.get("Content-Length")
-        if raw is None:
-            return None
-        try:
-            value = int(raw)
-        except ValueError:
-            raise UploadError(400, "BAD_LENGTH", "Bad upload size", "Content-Length is not a number.") from None
-        return value
-
-    def _discard_body(self) -> None:
-        """Read (and drop) a refused body of modest size, so that the browser sees the answer
-        instead of a reset connection; larger ones just close the connection."""
-        self.close_connection = True
-        if self._drained:
-            return
-        self._drained = True
-        try:
-            remaining = int(self.headers.get("Content-Length") or 0)
-        except ValueError:
-            return
-        if remaining > 4 * self.server.app.config.max_upload_bytes:
-            return
-        try:
-            while remaining > 0:
-                chunk = self.rfile.read(min(remaining, 64 * 1024))
-                if not chunk:
-                    return
-                remaining -= len(chunk)
-        except OSError:
-            return
-
-
-class WebServer(ThreadingHTTPServer):
-    """The HTTP server; ``url`` is where the page is."""
-
-    daemon_threads = True
-    allow_reuse_address = True
-
-    def __init__(self, app: WebApp, host: str = "127.0.0.1", port: int = 8080) -> None:
-        if ":" in host:
-            self.address_family = socket.AF_INET6
-        self.app = app
-        super().__init__((host, port), Handler)
-
-    @property
-    def url(self) -> str:
-        host, port = self.server_address[:2]
-        if host in ("0.0.0.0", "::"):
-            host = "127.0.0.1" if host == "0.0.0.0" else "::1"
-        if ":" in str(host):
-            host = f"[{host}]"
-        return f"http://{host}:{port}/"
-
-
-def start(app: WebApp, host: str = "127.0.0.1", port: int = 8080) -> WebServer:
-    """Serve ``app`` on a daemon thread; ``server.shutdown()`` then ``server.server_close()``
-    stop it (``make demo`` runs the page next to the service this way)."""
-    server = WebServer(app, host, port)
-    threading.Thread(target=server.serve_forever, args=(0.1,), name="visloc-web", daemon=True).start()
-    return server

@@ -10,7 +10,9 @@ import threading
 
 from visloc_client.client import LocatorClient
 from visloc_client.errors import LocateError
-from visloc_client.web.app import MiB, WebApp, WebConfig, WebServer
+from visloc_client.web.app import MiB, WebApp, WebConfig
+
+EXTRA_HINT = 'visloc web needs the web extra: pip install "visloc-client[web]"'
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -43,6 +45,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--top-cells", type=int, default=5, help="most probable cells shown (default 5)")
     g.add_argument("--max-concurrent", type=int, default=8, help="photos located at once (default 8)")
     g.add_argument(
+        "--max-connections",
+        type=int,
+        default=int(env("VISLOC_WEB_MAX_CONNECTIONS", "64")),
+        help="open connections; more are answered 503 (env VISLOC_WEB_MAX_CONNECTIONS; default 64)",
+    )
+    g.add_argument(
+        "--allowed-hosts",
+        default=env("VISLOC_WEB_ALLOWED_HOSTS", ""),
+        help="comma-separated Host names served besides loopback, e.g. the public name behind a "
+        "reverse proxy; *.example.org for subdomains, * for any (env VISLOC_WEB_ALLOWED_HOSTS; "
+        "default: loopback only; others get 421)",
+    )
+    g.add_argument(
+        "--body-timeout-s",
+        type=float,
+        default=float(env("VISLOC_WEB_BODY_TIMEOUT_S", "120")),
+        help="an upload must arrive within this (and after 10 s at 16 KiB/s at least), else 408 "
+        "(env VISLOC_WEB_BODY_TIMEOUT_S; default 120)",
+    )
+    g.add_argument(
         "--tiles-url",
         default=env("VISLOC_WEB_TILES_URL") or None,
         help="optional raster tiles under the map, e.g. https://tiles.example.org/{z}/{x}/{y}.png "
@@ -68,6 +90,9 @@ def config_from_args(args: argparse.Namespace) -> WebConfig:
         neighbours=args.neighbours,
         top_cells=args.top_cells,
         max_concurrent=args.max_concurrent,
+        max_connections=args.max_connections,
+        allowed_hosts=tuple(h.strip() for h in args.allowed_hosts.split(",") if h.strip()),
+        body_timeout_s=args.body_timeout_s,
         tiles_url=args.tiles_url,
         tiles_attribution=args.tiles_attribution,
         tiles_max_zoom=args.tiles_max_zoom,
@@ -75,11 +100,16 @@ def config_from_args(args: argparse.Namespace) -> WebConfig:
 
 
 def serve(args: argparse.Namespace, client: LocatorClient) -> int:
-    """Serve until SIGINT/SIGTERM; raises ValueError (bad settings) or OSError (port)."""
+    """Serve until SIGINT/SIGTERM; raises ValueError (bad settings, no web extra) or OSError
+    (port)."""
     config = config_from_args(args)
+    try:
+        from visloc_client.web.server import WebServer
+    except ImportError as err:
+        raise ValueError(f"{EXTRA_HINT} ({err})") from None
     with client:
         app = WebApp(client, config)
-        server = WebServer(app, args.host, args.port)
+        server = WebServer(app, args.host, args.port, grace_s=args.grace_s)
         stop = threading.Event()
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: stop.set())
@@ -106,8 +136,7 @@ def serve(args: argparse.Namespace, client: LocatorClient) -> int:
                 pass
         finally:
             # Stop accepting, let the photos being located finish (SIGTERM in a rollout).
-            server.shutdown()
-            app.drain(args.grace_s)
+            server.shutdown(args.grace_s + 5)
             server.server_close()
             thread.join(5)
     return 0

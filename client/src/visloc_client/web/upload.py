@@ -2,13 +2,11 @@
 
 The type is sniffed from the file's first bytes (never trusted from the file name or the
 browser's Content-Type); the size is checked against the limit from Content-Length before the
-body is read. Everything happens in memory: no temporary files.
+body is read (``visloc_client.web.body`` reads it). Everything happens in memory: no temporary
+files.
 """
 
 from __future__ import annotations
-
-import email.parser
-import email.policy
 
 # The formats the Locate service decodes (locator.proto, LocateRequest.image), by magic bytes.
 ACCEPTED_FORMATS = ("JPEG", "PNG", "WebP", "GIF", "BMP", "TIFF")
@@ -140,25 +138,3 @@ def check_image(data: bytes, limit: int) -> str:
 
 def is_multipart(content_type: str | None) -> bool:
     return (content_type or "").split(";", 1)[0].strip().lower() == "multipart/form-data"
-
-
-def extract_image(content_type: str | None, body: bytes, field: str = "image") -> bytes:
-    """The image bytes of a request body: the body itself, or for ``multipart/form-data`` the
-    part named ``field`` (else the first file part)."""
-    if not is_multipart(content_type):
-        return body
-    header = f"Content-Type: {content_type}\r\nMIME-Version: 1.0\r\n\r\n".encode("latin-1", "replace")
-    message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(header + body)
-    if not message.is_multipart():
-        raise UploadError(400, "BAD_FORM", "The upload could not be read", "The multipart form is malformed.")
-    first_file = None
-    for part in message.iter_parts():
-        name = part.get_param("name", header="content-disposition")
-        payload = part.get_payload(decode=True) or b""
-        if name == field:
-            return payload
-        if first_file is None and part.get_filename() is not None:
-            first_file = payload
-    if first_file is not None:
-        return first_file
-    raise UploadError(400, "BAD_FORM", "No image in the form", f'Send the image as a form field named "{field}".')

@@ -69,7 +69,7 @@
     const a =
       Math.sin(((lat2 - lat1) * rad) / 2) ** 2 +
       Math.cos(lat1 * rad) * Math.cos(lat2 * rad) * Math.sin(((lon2 - lon1) * rad) / 2) ** 2;
-    return 2 * 6371.0088 * Math.asin(Math.min(1, Math.sqrt(a)));
+    return 2 * 6371 * Math.asin(Math.min(1, Math.sqrt(a)));
   }
 
   // --- status, errors ----------------------------------------------------------------------

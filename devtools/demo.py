@@ -10,52 +10,20 @@ from __future__ import annotations
 import argparse
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
+from devtools.net import free_port, wait_serving
+from devtools.triton_local import LocalTriton
+from swc_service.bundle import load_bundle
 from visloc_client import LocatorClient
 from visloc_client.web import WebApp
 from visloc_client.web import start as start_web
-
-from . import samples
-from .bundle import load_bundle
-from .triton_local import LocalTriton
+from visloc_export import samples
 
 SAMPLES = 8
-
-
-def _port(preferred: int) -> int:
-    """``preferred`` when it is free on loopback, else any free port."""
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", preferred))
-            return preferred
-        except OSError:
-            s.bind(("127.0.0.1", 0))
-            return s.getsockname()[1]
-
-
-def _wait_serving(target: str, proc: subprocess.Popen, timeout: float) -> None:
-    import grpc
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-    deadline = time.monotonic() + timeout
-    with grpc.insecure_channel(target) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                raise RuntimeError(f"swc-service exited with code {proc.returncode}")
-            try:
-                if stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status == 1:
-                    return
-            except grpc.RpcError:
-                pass
-            time.sleep(0.2)
-    raise TimeoutError(f"the service did not become SERVING within {timeout:.0f} s")
 
 
 def write_samples(directory: Path, count: int = SAMPLES) -> list[Path]:
@@ -86,7 +54,7 @@ def print_table(rows: list[tuple[str, object]]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m swc_service.demo", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m devtools.demo", description=__doc__)
     p.add_argument("--bundle", required=True)
     p.add_argument("--images", default=".cache/demo-images", help="where the sample photos are written")
     p.add_argument("--oneshot", action="store_true", default=os.environ.get("DEMO_ONESHOT") == "1")
@@ -95,9 +63,11 @@ def main(argv: list[str] | None = None) -> int:
     bundle = load_bundle(args.bundle)
     if bundle.source == "demo":
         print(f"NOTE: {bundle.manifest.get('warning', 'demo bundle')}\n")
-    grpc_port, metrics_port = _port(50051), _port(9090)
+    grpc_port, metrics_port = free_port(preferred=50051), free_port(preferred=9090)
     workdir = Path(".cache/triton")
-    triton = LocalTriton(args.bundle, workdir, grpc_port=_port(8001), http_port=_port(8000), metrics_port=_port(8002))
+    defaults = {"grpc_port": 8001, "http_port": 8000, "metrics_port": 8002}
+    ports = {name: free_port(preferred=port) for name, port in defaults.items()}
+    triton = LocalTriton(args.bundle, workdir, **ports)
     service = web = web_client = None
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -110,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         service = subprocess.Popen(cmd)
         target = f"127.0.0.1:{grpc_port}"
         with LocatorClient(target, timeout=60) as client:
-            _wait_serving(target, service, timeout=60)
+            wait_serving(target, timeout=60, proc=service)
             rows: list[tuple[str, object]] = []
             for path in write_samples(Path(args.images)):
                 try:
@@ -128,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.oneshot:
             return 1 if failed else 0
         web_client = LocatorClient(target, timeout=60)
-        web = start_web(WebApp(web_client), "127.0.0.1", _port(8080))
+        web = start_web(WebApp(web_client), "127.0.0.1", free_port(preferred=8080))
         print(f"Web page        {web.url}   (drop a photo there)")
         print("\nServing until Ctrl-C ...", flush=True)
         while not stop.is_set() and service.poll() is None and triton.running():

@@ -1,0 +1,49 @@
+"""The seam between the data plane and whatever runs the model.
+
+:class:`Inference` is all the service needs from a model server: a batch in, two arrays out,
+a readiness probe and a close. :class:`~swc_service.triton_infer.TritonInference` is the
+production one; tests pass a fake. Anything else that runs batches (several Triton endpoints,
+an admission queue in front of one) implements the same three methods and is injected into
+:class:`~swc_service.locator.Locator` in its place.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+
+from .errors import LocateFailure
+
+CHECK_SHAPE = (1, 300, 300, 3)  # one black image: the smallest input every model accepts
+
+
+@runtime_checkable
+class Inference(Protocol):
+    """``infer(uint8 [B, H, W, 3], timeout) -> (cell_probs [B, M], embedding [B, D])``.
+
+    ``infer`` raises :class:`~swc_service.errors.LocateFailure` subclasses only (UNAVAILABLE:
+    retry elsewhere; DEADLINE_EXCEEDED; INTERNAL); ``timeout_s`` None means the server's default.
+    """
+
+    async def infer(self, batch: np.ndarray, timeout_s: float | None = None) -> tuple[np.ndarray, np.ndarray]: ...
+
+    async def ready(self, timeout_s: float = 1.0) -> bool:
+        """The model can be called now; never raises (for health)."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+async def check_model(inference: Inference, num_cells: int, embedding_dim: int) -> str | None:
+    """One small inference: None when the outputs have the bundle's shapes, else what differs."""
+    try:
+        probs, emb = await inference.infer(np.zeros(CHECK_SHAPE, dtype=np.uint8), timeout_s=30)
+    except LocateFailure as exc:
+        return f"test inference failed: {exc}"
+    if probs.shape != (1, num_cells) or emb.shape != (1, embedding_dim):
+        return (
+            f"model outputs cell_probs {list(probs.shape)} and embedding {list(emb.shape)}; "
+            f"the bundle needs [1, {num_cells}] and [1, {embedding_dim}]"
+        )
+    return None

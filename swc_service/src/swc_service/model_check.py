@@ -1,0 +1,144 @@
+"""Does the backend compute this bundle's model? Send the bundle's probes and compare.
+
+Output shapes alone do not tell two models apart: a Triton serving bundle B's model behind a
+service on bundle A answers every call, labelled A, with B's numbers. The bundle records probe
+images and its own model's outputs for them (``swc_service.bundle.Probes``); this check sends
+them through the backend, one batch per shape, and holds the answers to the parity rules of
+:mod:`swc_service.parity` (fp32, or the reduced-precision rules for a declared fp16 backend).
+
+Bundles written before probes existed cannot be checked. They are refused by default (an
+unproven model can give wrong locations labelled as right); ``allow_without_probes`` serves
+them with a loud warning, for an operator who has decided to take that risk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .bundle import Bundle
+from .errors import LocateFailure
+from .method import DEFAULT_SCALES_KM
+from .parity import ParityReport, compare_outputs, tolerances
+
+# The service's inference protocol: (uint8 [B, H, W, 3], timeout s) -> (cell_probs [B, M], embedding [B, D]).
+Infer = Callable[[np.ndarray, float], Awaitable[tuple[np.ndarray, np.ndarray]]]
+
+RESULTS = ("ok", "mismatch", "no_probes", "error")  # the values of ModelCheck.result (a metric label)
+ALLOW_FLAG = "--allow-bundle-without-probes"
+
+
+@dataclass(frozen=True)
+class ModelCheck:
+    """The verdict: ``ok`` says whether the service may serve with this backend."""
+
+    result: str  # one of RESULTS
+    ok: bool
+    message: str  # one line, for the log, the health detail and UNAVAILABLE refusals
+    bundle_model_version: str
+    backend_model_version: str | None
+    precision: str
+    report: ParityReport | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "result": self.result,
+            "ok": self.ok,
+            "message": self.message,
+            "bundle_model_version": self.bundle_model_version,
+            "backend_model_version": self.backend_model_version,
+            "precision": self.precision,
+            "report": self.report.as_dict() if self.report is not None else None,
+        }
+
+
+def no_probes_message(bundle: Bundle, *, allowed: bool) -> str:
+    """What the operator reads when the bundle has no probes (refused, or served if allowed)."""
+    add = f"visloc-export add-probes {bundle.path}"
+    if allowed:
+        return (
+            f"WARNING: bundle {bundle.path} (model {bundle.model_version}) has no probes, and {ALLOW_FLAG} is set: "
+            f"serving WITHOUT checking that the backend computes this bundle's model; answers may come from "
+            f"another model while labelled {bundle.model_version}. Add probes with `{add}`."
+        )
+    return (
+        f"bundle {bundle.path} (model {bundle.model_version}) has no probes, so the service cannot check that the "
+        f"backend computes this bundle's model: refusing to serve. Add them from the bundle's own model.onnx with "
+        f"`{add}` (nothing else in the bundle changes), or start with {ALLOW_FLAG} to serve it unchecked."
+    )
+
+
+async def check_model(
+    infer: Infer,
+    bundle: Bundle,
+    precision: str = "fp32",
+    *,
+    scales_km: Sequence[float] = DEFAULT_SCALES_KM,
+    timeout_s: float = 30.0,
+    backend_version: str | None = None,
+    allow_without_probes: bool = False,
+    max_batch: int | None = None,
+) -> ModelCheck:
+    """Send the bundle's probes through ``infer`` and compare with the recorded outputs.
+
+    ``backend_version`` is what the backend says it serves (e.g. Triton's model name and
+    version), named in the messages next to the bundle's model version. Failures of the
+    backend itself (unreachable, timeout) give ``result="error"``: not a verdict on the model.
+    Probes of one shape go in one call, at most ``max_batch`` (the backend's max batch size).
+    """
+    tolerances(precision)  # an unknown precision is the caller's error: raise before any call
+    version = bundle.model_version
+    backend = f"the backend's model {backend_version or '(version not reported)'}"
+
+    def verdict(result: str, ok: bool, message: str, report: ParityReport | None = None) -> ModelCheck:
+        return ModelCheck(result, ok, message, version, backend_version, precision, report)
+
+    probes = bundle.probes
+    if probes is None:
+        return verdict("no_probes", allow_without_probes, no_probes_message(bundle, allowed=allow_without_probes))
+
+    got_probs: list[np.ndarray | None] = [None] * len(probes.images)
+    got_emb: list[np.ndarray | None] = [None] * len(probes.images)
+    for idx, batch in probes.batches(max_batch):
+        try:
+            probs, emb = await infer(batch, timeout_s)
+        except (LocateFailure, asyncio.TimeoutError) as exc:
+            return verdict(
+                "error",
+                False,
+                f"model check could not run: probe batch {list(batch.shape)} failed: {str(exc) or type(exc).__name__}",
+            )
+        probs, emb = np.asarray(probs), np.asarray(emb)
+        if probs.shape != (len(idx), probes.cell_probs.shape[1]) or emb.shape != (len(idx), probes.embeddings.shape[1]):
+            report = compare_outputs(
+                probes.cell_probs[idx], probes.embeddings[idx], probs, emb, bundle.centres, scales_km,
+                precision=precision, names=[probes.names[i] for i in idx],
+            )  # fmt: skip
+            return verdict("mismatch", False, _mismatch(bundle, backend, report), report)
+        for row, i in enumerate(idx):
+            got_probs[i], got_emb[i] = probs[row], emb[row]
+
+    report = compare_outputs(
+        probes.cell_probs, probes.embeddings, np.stack(got_probs), np.stack(got_emb), bundle.centres, scales_km,
+        precision=precision, names=probes.names,
+    )  # fmt: skip
+    if not report.ok:
+        return verdict("mismatch", False, _mismatch(bundle, backend, report), report)
+    return verdict(
+        "ok",
+        True,
+        f"model check passed: {backend} computes bundle {bundle.bundle_id}'s model {version}; {report.summary()}",
+        report,
+    )
+
+
+def _mismatch(bundle: Bundle, backend: str, report: ParityReport) -> str:
+    more = f" (and {len(report.failures) - 1} more)" if len(report.failures) > 1 else ""
+    return (
+        f"model check FAILED: {backend} does not compute bundle {bundle.bundle_id}'s model {bundle.model_version}: "
+        f"{report.failures[0]}{more}; {report.summary()}"
+    )

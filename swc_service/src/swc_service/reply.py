@@ -1,0 +1,51 @@
+"""The one place where the data plane's plain results become protobuf replies."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+
+from visloc_client.v1 import locator_pb2 as pb
+
+from . import __version__
+from .batcher import BatchedOutput
+from .config import Settings
+from .prediction import Prediction, ServingState
+from .preprocessing import PreparedImage
+
+METHODS = {"swc": pb.METHOD_SWC, "cell": pb.METHOD_CELL}
+
+
+def locate_response(
+    request_id: str,
+    state: ServingState,
+    image: PreparedImage,
+    out: BatchedOutput,
+    pred: Prediction,
+    stages: dict[str, float],
+) -> pb.LocateResponse:
+    """``stages`` maps decode, preprocess, queue, triton, swc, pd and total to seconds."""
+    return pb.LocateResponse(
+        request_id=request_id, method=METHODS[pred.method], lat=pred.lat, lon=pred.lon,
+        top_cell=pb.Cell(**asdict(pred.top_cell)), confidence=pred.confidence, localizable=pred.localizable,
+        model_version=state.model_version, background_version=state.bundle.bundle_id,
+        image_width=image.source_width, image_height=image.source_height,
+        input_width=image.array.shape[1], input_height=image.array.shape[0], batch_size=out.batch_size,
+        neighbours=[pb.Neighbour(**asdict(n)) for n in pred.neighbours],
+        prediction_density=[pb.ScaleDensity(**asdict(d)) for d in pred.density],
+        top_cells=[pb.Cell(**asdict(c)) for c in pred.top_cells],
+        timings=pb.StageTimings(**{f"{stage}_ms": seconds * 1e3 for stage, seconds in stages.items()}),
+    )  # fmt: skip
+
+
+def info_response(settings: Settings, state: ServingState) -> pb.GetInfoResponse:
+    s, bundle = settings, state.bundle
+    defaults = pb.LocateOptions(top_k=s.top_k, eps_km=s.eps_km, conf_scale_km=s.conf_scale_km,
+                                conf_threshold=s.conf_threshold)  # fmt: skip
+    return pb.GetInfoResponse(
+        service_version=__version__, model_name=s.triton_model, model_version=state.model_version,
+        bundle_id=bundle.bundle_id, bundle_source=bundle.source, background_version=bundle.bundle_id,
+        bundle_warning=str(bundle.manifest.get("warning", "")),
+        num_cells=bundle.num_cells, num_background=bundle.num_background, embedding_dim=state.embedding_dim,
+        pd_scales_km=list(state.density.scales_km), defaults=defaults,
+        max_image_bytes=s.max_message_bytes, max_image_pixels=s.max_image_pixels, preprocessing=s.preprocessing,
+    )  # fmt: skip

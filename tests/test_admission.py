@@ -1,0 +1,558 @@
+"""Admission control (swc_service.admission): a fake clock and explicit event-loop steps decide
+every outcome; no real time passes between a cause and its checked effect."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import pytest
+
+from swc_service.admission import (
+    CALLER_LIMIT,
+    DEADLINE_UNMEETABLE,
+    EXPIRED_IN_QUEUE,
+    QUEUE_FULL,
+    QUEUE_TIMEOUT,
+    AdmissionConfig,
+    AdmissionController,
+    GradientLimit,
+)
+from swc_service.errors import DeadlineExceeded, Overloaded, Unavailable
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 1000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.events: list[tuple] = []
+
+    def shed(self, caller: str, reason: str) -> None:
+        self.events.append(("shed", caller, reason))
+
+    def queue_wait(self, caller: str, seconds: float) -> None:
+        self.events.append(("wait", caller, seconds))
+
+    def in_flight(self, caller: str, delta: int) -> None:
+        self.events.append(("in_flight", caller, delta))
+
+    def limit(self, value: int) -> None:
+        self.events.append(("limit", value))
+
+
+def fixed(limit: int = 2, **kw) -> AdmissionConfig:
+    kw.setdefault("timers", False)
+    return AdmissionConfig(initial_limit=limit, min_limit=1, max_limit=max(limit, 64), adaptive=False, **kw)
+
+
+async def steps(n: int = 5) -> None:
+    """Let queued tasks run (loop iterations, not time)."""
+    for _ in range(n):
+        await asyncio.sleep(0)
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def test_admits_up_to_the_limit_then_queues_fifo_and_releases_in_order():
+    async def go():
+        clock = Clock()
+        ac = AdmissionController(fixed(2), clock=clock)
+        a = await ac.acquire("x")
+        b = await ac.acquire("x")
+        t3 = asyncio.create_task(ac.acquire("x"))
+        t4 = asyncio.create_task(ac.acquire("x"))
+        await steps()
+        assert not t3.done() and not t4.done()
+        assert ac.stats().in_flight == 2 and ac.stats().queued == 2
+        clock.t += 0.01  # within codel_interval_s: FIFO
+        ac.release(a)
+        await steps()
+        assert t3.done() and not t4.done()
+        ac.release(b)
+        await steps()
+        assert t4.done()
+        s3 = t3.result()
+        assert s3.queue_wait_s == pytest.approx(0.01)
+        ac.release(s3)
+        ac.release(t4.result())
+        st = ac.stats()
+        assert (st.in_flight, st.queued, st.admitted, st.completed, st.queue_waits) == (0, 0, 4, 4, 2)
+
+    run(go())
+
+
+def test_double_release_is_an_error():
+    async def go():
+        ac = AdmissionController(fixed(1), clock=Clock())
+        s = await ac.acquire()
+        ac.release(s)
+        with pytest.raises(RuntimeError):
+            ac.release(s)
+        assert ac.stats().in_flight == 0
+
+    run(go())
+
+
+def test_deadline_unmeetable_is_refused_at_once_with_resource_exhausted():
+    async def go():
+        clock = Clock()
+        ac = AdmissionController(fixed(1), clock=clock)
+        s = await ac.acquire("a", clock.t + 10)
+        clock.t += 0.5  # one measured service time: 0.5 s
+        ac.release(s)
+        assert ac.stats().service_s == pytest.approx(0.5)
+        held = await ac.acquire("a", clock.t + 10)
+        queued = [asyncio.create_task(ac.acquire("a", clock.t + 10)) for _ in range(3)]
+        await steps()
+        # 3 queued ahead, limit 1, 0.5 s each: waits ~2 s, then 0.5 s of service.
+        assert ac.estimated_wait_s("a") == pytest.approx(2.0)
+        with pytest.raises(Overloaded) as ei:
+            await ac.acquire("a", clock.t + 2.4)
+        assert ei.value.reason == DEADLINE_UNMEETABLE and ei.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        meetable = asyncio.create_task(ac.acquire("a", clock.t + 2.6))
+        await steps()
+        assert not meetable.done()  # queued, not refused
+        assert ac.stats().shed == {DEADLINE_UNMEETABLE: 1}
+        for t in [*queued, meetable]:
+            t.cancel()
+        await steps()
+        ac.release(held)
+        assert ac.stats().queued == 0
+
+    run(go())
+
+
+def test_no_service_time_measured_yet_admits_to_the_queue():
+    async def go():
+        clock = Clock()
+        ac = AdmissionController(fixed(1), clock=clock)
+        held = await ac.acquire("a", clock.t + 0.1)
+        t = asyncio.create_task(ac.acquire("a", clock.t + 0.001))
+        await steps()
+        assert not t.done() and ac.stats().queued == 1
+        t.cancel()
+        await steps()
+        ac.release(held)
+
+    run(go())
+
+
+def test_expired_deadline_is_refused_before_queueing():
+    async def go():
+        clock = Clock()
+        ac = AdmissionController(fixed(1), clock=clock)
+        with pytest.raises(DeadlineExceeded):
+            await ac.acquire("a", clock.t)
+        assert ac.stats().shed == {EXPIRED_IN_QUEUE: 1} and ac.stats().in_flight == 0
+
+    run(go())
+
+
+def test_call_expiring_in_the_queue_is_dropped_and_never_admitted():
+    async def go():
+        clock = Clock()
+        rec = Recorder()
+        ac = AdmissionController(fixed(1), clock=clock, observer=rec)
+        held = await ac.acquire("a")
+        t = asyncio.create_task(ac.acquire("b", clock.t + 1.0))
+        await steps()
+        clock.t += 1.0
+        ac.sweep()
+        await steps()
+        with pytest.raises(DeadlineExceeded):
+            t.result()
+        ac.release(held)
+        st = ac.stats()
+        assert st.shed_by_caller == {("b", EXPIRED_IN_QUEUE): 1}
+        assert st.admitted == 1 and st.queued == 0
+        assert ("shed", "b", EXPIRED_IN_QUEUE) in rec.events
+
+    run(go())
+
+
+def test_expired_call_is_dropped_when_a_slot_frees_even_without_sweep():
+    async def go():
+        clock = Clock()
+        ac = AdmissionController(fixed(1, codel_target_s=None), clock=clock)
+        held = await ac.acquire("a")
+        late = asyncio.create_task(ac.acquire("a", clock.t + 1.0))
+        fine = asyncio.create_task(ac.acquire("a", clock.t + 100.0))
+        await steps()
+        clock.t += 1.0  # the queue stands (LIFO): fine is served, late is dropped on the way
+        ac.release(held)
+        await steps()
+        assert isinstance(late.exception(), DeadlineExceeded)
+        assert fine.done() and fine.exception() is None
+        ac.release(fine.result())
+
+    run(go())
+
+
+def test_timer_expires_a_queued_call_on_the_real_loop():
+    """timers=True with the real clock: the only way the call can end is its deadline timer."""
+
+    async def go():
+        import time
+
+        ac = AdmissionController(AdmissionConfig(initial_limit=1, adaptive=False))
+        held = await ac.acquire("a")
+        with pytest.raises(DeadlineExceeded):
+            await ac.acquire("a", time.monotonic() + 0.02)
+        assert ac.stats().queued == 0 and ac.stats().shed == {EXPIRED_IN_QUEUE: 1}
+        ac.release(held)
+
+    run(go())
+
+
+def test_queue_full_and_caller_queue_cap():
+    async def go():
+        clock = Clock()
+        ac = AdmissionController(fixed(1, max_queue=3, caller_max_queued=2), clock=clock)
+        held = await ac.acquire("a")
+        ts = [asyncio.create_task(ac.acquire("a")) for _ in range(2)]
+        await steps()
+        with pytest.raises(Overloaded) as ei:
+            await ac.acquire("a")
+        assert ei.value.reason == CALLER_LIMIT
+        tb = asyncio.create_task(ac.acquire("b"))
+        await steps()
+        with pytest.raises(Overloaded) as ei:
+            await ac.acquire("c")
+        assert ei.value.reason == QUEUE_FULL
+        assert ac.stats().shed_by_caller == {("a", CALLER_LIMIT): 1, ("c", QUEUE_FULL): 1}
+        for t in [*ts, tb]:
+            t.cancel()
+        await steps()
+        assert ac.stats().queued == 0
+        ac.release(held)
+
+    run(go())
+
+
+def test_round_robin_between_callers_keeps_a_small_caller_served():
+    async def go():
+        clock = Clock()
+        ac = AdmissionController(fixed(1), clock=clock)
+        held = await ac.acquire("a")
+        big = [asyncio.create_task(ac.acquire("a")) for _ in range(10)]
+        await steps()
+        small = asyncio.create_task(ac.acquire("b"))
+        await steps()
+        # One slot frees: B has waited behind 10 of A's calls but is served right after one of A's.
+        order = []
+        cur = held
+        for _ in range(3):
+            ac.release(cur)
+            await steps()
+            done = [t for t in [*big, small] if t.done() and t not in order]
+            assert len(done) == 1
+            order.append(done[0])
+            cur = done[0].result()
+        assert small in order[:2]
+        ac.release(cur)
+        for t in big:
+            t.cancel()
+        await steps()
+
+    run(go())
+
+
+def test_caller_in_flight_cap_lets_other_callers_through():
+    async def go():
+        clock = Clock()
+        ac = AdmissionController(fixed(4, caller_max_in_flight=2), clock=clock)
+        a1, a2 = await ac.acquire("a"), await ac.acquire("a")
+        a3 = asyncio.create_task(ac.acquire("a"))
+        await steps()
+        assert not a3.done()  # A is at its cap though two slots are free
+        b1 = await ac.acquire("b")  # B goes straight in
+        assert ac.stats().callers == {"a": (2, 1), "b": (1, 0)}
+        ac.release(a1)
+        await steps()
+        assert a3.done()
+        for s in (a2, b1, a3.result()):
+            ac.release(s)
+
+    run(go())
+
+
+def test_standing_queue_turns_lifo_and_times_out_old_calls():
+    async def go():
+        clock = Clock()
+        cfg = fixed(1, codel_interval_s=0.1, codel_target_s=0.5)
+        ac = AdmissionController(cfg, clock=clock)
+        held = await ac.acquire("a")
+        old = asyncio.create_task(ac.acquire("a"))
+        await steps()
+        clock.t += 0.3
+        mid = asyncio.create_task(ac.acquire("a"))
+        new = asyncio.create_task(ac.acquire("a"))
+        await steps()
+        assert ac.stats().standing  # non-empty for 0.3 s > 0.1 s
+        ac.release(held)  # LIFO: the freshest call is served first
+        await steps()
+        assert new.done() and not old.done() and not mid.done()
+        clock.t += 0.3  # old has waited 0.6 s > 0.5 s under a standing queue
+        ac.release(new.result())
+        await steps()
+        assert isinstance(old.exception(), Overloaded) and old.exception().reason == QUEUE_TIMEOUT
+        assert mid.done() and mid.exception() is None
+        ac.release(mid.result())
+        st = ac.stats()
+        assert not st.standing and st.shed == {QUEUE_TIMEOUT: 1}
+
+    run(go())
+
+
+def test_drained_queue_returns_to_fifo():
+    async def go():
+        clock = Clock()
+        ac = AdmissionController(fixed(1, codel_interval_s=0.1, codel_target_s=None), clock=clock)
+        held = await ac.acquire("a")
+        first = asyncio.create_task(ac.acquire("a"))
+        await steps()
+        clock.t += 1
+        assert ac.stats().standing
+        ac.release(held)
+        await steps()
+        cur = first.result()
+        assert not ac.stats().standing  # empty again
+        t1 = asyncio.create_task(ac.acquire("a"))
+        await steps()
+        t2 = asyncio.create_task(ac.acquire("a"))
+        await steps()
+        ac.release(cur)
+        await steps()
+        assert t1.done() and not t2.done()  # FIFO
+        ac.release(t1.result())
+        await steps()
+        ac.release(t2.result())
+
+    run(go())
+
+
+def test_cancelled_waiter_leaves_the_queue_and_a_cancelled_grant_is_released():
+    async def go():
+        clock = Clock()
+        ac = AdmissionController(fixed(1), clock=clock)
+        held = await ac.acquire("a")
+        t = asyncio.create_task(ac.acquire("a"))
+        await steps()
+        t.cancel()
+        await steps()
+        assert ac.stats().queued == 0
+        # granted and cancelled in the same loop iteration: the slot must come back
+        t2 = asyncio.create_task(ac.acquire("a"))
+        await steps()
+        ac.release(held)  # grants t2 (future resolved) ...
+        t2.cancel()  # ... but the task is cancelled before it resumes
+        await steps()
+        assert t2.cancelled()
+        assert ac.stats().in_flight == 0
+
+    run(go())
+
+
+def test_admit_context_manager_releases_and_reports_drops():
+    async def go():
+        clock = Clock()
+        cfg = AdmissionConfig(initial_limit=10, min_limit=1, max_limit=20, timers=False)
+        ac = AdmissionController(cfg, clock=clock)
+        async with ac.admit("a", clock.t + 5) as slot:
+            assert slot.caller == "a" and ac.stats().in_flight == 1
+        assert ac.stats().in_flight == 0
+        with pytest.raises(Unavailable):
+            async with ac.admit("a"):
+                raise Unavailable("triton down")
+        assert ac.limit == 9  # a drop backs the limit off (10 x 0.9)
+        with pytest.raises(ValueError):
+            async with ac.admit("a"):
+                raise ValueError("bad input")
+        assert ac.limit == 9 and ac.stats().in_flight == 0
+
+    run(go())
+
+
+def test_empty_caller_name_is_rejected():
+    async def go():
+        ac = AdmissionController(fixed(1), clock=Clock())
+        with pytest.raises(ValueError):
+            await ac.acquire("")
+        assert ac.stats().admitted == 0
+
+    run(go())
+
+
+def test_observer_sees_limit_in_flight_and_queue_wait():
+    async def go():
+        clock = Clock()
+        rec = Recorder()
+        ac = AdmissionController(fixed(1), clock=clock, observer=rec)
+        held = await ac.acquire("a")
+        t = asyncio.create_task(ac.acquire("b"))
+        await steps()
+        clock.t += 0.05
+        ac.release(held)
+        await steps()
+        ac.release(t.result())
+        assert rec.events[0] == ("limit", 1)
+        assert ("wait", "b", pytest.approx(0.05)) in rec.events
+        deltas = [e for e in rec.events if e[0] == "in_flight"]
+        assert sum(d for *_, d in deltas) == 0 and len(deltas) == 4
+
+    run(go())
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"initial_limit": 0},
+        {"min_limit": 5, "initial_limit": 4},
+        {"max_queue": -1},
+        {"caller_max_in_flight": 0},
+        {"service_alpha": 0},
+        {"codel_target_s": -1},
+    ],
+)
+def test_bad_config_is_refused(kw):
+    with pytest.raises(ValueError):
+        AdmissionConfig(**kw)
+
+
+# ---------------------------------------------------------------- the adaptive limit
+
+
+def test_gradient_limit_grows_while_latency_is_flat_and_saturated():
+    lim = GradientLimit(4, 1, 64)
+    for _ in range(50):
+        lim.sample(0.1, in_flight=int(lim.value))
+    assert lim.value > 10
+
+
+def test_gradient_limit_does_not_grow_when_app_limited():
+    lim = GradientLimit(16, 1, 64)
+    for _ in range(50):
+        lim.sample(0.1, in_flight=2)
+    assert lim.value == 16
+
+
+def test_gradient_limit_shrinks_when_latency_rises_and_on_drops():
+    lim = GradientLimit(32, 2, 64)
+    for _ in range(20):
+        lim.sample(0.1, in_flight=32)
+    high = lim.value
+    for _ in range(20):
+        lim.sample(1.0, in_flight=int(lim.value))  # 10x the baseline latency
+    assert lim.value < high / 2
+    before = lim.value
+    lim.drop()
+    assert lim.value == pytest.approx(max(2, before * 0.9))
+    for _ in range(200):
+        lim.drop()
+    assert lim.value == 2  # never below min
+
+
+def test_controller_limit_follows_latency_on_the_fake_clock():
+    async def go():
+        clock = Clock()
+        cfg = AdmissionConfig(initial_limit=4, min_limit=2, max_limit=32, timers=False)
+        rec = Recorder()
+        ac = AdmissionController(cfg, clock=clock, observer=rec)
+
+        async def round_(latency: float) -> None:
+            slots = [await ac.acquire("a") for _ in range(ac.limit)]
+            clock.t += latency
+            for s in slots:
+                ac.release(s)
+
+        for _ in range(10):
+            await round_(0.1)
+        grown = ac.limit
+        assert grown > 4
+        for _ in range(2):
+            await round_(2.0)
+        assert ac.limit < grown
+        assert ("limit", ac.limit) in rec.events
+
+    run(go())
+
+
+def test_prometheus_observer_counts_shed_waits_in_flight_and_limit():
+    from prometheus_client import REGISTRY
+
+    from swc_service.metrics import AdmissionMetrics
+
+    def val(name: str, **labels) -> float:
+        return REGISTRY.get_sample_value(name, labels) or 0.0
+
+    async def go():
+        clock = Clock()
+        before_shed = val("visloc_admission_shed_total", reason=QUEUE_FULL, caller="obs-b")
+        before_waits = val("visloc_admission_queue_wait_seconds_count", caller="obs-a")
+        ac = AdmissionController(fixed(1, max_queue=1), clock=clock, observer=AdmissionMetrics())
+        assert val("visloc_admission_limit") == 1
+        held = await ac.acquire("obs-a")
+        assert val("visloc_admission_in_flight", caller="obs-a") == 1
+        t = asyncio.create_task(ac.acquire("obs-a"))
+        await steps()
+        with pytest.raises(Overloaded):
+            await ac.acquire("obs-b")
+        assert val("visloc_admission_shed_total", reason=QUEUE_FULL, caller="obs-b") == before_shed + 1
+        ac.release(held)
+        await steps()
+        ac.release(t.result())
+        assert val("visloc_admission_queue_wait_seconds_count", caller="obs-a") == before_waits + 1
+        assert val("visloc_admission_in_flight", caller="obs-a") == 0
+
+    run(go())
+
+
+def test_a_queued_call_that_can_no_longer_finish_in_time_is_refused_when_dispatched():
+    async def go():
+        clock = Clock()
+        ac = AdmissionController(fixed(1, codel_target_s=None), clock=clock)
+        s = await ac.acquire("a")
+        clock.t += 1.0  # service time 1 s
+        ac.release(s)
+        held = await ac.acquire("a")
+        t = asyncio.create_task(ac.acquire("a", clock.t + 2.5))  # meetable on arrival (wait 1 + 1)
+        await steps()
+        assert not t.done()
+        clock.t += 1.8  # only 0.7 s left when the slot frees: less than one service time
+        ac.release(held)
+        await steps()
+        assert isinstance(t.exception(), Overloaded) and t.exception().reason == DEADLINE_UNMEETABLE
+        assert ac.stats().in_flight == 0
+
+    run(go())
+
+
+def test_standing_queue_still_refuses_what_it_cannot_serve_in_time_at_once():
+    async def go():
+        clock = Clock()
+        ac = AdmissionController(fixed(1, codel_target_s=None), clock=clock)
+        s = await ac.acquire("a")
+        clock.t += 0.5
+        ac.release(s)
+        held = await ac.acquire("a")
+        queued = [asyncio.create_task(ac.acquire("a", clock.t + 100)) for _ in range(4)]
+        await steps()
+        clock.t += 1  # standing: LIFO, but admission still counts the 4 calls queued ahead
+        assert ac.stats().standing
+        with pytest.raises(Overloaded) as ei:
+            await ac.acquire("a", clock.t + 2.0)  # (4 + 1) x 0.5 s + 0.5 s > 2 s
+        assert ei.value.reason == DEADLINE_UNMEETABLE
+        for t in queued:
+            t.cancel()
+        await steps()
+        ac.release(held)
+
+    run(go())

@@ -1,0 +1,297 @@
+"""The data plane, the batcher and the interceptors in process, with a fake inference.
+
+The real-stack tests (test_service.py and others) run Triton; these run the same Locator,
+servicer and interceptors on real gRPC over loopback with an :class:`Inference` that answers
+from the image's colour, so each failure mode can be produced on demand.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import logging
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from PIL import Image
+from prometheus_client import REGISTRY
+
+from swc_service.batcher import ShapeBatcher
+from swc_service.bundle import CELLS, FEATURES, LABELS, MODEL, OFFSETS, ROW_IDS, BundleWriter, load_bundle
+from swc_service.config import Settings
+from swc_service.errors import InferenceFailed, InvalidArgument, Unavailable, classify
+from swc_service.inference import Inference, check_model
+from swc_service.interceptors import AuthInterceptor, StatusInterceptor
+from swc_service.locator import Locator
+from swc_service.server import SERVICE_NAME
+from swc_service.servicer import LocatorServicer
+from swc_service.triton_infer import TritonInference
+from visloc_client.v1 import locator_pb2 as pb
+from visloc_client.v1 import locator_pb2_grpc as pb_grpc
+
+DIM = 8
+CENTRES = np.array([[48.0, 2.0], [40.0, -74.0], [-33.9, 151.2], [35.7, 139.7]])
+ROWS_PER_CELL = (4, 2, 0, 4)  # cell 2 has no background: answered by the cell centre
+TOKEN = "s3cret"
+
+
+class FakeInference:
+    """Cell ``v % 4`` with probability 0.7 and embedding axis ``v % DIM`` for an image of grey
+    value ``v``; or raises ``fail`` when set. Records the shape of every batch it gets."""
+
+    def __init__(self, cells: int = len(CENTRES)):
+        self.cells = cells
+        self.fail: Exception | None = None
+        self.batches: list[tuple[int, ...]] = []
+        self.closed = False
+
+    async def infer(self, batch: np.ndarray, timeout_s: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+        self.batches.append(batch.shape)
+        if self.fail is not None:
+            raise self.fail
+        values = batch.reshape(batch.shape[0], -1)[:, 0].astype(int)
+        probs = np.full((len(values), self.cells), 0.3 / (self.cells - 1), dtype=np.float32)
+        probs[np.arange(len(values)), values % self.cells] = 0.7
+        emb = np.zeros((len(values), DIM), dtype=np.float32)
+        emb[np.arange(len(values)), values % DIM] = 1.0
+        return probs, emb
+
+    async def ready(self, timeout_s: float = 1.0) -> bool:
+        return self.fail is None
+
+    async def close(self) -> None:
+        self.closed = True
+
+
+def grey(value: int, size: tuple[int, int] = (400, 300)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, (value, value, value)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def tiny_bundle(tmp_path_factory) -> Path:
+    """Four cells, ten background rows, 8-d unit embeddings; the model file is a placeholder."""
+    out = tmp_path_factory.mktemp("bundles") / "tiny"
+    rng = np.random.default_rng(0)
+    offsets = np.concatenate([[0], np.cumsum(ROWS_PER_CELL)]).astype(np.int64)
+    cell_of_row = np.repeat(np.arange(len(CENTRES)), ROWS_PER_CELL)
+    labels = CENTRES[cell_of_row] + rng.normal(0, 0.05, (len(cell_of_row), 2))
+    features = np.eye(DIM, dtype=np.float32)[np.arange(len(cell_of_row)) % DIM]
+    with BundleWriter(out) as writer:
+        writer.path(MODEL).write_bytes(b"placeholder: the fake inference runs no model")
+        for rel, array in ((CELLS, CENTRES), (OFFSETS, offsets), (FEATURES, features), (LABELS, labels),
+                           (ROW_IDS, np.arange(100, 100 + len(cell_of_row), dtype=np.int64))):  # fmt: skip
+            writer.save(rel, array)
+        writer.commit(source="test", tool="test_dataplane")
+    return out
+
+
+def make_locator(bundle: Path, inference: Inference, **settings) -> Locator:
+    return Locator(Settings(bundle=str(bundle), batch_window_ms=1.0, **settings), load_bundle(bundle), inference)
+
+
+def count(method: str, code: str) -> float:
+    return REGISTRY.get_sample_value("visloc_requests_total", {"method": method, "code": code}) or 0.0
+
+
+# --- the data plane -------------------------------------------------------------------------
+
+
+def test_fake_and_triton_inference_satisfy_the_protocol():
+    assert isinstance(FakeInference(), Inference)
+    assert isinstance(TritonInference("127.0.0.1:1", "visloc"), Inference)
+
+
+def test_locate_runs_swc_in_the_top_cell_and_builds_the_reply(tiny_bundle):
+    async def run():
+        fake = FakeInference()
+        locator = make_locator(tiny_bundle, fake)
+        opts = pb.LocateOptions(top_k=3, return_neighbours=2, return_top_cells=2, conf_threshold=0.0)
+        try:
+            return await locator.locate(pb.LocateRequest(image=grey(4), request_id="r1", options=opts)), fake
+        finally:
+            await locator.close()
+
+    r, fake = asyncio.run(run())
+    assert fake.batches == [(1, 300, 400, 3)] and fake.closed
+    assert r.request_id == "r1" and r.method == pb.METHOD_SWC and r.top_cell.id == 0
+    assert r.top_cell.probability == pytest.approx(0.7) and r.localizable
+    assert abs(r.lat - 48.0) < 1 and abs(r.lon - 2.0) < 1
+    assert len(r.neighbours) == 2 and all(100 <= n.row_id < 104 for n in r.neighbours)
+    assert [c.id for c in r.top_cells] == [0, 1]
+    assert len(r.prediction_density) == len(Settings(bundle="-").pd_scales_km)
+    assert (r.image_width, r.image_height, r.input_width, r.input_height) == (400, 300, 400, 300)
+    assert r.model_version == load_bundle(tiny_bundle).model_version and r.batch_size == 1
+    assert r.timings.total_ms >= r.timings.swc_ms >= 0
+
+
+def test_a_cell_without_background_answers_with_its_centre(tiny_bundle):
+    async def run():
+        locator = make_locator(tiny_bundle, FakeInference(), preprocessing="center_crop_300")
+        try:
+            return await locator.locate(pb.LocateRequest(image=grey(2), request_id="c"))
+        finally:
+            await locator.close()
+
+    r = asyncio.run(run())
+    assert r.method == pb.METHOD_CELL and (r.lat, r.lon) == tuple(CENTRES[2]) and not r.neighbours
+    assert (r.input_width, r.input_height) == (300, 300)
+
+
+def test_model_and_bundle_that_disagree_fail_as_internal(tiny_bundle):
+    async def run():
+        locator = make_locator(tiny_bundle, FakeInference(cells=5))
+        try:
+            await locator.locate(pb.LocateRequest(image=grey(1), request_id="x"))
+        finally:
+            await locator.close()
+
+    with pytest.raises(InferenceFailed, match="model and bundle disagree"):
+        asyncio.run(run())
+    assert "bundle needs [1, 4]" in asyncio.run(check_model(FakeInference(cells=5), 4, DIM))
+    assert asyncio.run(check_model(FakeInference(), 4, DIM)) is None
+
+
+def test_classify_is_the_one_mapping():
+    assert classify(InvalidArgument("top_k")) == (grpc.StatusCode.INVALID_ARGUMENT, "top_k")
+    assert classify(Unavailable("down"))[0] == grpc.StatusCode.UNAVAILABLE
+    assert classify(asyncio.CancelledError())[0] == grpc.StatusCode.CANCELLED
+    assert classify(KeyError("secret detail"), "r9") == (grpc.StatusCode.INTERNAL, "internal error (request_id r9)")
+
+
+# --- the batcher ----------------------------------------------------------------------------
+
+
+def test_batcher_groups_equal_shapes_and_separates_others():
+    fake = FakeInference()
+
+    async def run():
+        batcher = ShapeBatcher(fake.infer, window_s=3600, max_batch=3)  # only max_batch/drain flush
+        wide = [asyncio.ensure_future(batcher.submit(np.full((300, 400, 3), v, np.uint8))) for v in (0, 1, 2)]
+        tall = asyncio.ensure_future(batcher.submit(np.full((400, 300, 3), 3, np.uint8)))
+        outs = await asyncio.gather(*wide)
+        assert not tall.done()
+        await batcher.drain()
+        return outs, await tall
+
+    outs, tall = asyncio.run(run())
+    assert fake.batches == [(3, 300, 400, 3), (1, 400, 300, 3)]
+    assert [int(np.argmax(o.cell_probs)) for o in outs] == [0, 1, 2] and {o.batch_size for o in outs} == {3}
+    assert int(np.argmax(tall.cell_probs)) == 3 and tall.batch_size == 1
+
+
+def test_batcher_gives_every_waiter_the_failure():
+    fake = FakeInference()
+    fake.fail = Unavailable("Triton is down")
+
+    async def run():
+        batcher = ShapeBatcher(fake.infer, window_s=3600, max_batch=2)
+        image = np.zeros((300, 300, 3), np.uint8)
+        return await asyncio.gather(batcher.submit(image), batcher.submit(image), return_exceptions=True)
+
+    results = asyncio.run(run())
+    assert len(fake.batches) == 1 and all(isinstance(r, Unavailable) for r in results)
+
+
+# --- servicer and interceptors over real gRPC on loopback -----------------------------------
+
+
+class AbortingServicer(LocatorServicer):
+    async def GetInfo(self, request, context):
+        await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "not now")
+
+
+@asynccontextmanager
+async def serving(bundle: Path, fake: FakeInference, token: str | None = None, servicer=LocatorServicer):
+    locator = make_locator(bundle, fake)
+    interceptors = [StatusInterceptor(SERVICE_NAME), *([AuthInterceptor(SERVICE_NAME, token)] if token else [])]
+    server = grpc.aio.server(interceptors=interceptors)
+    pb_grpc.add_LocatorServicer_to_server(servicer(locator), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            yield pb_grpc.LocatorStub(channel)
+    finally:
+        await server.stop(None)
+        await locator.close()
+
+
+async def status_of(call) -> tuple[grpc.StatusCode, str]:
+    try:
+        await call
+    except grpc.aio.AioRpcError as exc:
+        return exc.code(), exc.details()
+    return grpc.StatusCode.OK, ""
+
+
+def test_unary_statuses_come_from_classify(tiny_bundle, caplog):
+    fake = FakeInference()
+
+    async def run():
+        async with serving(tiny_bundle, fake) as stub:
+            ok = await stub.Locate(pb.LocateRequest(image=grey(1)))
+            bad = await status_of(stub.Locate(pb.LocateRequest(image=b"not an image")))
+            options = await status_of(stub.Locate(pb.LocateRequest(image=grey(1), options=pb.LocateOptions(top_k=0))))
+            fake.fail = Unavailable("Triton at x is unavailable")
+            down = await status_of(stub.Locate(pb.LocateRequest(image=grey(1))))
+            fake.fail = KeyError("a detail callers must not see")
+            bug = await status_of(stub.Locate(pb.LocateRequest(image=grey(1), request_id="bug-1")))
+            return ok, bad, options, down, bug
+
+    before = count("Locate", "INTERNAL")
+    with caplog.at_level(logging.INFO, logger="swc_service.access"):
+        ok, bad, options, down, bug = asyncio.run(run())
+    assert len(ok.request_id) == 32 and ok.top_cell.id == 1  # a fresh id for a request without one
+    assert bad[0] == grpc.StatusCode.INVALID_ARGUMENT and "not an image" in bad[1]
+    assert options[0] == grpc.StatusCode.INVALID_ARGUMENT and "top_k" in options[1]
+    assert down == (grpc.StatusCode.UNAVAILABLE, "Triton at x is unavailable")
+    assert bug == (grpc.StatusCode.INTERNAL, "internal error (request_id bug-1)")
+    assert count("Locate", "INTERNAL") == before + 1
+    assert any(f'"request_id": "{ok.request_id}"' in r.getMessage() for r in caplog.records)
+
+
+def test_stream_items_fail_alone_and_all_carry_request_ids(tiny_bundle):
+    async def run():
+        async with serving(tiny_bundle, FakeInference()) as stub:
+            requests = [pb.LocateRequest(image=grey(0), request_id="a"), pb.LocateRequest(image=b"junk"),
+                        pb.LocateRequest(image=grey(3))]  # fmt: skip
+            return [item async for item in stub.LocateStream(iter(requests))]
+
+    items = sorted(asyncio.run(run()), key=lambda item: item.index)
+    assert [item.WhichOneof("outcome") for item in items] == ["result", "error", "result"]
+    assert items[0].request_id == "a" and len(items[1].request_id) == 32 and len(items[2].request_id) == 32
+    assert items[1].error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+
+
+def test_authentication_is_checked_before_the_data_plane(tiny_bundle):
+    fake = FakeInference()
+
+    async def run():
+        async with serving(tiny_bundle, fake, token=TOKEN) as stub:
+            refused = await status_of(stub.Locate(pb.LocateRequest(image=grey(1))))
+            stream = stub.LocateStream(iter([pb.LocateRequest(image=grey(1))]))
+            refused_stream = await status_of(stream.read())
+            auth = (("authorization", f"Bearer {TOKEN}"),)
+            ok = await stub.Locate(pb.LocateRequest(image=grey(1)), metadata=auth)
+            return refused, refused_stream, ok
+
+    before = count("Locate", "UNAUTHENTICATED")
+    refused, refused_stream, ok = asyncio.run(run())
+    assert refused[0] == refused_stream[0] == grpc.StatusCode.UNAUTHENTICATED
+    assert count("Locate", "UNAUTHENTICATED") == before + 1
+    assert ok.top_cell.id == 1 and fake.batches == [(1, 300, 400, 3)]  # refused calls never reached it
+
+
+def test_an_abort_is_counted_with_its_own_status(tiny_bundle):
+    async def run():
+        async with serving(tiny_bundle, FakeInference(), servicer=AbortingServicer) as stub:
+            return await status_of(stub.GetInfo(pb.GetInfoRequest()))
+
+    before = count("GetInfo", "FAILED_PRECONDITION"), count("GetInfo", "CANCELLED")
+    assert asyncio.run(run()) == (grpc.StatusCode.FAILED_PRECONDITION, "not now")
+    assert (count("GetInfo", "FAILED_PRECONDITION"), count("GetInfo", "CANCELLED")) == (before[0] + 1, before[1])
