@@ -265,3 +265,24 @@ def test_many_shapes_do_not_wait_for_full_batches(tiny_base, tmp_path, monkeypat
     new = I.build_index(tiny_base.path, tmp_path / "new", photos=folder, options=I.Options(batch_size=32))
     assert new.num_background == 70 and sum(sizes) == 70
     assert len(sizes) > 1  # some groups went before the end of the run
+
+
+def test_triton_embedder_indexes_and_refuses_another_model(tiny_base, tmp_path):
+    """--triton: embeddings from a running Triton equal in-process ones; a Triton serving
+    another model is refused by the bundle's probes before any photo is read."""
+    from devtools.triton_local import LocalTriton
+
+    photos = _photos(tmp_path / "imgs", 6)
+    listing = tmp_path / "list.csv"
+    listing.write_text("path,lat,lon\n" + "".join(f"imgs/{p.name},{i},{i}\n" for i, p in enumerate(photos)))
+    here = I.build_index(tiny_base.path, tmp_path / "here", photo_list=listing)
+    other = build_tiny_bundle(tmp_path / "other", seed=1)
+    with LocalTriton(tiny_base.path, threads=1) as triton:
+        there = I.build_index(tiny_base.path, tmp_path / "there", photo_list=listing, triton_url=triton.grpc_url)
+    assert there.manifest["index"]["embedder"].startswith("triton")
+    assert np.array_equal(np.asarray(there.row_ids), np.asarray(here.row_ids))
+    assert np.allclose(np.asarray(there.features, np.float32), np.asarray(here.features, np.float32), atol=1e-3)
+    assert there.probes is not None and np.array_equal(there.probes.embeddings, tiny_base.probes.embeddings)
+    with LocalTriton(other.path, threads=1) as triton, pytest.raises(I.EmbedError, match="model check"):
+        I.build_index(tiny_base.path, tmp_path / "never", photo_list=listing, triton_url=triton.grpc_url)
+    assert not (tmp_path / "never").exists()
