@@ -134,11 +134,7 @@ def build_demo(
             raise RuntimeError(f"ONNX parity check failed: {parity.as_dict()}")
         record_probes(w, centres)
         print(f"demo: background N={background} over M={cells} cells", file=sys.stderr)
-        offsets, labels, row_ids = demo.background(centres, background, rng)
-        feats = w.open_array(B.FEATURES, np.dtype(features_dtype), (background, B.EMBEDDING_DIM))
-        demo.fill_features(feats, rng)
-        feats.flush()
-        del feats
+        offsets, labels, row_ids = demo.write_background(w, centres, background, rng, features_dtype)
         extra = {
             "warning": "DEMO BUNDLE: random weights, synthetic background. Not a geolocation model.",
             "demo": record | {"cells": cells, "background": background},
