@@ -102,8 +102,13 @@ def count(method: str, code: str) -> float:
 
 
 def test_fake_and_triton_inference_satisfy_the_protocol():
+    async def triton() -> TritonInference:  # the asyncio client is made inside a running loop
+        inference = TritonInference("127.0.0.1:1", "visloc")
+        await inference.close()
+        return inference
+
     assert isinstance(FakeInference(), Inference)
-    assert isinstance(TritonInference("127.0.0.1:1", "visloc"), Inference)
+    assert isinstance(asyncio.run(triton()), Inference)
 
 
 def test_locate_runs_swc_in_the_top_cell_and_builds_the_reply(tiny_bundle):

@@ -103,11 +103,7 @@ def build_demo(
         parity = gate(w, net, accept_failure=accept_parity_failure)
         record_probes(w, centres)
         print(f"demo: background N={background} over M={cells} cells", file=sys.stderr)
-        offsets, labels, row_ids = demo.background(centres, background, rng)
-        feats = w.open_array(B.FEATURES, np.dtype(features_dtype), (background, B.EMBEDDING_DIM))
-        demo.fill_features(feats, rng)
-        feats.flush()
-        del feats
+        offsets, labels, row_ids = demo.write_background(w, centres, background, rng, features_dtype)
         extra = parity | {
             "warning": " ".join([DEMO_WARNING, parity["warning"]] if "warning" in parity else [DEMO_WARNING]),
             "demo": record | {"cells": cells, "background": background},

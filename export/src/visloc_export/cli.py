@@ -81,6 +81,31 @@ def _cmd_fetch(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_index(args: argparse.Namespace) -> int:
+    from .index import Options, build_index, summary_line
+
+    options = Options(
+        batch_size=args.batch_size or (16 if args.triton else 1),
+        concurrency=args.concurrency,
+        workers=args.workers,
+        checkpoint_every=args.checkpoint_every,
+        features_dtype=args.features_dtype,
+        threads=args.threads,
+    )
+    b = build_index(
+        args.base,
+        args.out,
+        photos=args.photos,
+        photo_list=args.list,
+        extend=args.extend,
+        triton_url=args.triton,
+        triton_model=args.triton_model,
+        options=options,
+    )
+    print(summary_line(b))
+    return 0
+
+
 def _cmd_add_probes(args: argparse.Namespace) -> int:
     from .probes import add_to_bundle
 
@@ -148,6 +173,29 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--images", nargs="*", help="image files (default: generated images of 4 shapes)")
     v.add_argument("--checksums", action="store_true", help="also check every file's sha256")
     v.set_defaults(func=_cmd_verify)
+
+    i = sub.add_parser(
+        "index",
+        help="a bundle whose background is your own geotagged photos (docs/indexing.md)",
+        description="Embed photos with the base bundle's model (same preprocessing as Locate), put each "
+        "in the cell with the nearest centre, and write a new bundle. Skipped photos are listed in "
+        "index-report.json inside it. An interrupted run resumes when rerun with the same arguments.",
+    )
+    i.add_argument("--base", required=True, help="the bundle whose model and cells to use")
+    src = i.add_mutually_exclusive_group(required=True)
+    src.add_argument("--photos", help="folder: every file under it (recursively), GPS from EXIF")
+    src.add_argument("--list", help="CSV with the header path,lat,lon (paths relative to the CSV)")
+    i.add_argument("--out", required=True, help="the new bundle (must not exist)")
+    i.add_argument("--extend", action="store_true", help="keep the base background (and its row ids)")
+    i.add_argument("--triton", metavar="URL", help="embed through this Triton (gRPC HOST:PORT) instead of in-process")
+    i.add_argument("--triton-model", default="visloc", help="model name on Triton (default visloc)")
+    i.add_argument("--batch-size", type=int, help="photos per model call (default 1 in-process, 16 on Triton)")
+    i.add_argument("--concurrency", type=int, default=4, help="model calls in flight (default 4)")
+    i.add_argument("--workers", type=int, default=2, help="threads reading and preprocessing photos")
+    i.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0: all cores)")
+    i.add_argument("--checkpoint-every", type=int, default=2048, help="photos between checkpoints")
+    i.add_argument("--features-dtype", choices=["float16", "float32"], default="float16")
+    i.set_defaults(func=_cmd_index)
 
     a = sub.add_parser(
         "add-probes",

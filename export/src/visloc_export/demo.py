@@ -106,6 +106,21 @@ def fill_features(out: np.ndarray, rng: np.random.Generator, chunk: int = 65536)
         out[a : a + block.shape[0]] = block
 
 
+def write_background(
+    w, centres: np.ndarray, num_rows: int, rng: np.random.Generator, features_dtype="float16"
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A synthetic background's features into a ``BundleWriter`` ``w``; returns its (offsets,
+    labels, row_ids) for the writer to save with the cells."""
+    from swc_service import bundle as B
+
+    offsets, labels, row_ids = background(centres, num_rows, rng)
+    feats = w.open_array(B.FEATURES, np.dtype(features_dtype), (num_rows, B.EMBEDDING_DIM))
+    fill_features(feats, rng)
+    feats.flush()
+    del feats
+    return offsets, labels, row_ids
+
+
 def calibration_batch(count: int = CALIBRATION_IMAGES) -> list[np.ndarray]:
     return [prepare_image(samples.photo(CALIBRATION_SEED_BASE + i, (400, 300))) for i in range(count)]
 
