@@ -136,6 +136,7 @@ class Endpoint:
     inference: Inference
     ready: bool = False  # the last health check (or a failed batch) said so
     outstanding: int = 0
+    picked: int = -1  # when the pool last chose it (ties go to the least recent: round robin)
     leaving: bool = False  # gone from the target: no new batches, closed once idle
     verdicts: dict[int, tuple[ServingState, ModelCheck]] = field(default_factory=dict)  # id(state) ->
     check_task: asyncio.Task | None = None
@@ -186,7 +187,7 @@ class TritonPool:
         self.endpoints: dict[str, Endpoint] = {}
         self._resolved_at: float | None = None
         self._resolve_error: str | None = None
-        self._turn = itertools.count()
+        self._turn = itertools.count()  # pick sequence numbers
 
     def _triton(self, address: str) -> Inference:
         from .triton_infer import TritonInference
@@ -233,9 +234,9 @@ class TritonPool:
         usable = [ep for ep in self.endpoints.values() if ep.address not in tried and ep.usable(state)]
         if not usable:
             return None
-        turn = next(self._turn) % len(usable)
-        rotated = usable[turn:] + usable[:turn]  # ties go round robin
-        return min(rotated, key=lambda ep: ep.outstanding)
+        ep = min(usable, key=lambda ep: (ep.outstanding, ep.picked))  # ties: the least recently picked
+        ep.picked = next(self._turn)
+        return ep
 
     async def _send(self, ep: Endpoint, batch: np.ndarray, timeout_s: float, model_version: str):
         ep.outstanding += 1
