@@ -125,7 +125,7 @@ async def serve(settings: Settings, *, on_started=None) -> None:
         settings.triton_url, settings.triton_model, lambda: locator.state, timeout_s=settings.triton_timeout_s,
         precision=settings.model_precision, allow_without_probes=settings.allow_bundle_without_probes,
         resolve_interval_s=settings.triton_resolve_interval_s,
-        health_timeout_s=max(0.2, settings.triton_health_interval_s),
+        health_timeout_s=max(1.0, settings.triton_health_interval_s),
     )  # fmt: skip
     locator = Locator(settings, bundle, inference, model_status=inference.model_status)
     token = settings.token()
