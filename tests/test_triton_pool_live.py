@@ -173,7 +173,8 @@ def test_triton_restarted_with_another_bundles_model_stops_the_service(small_bun
         assert a.model_version in details and f"Triton model 'visloc' version (default) at {triton.grpc_url}" in details
         assert "model check FAILED" in details and "min cos=" in details  # the measured deviation
         assert info.model_version == "" and "model not confirmed" in info.bundle_warning
-        verdicts = [line for line in svc.log_text().splitlines() if "Triton endpoint" in line and "check FAILED" in line]
+        lines = svc.log_text().splitlines()
+        verdicts = [line for line in lines if "Triton endpoint" in line and "check FAILED" in line]
         assert len(verdicts) == 1, verdicts  # one line per transition, not one per health check
         text = urllib.request.urlopen(f"http://127.0.0.1:{svc.metrics_port}/metrics", timeout=10).read().decode()
         assert f'visloc_model_check_total{{endpoint="{triton.grpc_url}",result="mismatch"}} 1.0' in text
