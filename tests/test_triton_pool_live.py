@@ -176,9 +176,10 @@ def test_triton_restarted_with_another_bundles_model_stops_the_service(small_bun
         lines = svc.log_text().splitlines()
         verdicts = [line for line in lines if "Triton endpoint" in line and "check FAILED" in line]
         assert len(verdicts) == 1, verdicts  # one line per transition, not one per health check
-        text = urllib.request.urlopen(f"http://127.0.0.1:{svc.metrics_port}/metrics", timeout=10).read().decode()
-        assert f'visloc_model_check_total{{endpoint="{triton.grpc_url}",result="mismatch"}} 1.0' in text
-        assert "visloc_model_check_failing 1.0" in text
+        url = f"http://127.0.0.1:{svc.metrics_port}/metrics"
+        checks = samples_of(url, "visloc_model_check_total")
+        assert checks[(("endpoint", triton.grpc_url), ("result", "mismatch"))] == 1.0
+        assert samples_of(url, "visloc_model_check_failing") == {(): 1.0}
     finally:
         svc.stop()
         triton.stop()
