@@ -41,7 +41,7 @@ def samples_of(url: str, name: str) -> dict[tuple, float]:
         tuple(sorted(s.labels.items())): s.value
         for family in text_string_to_metric_families(text)
         for s in family.samples
-        if s.name == name
+        if s.name in (name, f"{name}_total")  # the parser names Triton's counters ..._total
     }
 
 
