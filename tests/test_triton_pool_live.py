@@ -174,7 +174,7 @@ def test_triton_restarted_with_another_bundles_model_stops_the_service(small_bun
         assert "model check FAILED" in details and "min cos=" in details  # the measured deviation
         assert info.model_version == "" and "model not confirmed" in info.bundle_warning
         lines = svc.log_text().splitlines()
-        verdicts = [line for line in lines if "Triton endpoint" in line and "check FAILED" in line]
+        verdicts = [line for line in lines if "] Triton endpoint " in line and "check FAILED" in line]
         assert len(verdicts) == 1, verdicts  # one line per transition, not one per health check
         url = f"http://127.0.0.1:{svc.metrics_port}/metrics"
         checks = samples_of(url, "visloc_model_check_total")
