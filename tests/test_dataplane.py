@@ -103,7 +103,11 @@ def count(method: str, code: str) -> float:
 
 def test_fake_and_triton_inference_satisfy_the_protocol():
     assert isinstance(FakeInference(), Inference)
-    assert isinstance(TritonInference("127.0.0.1:1", "visloc"), Inference)
+
+    async def construct() -> TritonInference:  # the aio client wants a running loop
+        return TritonInference("127.0.0.1:1", "visloc")
+
+    assert isinstance(asyncio.run(construct()), Inference)
 
 
 def test_locate_runs_swc_in_the_top_cell_and_builds_the_reply(tiny_bundle):
