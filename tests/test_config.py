@@ -25,6 +25,10 @@ def test_flags_env_and_defaults():
         (["--preprocessing", "squash"], "preprocessing must be one of"),
         (["--workers", "0"], ">= 1"),
         (["--batch-window-ms", "-1"], ">= 0"),
+        (["--model-precision", "int8"], "model_precision must be one of"),
+        (["--triton-url", "triton"], "not HOST:PORT"),
+        (["--triton-url", "dns://ns/triton:8001"], "no DNS authority"),
+        (["--triton-resolve-interval-s", "0"], "must be > 0"),
     ],
 )
 def test_bad_settings_are_refused(argv, message):

@@ -23,7 +23,7 @@ from swc_service.batcher import ShapeBatcher
 from swc_service.bundle import CELLS, FEATURES, LABELS, MODEL, OFFSETS, ROW_IDS, BundleWriter, load_bundle
 from swc_service.config import Settings
 from swc_service.errors import InferenceFailed, InvalidArgument, Unavailable, classify
-from swc_service.inference import Inference, check_model
+from swc_service.inference import Inference
 from swc_service.interceptors import AuthInterceptor, StatusInterceptor
 from swc_service.locator import Locator
 from swc_service.server import SERVICE_NAME
@@ -157,8 +157,6 @@ def test_model_and_bundle_that_disagree_fail_as_internal(tiny_bundle):
 
     with pytest.raises(InferenceFailed, match="model and bundle disagree"):
         asyncio.run(run())
-    assert "bundle needs [1, 4]" in asyncio.run(check_model(FakeInference(cells=5), 4, DIM))
-    assert asyncio.run(check_model(FakeInference(), 4, DIM)) is None
 
 
 def test_classify_is_the_one_mapping():

@@ -156,7 +156,8 @@ def test_the_health_port_says_not_serving_while_triton_is_down(demo_bundle):
     try:
         with grpc.insecure_channel(svc.health_target) as health, grpc.insecure_channel(svc.target) as main:
             grpc.channel_ready_future(health).result(timeout=60)
-            _until(lambda: "health: NOT_SERVING (Triton not ready)" in svc.log_text(), svc)  # the watcher ran
+            _until(lambda: "health: NOT_SERVING (no Triton endpoint" in svc.log_text(), svc)  # the watcher ran
+            assert ": not ready" in svc.log_text()
             assert _check(health) == _check(main) == NOT_SERVING
             assert _check(health, SERVICE_NAME) == NOT_SERVING
     finally:

@@ -152,3 +152,13 @@ def test_old_bundle_is_refused_until_probes_are_added(old_bundle, bundle_a, caps
     assert check(ort_infer(new.model_path), new).ok
     assert cli.main(["add-probes", str(old_bundle.path)]) == 0
     assert "already has probes" in capsys.readouterr().out
+
+
+def test_an_allowed_bundle_without_probes_still_needs_the_bundles_output_shapes(old_bundle):
+    async def fewer_cells(batch, timeout_s):
+        probs, emb = await ort_infer(old_bundle.model_path)(batch, timeout_s)
+        return probs[:, :-1], emb
+
+    result = check(fewer_cells, old_bundle, allow_without_probes=True)
+    assert result.result == "mismatch" and not result.ok
+    assert f"[1, {old_bundle.num_cells}]" in result.message and f"[1, {old_bundle.num_cells - 1}]" in result.message

@@ -21,6 +21,7 @@ from .method import (
 from .preprocessing import DEFAULT_MAX_PIXELS, DEFAULT_MAX_SIDE
 
 PREPROCESSING_MODES = ("exact", "center_crop_300")
+MODEL_PRECISIONS = ("fp32", "fp16")
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,12 @@ class Settings:
     triton_model: str = "visloc"
     triton_timeout_s: float = 30.0
     triton_health_interval_s: float = 1.0
+    # The endpoint pool and model check (triton_pool.py): dns:// and file:// targets are
+    # re-resolved this often; fp16 declares a reduced-precision backend (same top cell, cosine
+    # >= 0.999); bundles without probes are refused unless allowed (served unchecked, warned).
+    triton_resolve_interval_s: float = 5.0
+    model_precision: str = "fp32"
+    allow_bundle_without_probes: bool = False
     batch_window_ms: float = 2.0
     max_batch: int = 16
     preprocess_threads: int = 2
@@ -65,6 +72,13 @@ class Settings:
     def validate(self) -> Settings:
         if self.conf_scale_km not in self.pd_scales_km:
             raise ValueError(f"conf_scale_km {self.conf_scale_km} is not one of pd_scales_km {self.pd_scales_km}")
+        if self.model_precision not in MODEL_PRECISIONS:
+            raise ValueError(f"model_precision must be one of {MODEL_PRECISIONS}, not {self.model_precision!r}")
+        if self.triton_resolve_interval_s <= 0:
+            raise ValueError("triton_resolve_interval_s must be > 0")
+        from .triton_pool import parse_target
+
+        parse_target(self.triton_url)  # a malformed target fails at start-up, naming itself
         if self.preprocessing not in PREPROCESSING_MODES:
             raise ValueError(f"preprocessing must be one of {PREPROCESSING_MODES}")
         if self.workers < 1 or self.max_batch < 1 or self.preprocess_threads < 1:

@@ -2,9 +2,9 @@
 
 :class:`Inference` is all the service needs from a model server: a batch in, two arrays out,
 a readiness probe and a close. :class:`~swc_service.triton_infer.TritonInference` is the
-production one; tests pass a fake. Anything else that runs batches (several Triton endpoints,
-an admission queue in front of one) implements the same three methods and is injected into
-:class:`~swc_service.locator.Locator` in its place.
+production one; tests pass a fake. Anything else that runs batches (several Triton endpoints:
+:class:`~swc_service.triton_pool.TritonPool`; an admission queue in front of one) implements the
+same three methods and is injected into :class:`~swc_service.locator.Locator` in its place.
 """
 
 from __future__ import annotations
@@ -12,10 +12,6 @@ from __future__ import annotations
 from typing import Protocol, runtime_checkable
 
 import numpy as np
-
-from .errors import LocateFailure
-
-CHECK_SHAPE = (1, 300, 300, 3)  # one black image: the smallest input every model accepts
 
 
 @runtime_checkable
@@ -33,17 +29,3 @@ class Inference(Protocol):
         ...
 
     async def close(self) -> None: ...
-
-
-async def check_model(inference: Inference, num_cells: int, embedding_dim: int) -> str | None:
-    """One small inference: None when the outputs have the bundle's shapes, else what differs."""
-    try:
-        probs, emb = await inference.infer(np.zeros(CHECK_SHAPE, dtype=np.uint8), timeout_s=30)
-    except LocateFailure as exc:
-        return f"test inference failed: {exc}"
-    if probs.shape != (1, num_cells) or emb.shape != (1, embedding_dim):
-        return (
-            f"model outputs cell_probs {list(probs.shape)} and embedding {list(emb.shape)}; "
-            f"the bundle needs [1, {num_cells}] and [1, {embedding_dim}]"
-        )
-    return None

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 from visloc_client.v1 import locator_pb2 as pb
@@ -33,9 +34,18 @@ from .reply import info_response, locate_response
 class Locator:
     """Holds the serving state, the thread pool and the batcher in front of the inference."""
 
-    def __init__(self, settings: Settings, bundle: Bundle, inference: Inference):
+    def __init__(
+        self,
+        settings: Settings,
+        bundle: Bundle,
+        inference: Inference,
+        model_status: Callable[[], tuple[bool, str]] | None = None,
+    ):
+        """``model_status()``: (the model check confirmed the current state's model, a warning
+        for GetInfo); None (a test fake) means confirmed, no warning."""
         self.settings = settings
         self.inference = inference
+        self.model_status = model_status
         self.state = ServingState.of(bundle, settings.pd_scales_km)
         self._preprocess = functools.partial(
             preprocess,
@@ -81,7 +91,8 @@ class Locator:
         return await asyncio.get_running_loop().run_in_executor(self.pool, self._preprocess, data)
 
     def info(self) -> pb.GetInfoResponse:
-        return info_response(self.settings, self.state)
+        confirmed, warning = self.model_status() if self.model_status is not None else (True, "")
+        return info_response(self.settings, self.state, confirmed, warning)
 
     async def close(self) -> None:
         await self.batcher.drain()

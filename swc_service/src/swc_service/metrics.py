@@ -91,3 +91,31 @@ def observe_located(pixels: int, stages: dict[str, float], method: str, localiza
     for stage, seconds in stages.items():
         STAGE_SECONDS.labels(stage).observe(seconds)
     PREDICTIONS.labels(method, str(localizable).lower()).inc()
+
+
+# The Triton endpoint pool (swc_service.triton_pool, issue 19) and the model check (issue 16).
+# ``endpoint`` is a resolved HOST:PORT of the --triton-url target.
+ENDPOINT_BATCHES = Counter("visloc_triton_endpoint_batches_total", "Batches sent to each Triton endpoint", ["endpoint"])
+ENDPOINT_FAILURES = Counter(
+    "visloc_triton_endpoint_failures_total", "Batches that failed on each Triton endpoint", ["endpoint"]
+)
+ENDPOINT_OUTSTANDING = Gauge(
+    "visloc_triton_endpoint_outstanding", "Batches in flight on each Triton endpoint", ["endpoint"],
+    multiprocess_mode="livesum",
+)  # fmt: skip
+ENDPOINT_READY = Gauge(
+    "visloc_triton_endpoint_ready",
+    "1 when the endpoint is ready AND passed the bundle's model check (it takes batches)",
+    ["endpoint"],
+    multiprocess_mode="livemin",
+)
+MODEL_CHECKS = Counter(
+    "visloc_model_check_total",
+    "Model checks of an endpoint against the bundle by result (ok, mismatch, no_probes, error)",
+    ["result", "endpoint"],
+)
+MODEL_CHECK_FAILING = Gauge(
+    "visloc_model_check_failing",
+    "Ready Triton endpoints refused by the model check (mismatch, or a bundle without probes)",
+    multiprocess_mode="max",
+)

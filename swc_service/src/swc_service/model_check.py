@@ -8,7 +8,8 @@ them through the backend, one batch per shape, and holds the answers to the pari
 
 Bundles written before probes existed cannot be checked. They are refused by default (an
 unproven model can give wrong locations labelled as right); ``allow_without_probes`` serves
-them with a loud warning, for an operator who has decided to take that risk.
+them with a loud warning, for an operator who has decided to take that risk (only the output
+shapes are checked then, with one black image).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ Infer = Callable[[np.ndarray, float], Awaitable[tuple[np.ndarray, np.ndarray]]]
 
 RESULTS = ("ok", "mismatch", "no_probes", "error")  # the values of ModelCheck.result (a metric label)
 ALLOW_FLAG = "--allow-bundle-without-probes"
+SHAPE_PROBE = (1, 300, 300, 3)  # bundles without probes: one black image, its output shapes compared
 
 
 @dataclass(frozen=True)
@@ -99,7 +101,25 @@ async def check_model(
 
     probes = bundle.probes
     if probes is None:
-        return verdict("no_probes", allow_without_probes, no_probes_message(bundle, allowed=allow_without_probes))
+        message = no_probes_message(bundle, allowed=allow_without_probes)
+        if not allow_without_probes:
+            return verdict("no_probes", False, message)
+        # Served unchecked, at the operator's risk: at least the output shapes must be the bundle's.
+        try:
+            probs, emb = await infer(np.zeros(SHAPE_PROBE, dtype=np.uint8), timeout_s)
+        except (LocateFailure, asyncio.TimeoutError) as exc:
+            why = str(exc) or type(exc).__name__
+            return verdict("error", False, f"model check could not run: shape probe failed: {why}")
+        want = ((1, bundle.num_cells), (1, int(bundle.features.shape[1])))
+        if (np.shape(probs), np.shape(emb)) != want:
+            return verdict(
+                "mismatch",
+                False,
+                f"model check FAILED: {backend} outputs cell_probs {list(np.shape(probs))} and embedding "
+                f"{list(np.shape(emb))}; bundle {bundle.bundle_id} (model {version}) needs {list(want[0])} and "
+                f"{list(want[1])}",
+            )
+        return verdict("no_probes", True, message)
 
     got_probs: list[np.ndarray | None] = [None] * len(probes.images)
     got_emb: list[np.ndarray | None] = [None] * len(probes.images)

@@ -37,14 +37,19 @@ def locate_response(
     )  # fmt: skip
 
 
-def info_response(settings: Settings, state: ServingState) -> pb.GetInfoResponse:
+def info_response(
+    settings: Settings, state: ServingState, confirmed: bool = True, model_warning: str = ""
+) -> pb.GetInfoResponse:
+    """``confirmed``: the model check passed on some backend (else model_version is empty and
+    ``model_warning`` says why); ``model_warning`` also carries the serving-unchecked warning."""
     s, bundle = settings, state.bundle
+    warnings = [w for w in (str(bundle.manifest.get("warning", "")), model_warning) if w]
     defaults = pb.LocateOptions(top_k=s.top_k, eps_km=s.eps_km, conf_scale_km=s.conf_scale_km,
                                 conf_threshold=s.conf_threshold)  # fmt: skip
     return pb.GetInfoResponse(
-        service_version=__version__, model_name=s.triton_model, model_version=state.model_version,
+        service_version=__version__, model_name=s.triton_model, model_version=state.model_version if confirmed else "",
         bundle_id=bundle.bundle_id, bundle_source=bundle.source, background_version=bundle.bundle_id,
-        bundle_warning=str(bundle.manifest.get("warning", "")),
+        bundle_warning=" | ".join(warnings),
         num_cells=bundle.num_cells, num_background=bundle.num_background, embedding_dim=state.embedding_dim,
         pd_scales_km=list(state.density.scales_km), defaults=defaults,
         max_image_bytes=s.max_message_bytes, max_image_pixels=s.max_image_pixels, preprocessing=s.preprocessing,

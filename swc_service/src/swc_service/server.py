@@ -87,33 +87,25 @@ def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
     )
 
 
-async def _watch_triton(
-    inference, bundle, health_servicer: health.aio.HealthServicer, interval: float, draining
-) -> None:
-    """SERVING only while Triton and the model are ready, the model answers with the bundle's
-    shapes (checked by one small inference each time Triton comes up), and we are not draining."""
+async def _watch_triton(pool, health_servicer: health.aio.HealthServicer, interval: float, draining) -> None:
+    """SERVING only while some Triton endpoint is ready AND passed the bundle's model check
+    (:mod:`swc_service.triton_pool`), and we are not draining. One log line per transition."""
     from . import metrics
-    from .inference import check_model
 
     last = None
-    verified = False
     while not draining.is_set():
-        ready = await inference.ready(timeout_s=max(0.2, interval))
-        if ready and not verified:
-            problem = await check_model(inference, bundle.num_cells, int(bundle.features.shape[1]))
-            if problem:
-                log.error("Triton's model does not match the bundle: %s", problem)
-            verified = problem is None
-        if not ready:
-            verified = False
-        ready = ready and verified
+        await pool.refresh()
+        ready = await pool.ready()
         metrics.TRITON_READY.set(1 if ready else 0)
         status = health_pb2.HealthCheckResponse.SERVING if ready else health_pb2.HealthCheckResponse.NOT_SERVING
         if status != last:
             for name in ("", SERVICE_NAME):
                 await health_servicer.set(name, status)
-            log.info("health: %s (Triton %s)", health_pb2.HealthCheckResponse.ServingStatus.Name(status),
-                     "ready" if ready else "not ready")  # fmt: skip
+            name = health_pb2.HealthCheckResponse.ServingStatus.Name(status)
+            if ready:
+                log.info("health: %s (%s)", name, pool.confirmed().message)
+            else:
+                log.warning("health: %s (%s)", name, pool.problem())
             last = status
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(draining.wait(), interval)
@@ -124,13 +116,18 @@ async def serve(settings: Settings, *, on_started=None) -> None:
     from .interceptors import AuthInterceptor, StatusInterceptor
     from .locator import Locator
     from .servicer import LocatorServicer
-    from .triton_infer import TritonInference
+    from .triton_pool import TritonPool
 
     bundle = load_bundle(settings.bundle)
     if settings.prefetch_background:
         bundle.prefetch()
-    inference = TritonInference(settings.triton_url, settings.triton_model, settings.triton_timeout_s)
-    locator = Locator(settings, bundle, inference)
+    inference = TritonPool(
+        settings.triton_url, settings.triton_model, lambda: locator.state, timeout_s=settings.triton_timeout_s,
+        precision=settings.model_precision, allow_without_probes=settings.allow_bundle_without_probes,
+        resolve_interval_s=settings.triton_resolve_interval_s,
+        health_timeout_s=max(1.0, settings.triton_health_interval_s),
+    )  # fmt: skip
+    locator = Locator(settings, bundle, inference, model_status=inference.model_status)
     token = settings.token()
     server = grpc.aio.server(
         # Outermost first: the status interceptor answers, counts and logs auth failures too.
@@ -177,7 +174,7 @@ async def serve(settings: Settings, *, on_started=None) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, draining.set)
     watcher = asyncio.create_task(
-        _watch_triton(inference, bundle, health_servicer, settings.triton_health_interval_s, draining)
+        _watch_triton(inference, health_servicer, settings.triton_health_interval_s, draining)
     )
     await draining.wait()
     log.info("draining: NOT_SERVING, refusing new calls, %.1f s grace for calls in flight", settings.grace_s)
