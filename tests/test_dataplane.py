@@ -21,6 +21,7 @@ from prometheus_client import REGISTRY
 
 from swc_service.batcher import ShapeBatcher
 from swc_service.bundle import CELLS, FEATURES, LABELS, MODEL, OFFSETS, ROW_IDS, BundleWriter, load_bundle
+from swc_service.callers import with_shared
 from swc_service.config import Settings
 from swc_service.errors import InferenceFailed, InvalidArgument, Unavailable, classify
 from swc_service.inference import Inference, check_model
@@ -206,9 +207,14 @@ class AbortingServicer(LocatorServicer):
 
 
 @asynccontextmanager
-async def serving(bundle: Path, fake: FakeInference, token: str | None = None, servicer=LocatorServicer):
-    locator = make_locator(bundle, fake)
-    interceptors = [StatusInterceptor(SERVICE_NAME), *([AuthInterceptor(SERVICE_NAME, token)] if token else [])]
+async def serving(bundle: Path, fake: Inference, token: str | None = None, servicer=LocatorServicer,
+                  callers: dict[str, str] | None = None, locator: Locator | None = None):  # fmt: skip
+    """Locator + servicer + interceptors on loopback; ``callers`` ({token: name}) or ``token``
+    turn auth on (the same wiring as swc_service.server)."""
+    locator = locator or make_locator(bundle, fake)
+    if token:
+        callers = with_shared(callers or {}, token)
+    interceptors = [StatusInterceptor(SERVICE_NAME), AuthInterceptor(SERVICE_NAME, callers)]
     server = grpc.aio.server(interceptors=interceptors)
     pb_grpc.add_LocatorServicer_to_server(servicer(locator), server)
     port = server.add_insecure_port("127.0.0.1:0")

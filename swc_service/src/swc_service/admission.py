@@ -30,9 +30,8 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from .callers import ANONYMOUS as DEFAULT_CALLER
 from .errors import DeadlineExceeded, Overloaded, Unavailable
-
-DEFAULT_CALLER = "anonymous"
 
 # Why a call was shed (the ``reason`` label of the metrics, Overloaded.reason).
 DEADLINE_UNMEETABLE = "deadline_unmeetable"  # refused: the queue ahead + service time pass the deadline
@@ -40,6 +39,7 @@ EXPIRED_IN_QUEUE = "expired_in_queue"  # dropped: the deadline passed while it w
 QUEUE_FULL = "queue_full"  # refused: the service's queue is full
 CALLER_LIMIT = "caller_limit"  # refused: this caller already has its share queued
 QUEUE_TIMEOUT = "queue_timeout"  # dropped: waited past the CoDel target under a standing queue
+_EXPIRY_SLACK_S = 0.002  # a queued call cancelled this close to its deadline expired in the queue
 REASONS = (DEADLINE_UNMEETABLE, EXPIRED_IN_QUEUE, QUEUE_FULL, CALLER_LIMIT, QUEUE_TIMEOUT)
 
 
@@ -232,8 +232,9 @@ class AdmissionController:
         if deadline is not None and deadline <= now:
             self._refuse(slot, EXPIRED_IN_QUEUE)
         state = self._callers.get(caller)
-        if state is None:
+        if state is None:  # never served: first in the round
             state = self._callers[caller] = _Caller()
+            self._callers.move_to_end(caller, last=False)
         cap = self.config.caller_max_in_flight
         # After every dispatch either no slot is free or every queued call's caller is at its cap.
         if self._in_flight < self._limit and not state.queue and (cap is None or state.in_flight < cap):
@@ -253,8 +254,24 @@ class AdmissionController:
             if waiter.future.done() and not waiter.future.cancelled() and waiter.future.exception() is None:
                 self.release(slot, None)  # granted, but the caller left before it resumed
             else:
+                if waiter in state.queue and deadline is not None and deadline - self._clock() <= _EXPIRY_SLACK_S:
+                    # The caller's own deadline timer (asyncio.timeout_at) beat ours: it expired here.
+                    self._count_shed(caller, EXPIRED_IN_QUEUE)
                 self._remove(waiter)
             raise
+
+    def check(self, caller: str = DEFAULT_CALLER, deadline: float | None = None) -> None:
+        """Refuse now (Overloaded, DEADLINE_UNMEETABLE) a call that the queue cannot serve by its
+        deadline, before any work is spent on it (decoding, preprocessing); a call that passes
+        may still be refused by :meth:`acquire` once it is ready to queue."""
+        if deadline is None:
+            return
+        now = self._clock()
+        if deadline <= now:
+            self._refuse(Slot(caller, deadline, now), EXPIRED_IN_QUEUE)
+        wait = self._wait_estimate(self._callers.get(caller) or _Caller())
+        if wait is not None and now + wait + self._service_s > deadline:  # type: ignore[operator]
+            self._refuse(Slot(caller, deadline, now), DEADLINE_UNMEETABLE)
 
     def release(self, slot: Slot, ok: bool | None = True) -> None:
         """Hand a slot back. ok=True: a latency sample; False: a drop (the limit backs off);
@@ -390,7 +407,6 @@ class AdmissionController:
             if picked is None:
                 return
             state = self._callers[picked]
-            self._callers.move_to_end(picked)  # served: last in the round
             waiter = state.queue.pop() if lifo else state.queue.popleft()
             self._dequeued(waiter, now)
             reason = self._stale(waiter.slot, now)
@@ -410,6 +426,7 @@ class AdmissionController:
 
     def _grant(self, slot: Slot, now: float) -> None:
         slot.granted_at = now
+        self._callers.move_to_end(slot.caller)  # served: last in the round
         self._in_flight += 1
         self._callers[slot.caller].in_flight += 1
         self._admitted += 1

@@ -1,8 +1,14 @@
 """The data plane: one image from bytes to a LocateResponse.
 
-decode -> preprocess (thread pool) -> infer (shape-grouped batches) -> SwC -> PD -> reply.
+refuse early -> decode -> preprocess (thread pool) -> admission -> infer (shape-grouped batches)
+-> SwC -> PD -> reply.
 Everything that can fail raises a :class:`~swc_service.errors.LocateFailure` subclass; the
 gRPC layer maps it to a status in one place (:func:`~swc_service.errors.classify`).
+
+Admission control (:class:`~swc_service.admission.AdmissionController`, one per event loop)
+bounds the images in flight to the model server: a call whose deadline the queue cannot meet is
+refused (RESOURCE_EXHAUSTED) before any CPU is spent decoding it, and the slot is held only around
+the model call, so an image that expires while queued never reaches Triton.
 
 The model server is injected (any :class:`~swc_service.inference.Inference`), and what an image
 is answered against is one immutable :class:`~swc_service.prediction.ServingState` in
@@ -20,6 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from visloc_client.v1 import locator_pb2 as pb
 
 from . import metrics
+from .admission import DEFAULT_CALLER, AdmissionController
 from .batcher import ShapeBatcher
 from .bundle import Bundle
 from .config import Settings
@@ -33,9 +40,12 @@ from .reply import info_response, locate_response
 class Locator:
     """Holds the serving state, the thread pool and the batcher in front of the inference."""
 
-    def __init__(self, settings: Settings, bundle: Bundle, inference: Inference):
+    def __init__(
+        self, settings: Settings, bundle: Bundle, inference: Inference, admission: AdmissionController | None = None
+    ):
         self.settings = settings
         self.inference = inference
+        self.admission = admission or AdmissionController(settings.admission_config())
         self.state = ServingState.of(bundle, settings.pd_scales_km)
         self._preprocess = functools.partial(
             preprocess,
@@ -55,14 +65,19 @@ class Locator:
             bundle.bundle_id, bundle.source, bundle.model_version, str(bundle.num_cells), str(bundle.num_background)
         ).set(1)
 
-    async def locate(self, request: pb.LocateRequest, deadline: float | None = None) -> pb.LocateResponse:
-        """Locate one image. ``deadline`` is a ``time.monotonic()`` instant, or None."""
+    async def locate(
+        self, request: pb.LocateRequest, deadline: float | None = None, caller: str = DEFAULT_CALLER
+    ) -> pb.LocateResponse:
+        """Locate one image for ``caller`` (its name keys the admission limits). ``deadline`` is a
+        ``time.monotonic()`` instant, or None."""
         started = time.perf_counter()
+        self.admission.check(caller, deadline)  # cheap refusal first: nothing decoded yet
         state = self.state
         opts = resolve_options(request.options, self.settings, state.density.scales_km)
         metrics.IMAGE_BYTES.observe(len(request.image))
         image = await self.prepare(request.image)
-        out = await self.batcher.submit(image.array, deadline)
+        async with self.admission.admit(caller, deadline):
+            out = await self.batcher.submit(image.array, deadline)
         pred = predict(state, out.cell_probs, out.embedding, opts)
         stages = {
             "decode": image.decode_s,

@@ -121,6 +121,8 @@ async def _watch_triton(
 
 async def serve(settings: Settings, *, on_started=None) -> None:
     """Run one server until SIGTERM/SIGINT, then drain: NOT_SERVING, finish in-flight calls, exit."""
+    from . import metrics
+    from .admission import AdmissionController
     from .interceptors import AuthInterceptor, StatusInterceptor
     from .locator import Locator
     from .servicer import LocatorServicer
@@ -130,11 +132,13 @@ async def serve(settings: Settings, *, on_started=None) -> None:
     if settings.prefetch_background:
         bundle.prefetch()
     inference = TritonInference(settings.triton_url, settings.triton_model, settings.triton_timeout_s)
-    locator = Locator(settings, bundle, inference)
-    token = settings.token()
+    # One admission controller per worker process (it belongs to this event loop).
+    admission = AdmissionController(settings.admission_config(), observer=metrics.AdmissionMetrics())
+    locator = Locator(settings, bundle, inference, admission)
+    callers = settings.callers()
     server = grpc.aio.server(
         # Outermost first: the status interceptor answers, counts and logs auth failures too.
-        interceptors=[StatusInterceptor(SERVICE_NAME), *([AuthInterceptor(SERVICE_NAME, token)] if token else [])],
+        interceptors=[StatusInterceptor(SERVICE_NAME), AuthInterceptor(SERVICE_NAME, callers)],
         options=grpc_options(settings),
         maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
     )
@@ -164,7 +168,7 @@ async def serve(settings: Settings, *, on_started=None) -> None:
     log.info(
         "listening on %s:%d (%s%s; bundle %s, %s, M=%d, N=%d) after %.2f s",
         settings.host, port, "TLS" if credentials else "plaintext",
-        ", bearer token required" if settings.token() else "",
+        f", bearer token required ({len(set(callers.values()))} callers)" if callers else "",
         bundle.bundle_id, bundle.source, bundle.num_cells, bundle.num_background, process_age_s(),
     )  # fmt: skip
     if health_server is not None:
