@@ -379,6 +379,7 @@ def test_an_unmeetable_deadline_is_refused_before_the_image_is_decoded(tiny_bund
 
 
 def test_a_call_that_expires_in_the_queue_never_reaches_the_model(tiny_bundle):
+    """No service time measured yet: the queued call waits until its deadline, then is dropped."""
     fake = GatedInference()
 
     async def run():
@@ -389,16 +390,45 @@ def test_a_call_that_expires_in_the_queue_never_reaches_the_model(tiny_bundle):
             late = asyncio.ensure_future(status_of(stub.Locate(pb.LocateRequest(image=grey(2)), timeout=0.5)))
             await until(lambda: locator.admission.stats().queued == 1, "the second call queued")
             expired = await late
+            await until(lambda: locator.admission.stats().queued == 0, "the expired call out of the queue")
             fake.gate.set()
             ok = await held
             return expired, ok, locator.admission.stats()
 
-    before = shed("expired_in_queue")
     expired, ok, stats = asyncio.run(run())
     assert expired[0] == grpc.StatusCode.DEADLINE_EXCEEDED and ok.top_cell.id == 1
-    assert [b[0] for b in fake.batches] == [1] and fake.entered == 1  # only the first call was inferred
-    assert stats.queued == 0 and stats.in_flight == 0 and stats.shed == {"expired_in_queue": 1}
-    assert shed("expired_in_queue") == before + 1
+    assert fake.values == [1] and fake.entered == 1  # only the first call was inferred
+    assert stats.in_flight == 0 and stats.admitted == 1
+
+
+def test_a_queued_call_is_refused_once_its_deadline_cannot_be_met(tiny_bundle):
+    """With a measured service time the queue gives a call up (RESOURCE_EXHAUSTED, the caller may
+    retry elsewhere) as soon as it could no longer finish in time, before its deadline."""
+    fake = GatedInference()
+
+    async def run():
+        locator = gated_locator(tiny_bundle, fake)
+        async with serving(tiny_bundle, fake, locator=locator) as stub:
+            first = asyncio.ensure_future(stub.Locate(pb.LocateRequest(image=grey(1))))
+            await until(lambda: fake.entered == 1, "the first call in the model")
+            await asyncio.sleep(0.3)  # the measured service time is now >= 0.3 s
+            fake.gate.set()
+            await first
+            fake.gate.clear()
+            held = asyncio.ensure_future(stub.Locate(pb.LocateRequest(image=grey(1))))
+            await until(lambda: fake.entered == 2, "a call holding the only slot")
+            late = asyncio.ensure_future(status_of(stub.Locate(pb.LocateRequest(image=grey(2)), timeout=3.0)))
+            await until(lambda: locator.admission.stats().queued == 1, "the third call queued")
+            refused = await late
+            fake.gate.set()
+            await held
+            return refused, locator.admission.stats()
+
+    before = shed("deadline_unmeetable")
+    refused, stats = asyncio.run(run())
+    assert refused[0] == grpc.StatusCode.RESOURCE_EXHAUSTED and "deadline_unmeetable" in refused[1]
+    assert fake.values == [1, 1]  # the refused call never reached the model
+    assert stats.shed == {"deadline_unmeetable": 1} and shed("deadline_unmeetable") == before + 1
 
 
 def test_one_callers_flood_does_not_starve_another(tiny_bundle, tmp_path, caplog):

@@ -39,7 +39,9 @@ EXPIRED_IN_QUEUE = "expired_in_queue"  # dropped: the deadline passed while it w
 QUEUE_FULL = "queue_full"  # refused: the service's queue is full
 CALLER_LIMIT = "caller_limit"  # refused: this caller already has its share queued
 QUEUE_TIMEOUT = "queue_timeout"  # dropped: waited past the CoDel target under a standing queue
-_EXPIRY_SLACK_S = 0.002  # a queued call cancelled this close to its deadline expired in the queue
+# A queued call cancelled this close to its deadline expired in the queue (its caller's cancel
+# arrives a little before the server's own deadline timer: the call's transit time).
+_EXPIRY_SLACK_S = 0.05
 REASONS = (DEADLINE_UNMEETABLE, EXPIRED_IN_QUEUE, QUEUE_FULL, CALLER_LIMIT, QUEUE_TIMEOUT)
 
 
@@ -214,6 +216,9 @@ class AdmissionController:
         except (DeadlineExceeded, Unavailable):
             ok = False
             raise
+        except asyncio.CancelledError:  # at its deadline (the caller's timer): a drop, too
+            ok = False if self._expired(slot) else None
+            raise
         except BaseException:
             ok = None
             raise
@@ -254,7 +259,7 @@ class AdmissionController:
             if waiter.future.done() and not waiter.future.cancelled() and waiter.future.exception() is None:
                 self.release(slot, None)  # granted, but the caller left before it resumed
             else:
-                if waiter in state.queue and deadline is not None and deadline - self._clock() <= _EXPIRY_SLACK_S:
+                if waiter in state.queue and self._expired(slot):
                     # The caller's own deadline timer (asyncio.timeout_at) beat ours: it expired here.
                     self._count_shed(caller, EXPIRED_IN_QUEUE)
                 self._remove(waiter)
@@ -287,14 +292,16 @@ class AdmissionController:
         self._completed += 1
         if self._observer is not None:
             self._observer.in_flight(slot.caller, -1)
+        rtt = max(0.0, now - slot.granted_at)
         if ok is True:
-            rtt = max(0.0, now - slot.granted_at)
-            a = self.config.service_alpha
-            self._service_s = rtt if self._service_s is None else self._service_s + a * (rtt - self._service_s)
+            self._sample_service(rtt)
             if self._limiter is not None:
                 self._set_limit(self._limiter.sample(rtt, in_flight))
-        elif ok is False and self._limiter is not None:
-            self._set_limit(self._limiter.drop())
+        elif ok is False:
+            if self._service_s is None or rtt > self._service_s:
+                self._sample_service(rtt)  # a drop took at least this long: a slowdown must show
+            if self._limiter is not None:
+                self._set_limit(self._limiter.drop())
         self._dispatch()
 
     def sweep(self) -> None:
@@ -326,6 +333,13 @@ class AdmissionController:
         )  # fmt: skip
 
     # ------------------------------------------------------------------ internals
+
+    def _sample_service(self, rtt: float) -> None:
+        a = self.config.service_alpha
+        self._service_s = rtt if self._service_s is None else self._service_s + a * (rtt - self._service_s)
+
+    def _expired(self, slot: Slot) -> bool:
+        return slot.deadline is not None and slot.deadline - self._clock() <= _EXPIRY_SLACK_S
 
     def _standing(self, now: float) -> bool:
         return self._nonempty_since is not None and now - self._nonempty_since > self.config.codel_interval_s
@@ -359,17 +373,21 @@ class AdmissionController:
     def _stale(self, slot: Slot, now: float) -> str | None:
         if slot.deadline is not None and slot.deadline <= now:
             return EXPIRED_IN_QUEUE
+        if slot.deadline is not None and self._service_s is not None and now + self._service_s > slot.deadline:
+            return DEADLINE_UNMEETABLE  # it would finish too late: refuse now, while it can retry
         target = self.config.codel_target_s
         if target is not None and self._standing(now) and now - slot.enqueued_at > target:
             return QUEUE_TIMEOUT
         return None
 
     def _arm(self, waiter: _Waiter, now: float) -> None:
-        """A loop timer at the call's deadline (re-armed if the loop wakes a little early)."""
+        """A loop timer at the last instant the call could still start and finish by its deadline
+        (its deadline less the service time; re-armed if the loop wakes a little early)."""
         if waiter.slot.deadline is None or not self.config.timers:
             return
         loop = waiter.future.get_loop()
-        waiter.timer = loop.call_later(max(0.0, waiter.slot.deadline - now) + 0.001, self._on_timer, waiter)
+        due = waiter.slot.deadline - (self._service_s or 0.0)
+        waiter.timer = loop.call_later(max(0.0, due - now) + 0.001, self._on_timer, waiter)
 
     def _on_timer(self, waiter: _Waiter) -> None:
         waiter.timer = None
@@ -410,9 +428,6 @@ class AdmissionController:
             waiter = state.queue.pop() if lifo else state.queue.popleft()
             self._dequeued(waiter, now)
             reason = self._stale(waiter.slot, now)
-            deadline, service_s = waiter.slot.deadline, self._service_s
-            if reason is None and deadline is not None and service_s is not None and now + service_s > deadline:
-                reason = DEADLINE_UNMEETABLE  # it would finish too late: refuse now, while it can retry
             if reason is not None:
                 self._fail(waiter, reason, now)
                 continue

@@ -1,0 +1,88 @@
+"""Overload on the real stack (issue 17): real local Triton + swc-service on the demo bundle,
+offered far more concurrent calls with short deadlines than it can serve. The excess is refused
+(RESOURCE_EXHAUSTED) instead of hanging, no call outlives its deadline by more than the slack,
+and once the load stops every call succeeds. Bounded (a few seconds of load); speed is measured
+by ``make overload`` (bench/overload.py), not here."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import time
+import urllib.request
+from collections import Counter
+
+import grpc
+import pytest
+from conftest import ServiceProcess, wait_serving
+from PIL import Image
+
+from visloc_client.v1 import locator_pb2 as pb
+from visloc_client.v1 import locator_pb2_grpc as pb_grpc
+
+CLIENTS = 48
+LOAD_S = 6.0
+DEADLINE_S = 1.0
+SLACK_S = 1.0  # client-side: gRPC's own deadline plus a loaded loop's scheduling
+ALLOWED = {grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.DEADLINE_EXCEEDED}
+
+
+def jpeg(i: int) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (400, 300), (i % 256, (7 * i) % 256, 90)).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+async def call(stub, image: bytes, timeout: float | None) -> tuple[grpc.StatusCode, float]:
+    started = time.monotonic()
+    try:
+        await stub.Locate(pb.LocateRequest(image=image), timeout=timeout)
+        code = grpc.StatusCode.OK
+    except grpc.aio.AioRpcError as exc:
+        code = exc.code()
+    return code, time.monotonic() - started
+
+
+async def offer(target: str) -> tuple[list[tuple[grpc.StatusCode, float]], list[grpc.StatusCode]]:
+    async with grpc.aio.insecure_channel(target) as channel:
+        stub = pb_grpc.LocatorStub(channel)
+        stop_at = time.monotonic() + LOAD_S
+        calls: list[tuple[grpc.StatusCode, float]] = []
+
+        async def client(i: int) -> None:
+            n = 0
+            while time.monotonic() < stop_at:
+                calls.append(await call(stub, jpeg(i + n), DEADLINE_S))
+                n += CLIENTS
+                if calls[-1][0] is grpc.StatusCode.RESOURCE_EXHAUSTED:
+                    await asyncio.sleep(0.1)  # back off as a retry policy would
+
+        await asyncio.gather(*(client(i) for i in range(CLIENTS)))
+        await asyncio.sleep(DEADLINE_S)  # the load stopped: let the last deadlines pass
+        after = [(await call(stub, jpeg(i), 30.0))[0] for i in range(8)]
+    return calls, after
+
+
+@pytest.fixture
+def overloaded_service(demo_bundle, local_triton):
+    svc = ServiceProcess(demo_bundle, local_triton.grpc_url)
+    try:
+        wait_serving(svc.target)
+        yield svc
+    finally:
+        svc.stop()
+
+
+def test_overload_is_refused_fast_not_hung_and_recovers(overloaded_service):
+    svc = overloaded_service
+    calls, after = asyncio.run(offer(svc.target))
+    codes = Counter(code for code, _ in calls)
+    assert set(codes) <= ALLOWED, codes
+    assert codes[grpc.StatusCode.RESOURCE_EXHAUSTED] > 0 and codes[grpc.StatusCode.OK] > 0, codes
+    assert max(seconds for _, seconds in calls) <= DEADLINE_S + SLACK_S
+    assert after == [grpc.StatusCode.OK] * 8  # 100 % OK once the load stops
+    text = urllib.request.urlopen(f"http://127.0.0.1:{svc.metrics_port}/metrics", timeout=10).read().decode()
+    shed = sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("visloc_admission_shed_total{"))  # fmt: skip
+    assert shed >= codes[grpc.StatusCode.RESOURCE_EXHAUSTED]
+    assert 'caller="anonymous"' in text
