@@ -274,7 +274,10 @@ class AdmissionController:
         now = self._clock()
         if deadline <= now:
             self._refuse(Slot(caller, deadline, now), EXPIRED_IN_QUEUE)
-        wait = self._wait_estimate(self._callers.get(caller) or _Caller())
+        state = self._callers.get(caller) or _Caller()
+        if self._in_flight < self._limit and not state.queue:
+            return  # it would start at once (as in acquire): never refused on an estimate
+        wait = self._wait_estimate(state)
         if wait is not None and now + wait + self._service_s > deadline:  # type: ignore[operator]
             self._refuse(Slot(caller, deadline, now), DEADLINE_UNMEETABLE)
 
