@@ -135,7 +135,8 @@ def overload_phase(target: str, images: list[bytes], groups: list[Group], args) 
         row["callers"] = by_caller(calls, elapsed, args.deadline)
     log(f"   goodput {row['goodput_per_s']:.2f} img/s, codes {row['codes']}")
     time.sleep(args.deadline)  # the load stopped: let callers' deadlines pass, then call again
-    after, after_s = asyncio.run(offer(target, images, [Group("after", BASE_CLIENTS)], args.recovery, args.deadline))
+    after_group = Group("after", BASE_CLIENTS, groups[0].token)  # as the flooding caller (auth may be on)
+    after, after_s = asyncio.run(offer(target, images, [after_group], args.recovery, args.deadline))
     row["after"] = summarize(after, after_s, args.deadline)
     log(f"   once the load stopped: {100 * (row['after']['ok_share'] or 0):.1f} % OK of {len(after)} calls")
     return row
