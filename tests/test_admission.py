@@ -556,3 +556,26 @@ def test_standing_queue_still_refuses_what_it_cannot_serve_in_time_at_once():
         ac.release(held)
 
     run(go())
+
+
+def test_a_free_slot_is_not_taken_by_a_call_that_would_finish_too_late_but_an_idle_one_probes():
+    """With a call in flight, a free slot does not go to a call whose deadline is shorter than
+    the measured service time; with nothing in flight it does (the measurement is refreshed, so a
+    slowdown that has passed cannot lock every call out)."""
+
+    async def go():
+        clock = Clock()
+        ac = AdmissionController(fixed(2), clock=clock)
+        s = await ac.acquire("a", None)
+        clock.t += 3.0  # a slow period: 3 s per call
+        ac.release(s)
+        probe = await ac.acquire("a", clock.t + 1.0)  # nothing in flight: admitted anyway
+        with pytest.raises(Overloaded) as ei:
+            await ac.acquire("b", clock.t + 1.0)  # a slot is free, but 3 s > 1 s
+        assert ei.value.reason == DEADLINE_UNMEETABLE
+        clock.t += 0.2
+        ac.release(probe)  # the slowdown passed: 0.2 s
+        assert ac.stats().service_s < 3.0 and ac.stats().in_flight == 0
+        return ac.stats().shed
+
+    assert run(go()) == {DEADLINE_UNMEETABLE: 1}

@@ -242,7 +242,11 @@ class AdmissionController:
             self._callers.move_to_end(caller, last=False)
         cap = self.config.caller_max_in_flight
         # After every dispatch either no slot is free or every queued call's caller is at its cap.
-        if self._in_flight < self._limit and not state.queue and (cap is None or state.in_flight < cap):
+        # A free slot is taken unless the measured service time says the call would finish too
+        # late; with nothing in flight it is always taken (a probe: the measurement cannot go
+        # stale and lock every call out).
+        free = self._in_flight < self._limit and not state.queue and (cap is None or state.in_flight < cap)
+        if free and (self._in_flight == 0 or self._meetable(deadline, now)):
             self._grant(slot, now)
             return slot
         self._check_admissible(slot, state, now)
@@ -264,22 +268,6 @@ class AdmissionController:
                     self._count_shed(caller, EXPIRED_IN_QUEUE)
                 self._remove(waiter)
             raise
-
-    def check(self, caller: str = DEFAULT_CALLER, deadline: float | None = None) -> None:
-        """Refuse now (Overloaded, DEADLINE_UNMEETABLE) a call that the queue cannot serve by its
-        deadline, before any work is spent on it (decoding, preprocessing); a call that passes
-        may still be refused by :meth:`acquire` once it is ready to queue."""
-        if deadline is None:
-            return
-        now = self._clock()
-        if deadline <= now:
-            self._refuse(Slot(caller, deadline, now), EXPIRED_IN_QUEUE)
-        state = self._callers.get(caller) or _Caller()
-        if self._in_flight < self._limit and not state.queue:
-            return  # it would start at once (as in acquire): never refused on an estimate
-        wait = self._wait_estimate(state)
-        if wait is not None and now + wait + self._service_s > deadline:  # type: ignore[operator]
-            self._refuse(Slot(caller, deadline, now), DEADLINE_UNMEETABLE)
 
     def release(self, slot: Slot, ok: bool | None = True) -> None:
         """Hand a slot back. ok=True: a latency sample; False: a drop (the limit backs off);
@@ -340,6 +328,9 @@ class AdmissionController:
     def _sample_service(self, rtt: float) -> None:
         a = self.config.service_alpha
         self._service_s = rtt if self._service_s is None else self._service_s + a * (rtt - self._service_s)
+
+    def _meetable(self, deadline: float | None, now: float) -> bool:
+        return deadline is None or self._service_s is None or now + self._service_s <= deadline
 
     def _expired(self, slot: Slot) -> bool:
         return slot.deadline is not None and slot.deadline - self._clock() <= _EXPIRY_SLACK_S

@@ -1,14 +1,14 @@
 """The data plane: one image from bytes to a LocateResponse.
 
-refuse early -> decode -> preprocess (thread pool) -> admission -> infer (shape-grouped batches)
--> SwC -> PD -> reply.
+admission -> decode -> preprocess (thread pool) -> infer (shape-grouped batches) -> SwC -> PD
+-> reply.
 Everything that can fail raises a :class:`~swc_service.errors.LocateFailure` subclass; the
 gRPC layer maps it to a status in one place (:func:`~swc_service.errors.classify`).
 
 Admission control (:class:`~swc_service.admission.AdmissionController`, one per event loop)
-bounds the images in flight to the model server: a call whose deadline the queue cannot meet is
-refused (RESOURCE_EXHAUSTED) before any CPU is spent decoding it, and the slot is held only around
-the model call, so an image that expires while queued never reaches Triton.
+bounds the images being worked on (decode to model answer): a call whose deadline the queue
+cannot meet is refused (RESOURCE_EXHAUSTED) before any CPU is spent on it, and an image that
+expires while queued is never decoded nor sent to Triton.
 
 The model server is injected (any :class:`~swc_service.inference.Inference`), and what an image
 is answered against is one immutable :class:`~swc_service.prediction.ServingState` in
@@ -71,12 +71,13 @@ class Locator:
         """Locate one image for ``caller`` (its name keys the admission limits). ``deadline`` is a
         ``time.monotonic()`` instant, or None."""
         started = time.perf_counter()
-        self.admission.check(caller, deadline)  # cheap refusal first: nothing decoded yet
         state = self.state
         opts = resolve_options(request.options, self.settings, state.density.scales_km)
         metrics.IMAGE_BYTES.observe(len(request.image))
-        image = await self.prepare(request.image)
+        # Admitted (or refused at once) before any CPU is spent on the image; a queued call holds
+        # only its bytes, and no image is decoded only to lose the race for a slot.
         async with self.admission.admit(caller, deadline):
+            image = await self.prepare(request.image)
             out = await self.batcher.submit(image.array, deadline)
         pred = predict(state, out.cell_probs, out.embedding, opts)
         stages = {
