@@ -189,6 +189,7 @@ class AdmissionController:
         self._queued = 0
         self._nonempty_since: float | None = None
         self._service_s: float | None = None
+        self._service_dev = 0.0  # EWMA of |sample - mean| (as TCP's RTO estimator, RFC 6298)
         self._admitted = self._completed = 0
         self._shed: Counter[tuple[str, str]] = Counter()
         self._waits = 0
@@ -327,10 +328,20 @@ class AdmissionController:
 
     def _sample_service(self, rtt: float) -> None:
         a = self.config.service_alpha
-        self._service_s = rtt if self._service_s is None else self._service_s + a * (rtt - self._service_s)
+        if self._service_s is None:
+            self._service_s = rtt
+            return
+        self._service_dev += a * (abs(rtt - self._service_s) - self._service_dev)
+        self._service_s += a * (rtt - self._service_s)
+
+    def _service_bound(self) -> float | None:
+        """How long one call admitted now will take, pessimistically: mean + 2 deviations (a
+        call whose deadline is only met by the mean would miss it about half the time)."""
+        return None if self._service_s is None else self._service_s + 2.0 * self._service_dev
 
     def _meetable(self, deadline: float | None, now: float) -> bool:
-        return deadline is None or self._service_s is None or now + self._service_s <= deadline
+        bound = self._service_bound()
+        return deadline is None or bound is None or now + bound <= deadline
 
     def _expired(self, slot: Slot) -> bool:
         return slot.deadline is not None and slot.deadline - self._clock() <= _EXPIRY_SLACK_S
@@ -361,13 +372,13 @@ class AdmissionController:
             self._refuse(slot, QUEUE_FULL)
         if slot.deadline is not None:
             wait = self._wait_estimate(state)
-            if wait is not None and now + wait + self._service_s > slot.deadline:  # type: ignore[operator]
+            if wait is not None and now + wait + self._service_bound() > slot.deadline:  # type: ignore[operator]
                 self._refuse(slot, DEADLINE_UNMEETABLE)
 
     def _stale(self, slot: Slot, now: float) -> str | None:
         if slot.deadline is not None and slot.deadline <= now:
             return EXPIRED_IN_QUEUE
-        if slot.deadline is not None and self._service_s is not None and now + self._service_s > slot.deadline:
+        if slot.deadline is not None and not self._meetable(slot.deadline, now):
             return DEADLINE_UNMEETABLE  # it would finish too late: refuse now, while it can retry
         target = self.config.codel_target_s
         if target is not None and self._standing(now) and now - slot.enqueued_at > target:
@@ -380,7 +391,7 @@ class AdmissionController:
         if waiter.slot.deadline is None or not self.config.timers:
             return
         loop = waiter.future.get_loop()
-        due = waiter.slot.deadline - (self._service_s or 0.0)
+        due = waiter.slot.deadline - (self._service_bound() or 0.0)
         waiter.timer = loop.call_later(max(0.0, due - now) + 0.001, self._on_timer, waiter)
 
     def _on_timer(self, waiter: _Waiter) -> None:
