@@ -356,20 +356,27 @@ def shed(reason: str, caller: str = "anonymous") -> float:
     return REGISTRY.get_sample_value("visloc_admission_shed_total", {"reason": reason, "caller": caller}) or 0.0
 
 
+async def measured_then_held(stub, fake: GatedInference) -> asyncio.Future:
+    """One call served in >= 0.3 s (the measured service time), then one holding the only slot
+    (in the model until the gate opens); returns the holding call."""
+    first = asyncio.ensure_future(stub.Locate(pb.LocateRequest(image=grey(1))))
+    await until(lambda: fake.entered == 1, "the first call in the model")
+    await asyncio.sleep(0.3)
+    fake.gate.set()
+    await first
+    fake.gate.clear()
+    held = asyncio.ensure_future(stub.Locate(pb.LocateRequest(image=grey(1))))
+    await until(lambda: fake.entered == 2, "a call holding the only slot")
+    return held
+
+
 def test_an_unmeetable_deadline_is_refused_before_the_image_is_decoded(tiny_bundle):
     fake = GatedInference()
 
     async def run():
         locator = gated_locator(tiny_bundle, fake)
         async with serving(tiny_bundle, fake, locator=locator) as stub:
-            first = asyncio.ensure_future(stub.Locate(pb.LocateRequest(image=grey(1))))
-            await until(lambda: fake.entered == 1, "the first call in the model")
-            await asyncio.sleep(0.3)  # the measured service time is now >= 0.3 s
-            fake.gate.set()
-            await first
-            fake.gate.clear()
-            held = asyncio.ensure_future(stub.Locate(pb.LocateRequest(image=grey(1))))
-            await until(lambda: fake.entered == 2, "a call holding the only slot")
+            held = await measured_then_held(stub, fake)
             # Junk bytes: an INVALID_ARGUMENT would mean it was decoded; refused first instead.
             unary = await status_of(stub.Locate(pb.LocateRequest(image=b"junk"), timeout=0.2))
             stream = [item async for item in stub.LocateStream(iter([pb.LocateRequest(image=grey(3))]), timeout=0.2)]
@@ -417,14 +424,7 @@ def test_a_queued_call_is_refused_once_its_deadline_cannot_be_met(tiny_bundle):
     async def run():
         locator = gated_locator(tiny_bundle, fake)
         async with serving(tiny_bundle, fake, locator=locator) as stub:
-            first = asyncio.ensure_future(stub.Locate(pb.LocateRequest(image=grey(1))))
-            await until(lambda: fake.entered == 1, "the first call in the model")
-            await asyncio.sleep(0.3)  # the measured service time is now >= 0.3 s
-            fake.gate.set()
-            await first
-            fake.gate.clear()
-            held = asyncio.ensure_future(stub.Locate(pb.LocateRequest(image=grey(1))))
-            await until(lambda: fake.entered == 2, "a call holding the only slot")
+            held = await measured_then_held(stub, fake)
             late = asyncio.ensure_future(status_of(stub.Locate(pb.LocateRequest(image=grey(2)), timeout=3.0)))
             await until(lambda: locator.admission.stats().queued == 1, "the third call queued")
             refused = await late

@@ -14,7 +14,7 @@ from collections import Counter
 
 import grpc
 import pytest
-from conftest import ServiceProcess, wait_serving
+from conftest import running_service
 from PIL import Image
 
 from visloc_client.v1 import locator_pb2 as pb
@@ -69,12 +69,9 @@ async def offer(target: str) -> tuple[list[tuple[grpc.StatusCode, float]], list[
 
 @pytest.fixture
 def overloaded_service(demo_bundle, local_triton):
-    svc = ServiceProcess(demo_bundle, local_triton.grpc_url)
-    try:
-        wait_serving(svc.target)
+    """A service of its own (the session's live_service keeps its metrics clean)."""
+    with running_service(demo_bundle, local_triton.grpc_url) as svc:
         yield svc
-    finally:
-        svc.stop()
 
 
 def test_overload_is_refused_fast_not_hung_and_recovers(overloaded_service):
