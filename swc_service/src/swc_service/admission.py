@@ -186,6 +186,7 @@ class AdmissionController:
         self._limit = c.initial_limit
         self._callers: OrderedDict[str, _Caller] = OrderedDict()  # round-robin order: next first
         self._in_flight = 0
+        self._granted: set[Slot] = set()  # the slots in flight (their start times time the queue)
         self._queued = 0
         self._nonempty_since: float | None = None
         self._service_s: float | None = None
@@ -280,6 +281,7 @@ class AdmissionController:
         state = self._callers[slot.caller]
         in_flight = self._in_flight
         self._in_flight -= 1
+        self._granted.discard(slot)
         state.in_flight -= 1
         self._completed += 1
         if self._observer is not None:
@@ -350,18 +352,28 @@ class AdmissionController:
         return self._nonempty_since is not None and now - self._nonempty_since > self.config.codel_interval_s
 
     def _wait_estimate(self, state: _Caller) -> float | None:
-        """Queue ahead x service time / limit: with ``limit`` calls in flight one slot frees every
+        """Until the oldest call in flight should finish (service time less its age), then the
+        queue ahead x service time / limit: with ``limit`` calls in flight one slot frees every
         service_s / limit seconds (Little's law). Round-robin serves at most (own position + 1) of
-        every other caller's calls first. The position is the FIFO one even while the queue is
-        LIFO: admitting only what the queue can serve in time keeps it short, so the excess is
+        every other caller's calls first (own position, for those after it in the round). The
+        position is the FIFO one even while the queue is LIFO: admitting only what the queue can serve in time keeps it short, so the excess is
         refused at once (cheap for the caller) rather than pushed out of the queue later."""
         if self._service_s is None:
             return None
         if self._queued == 0 and self._in_flight < self._limit:
             return 0.0
         own = len(state.queue)
-        ahead = own + sum(min(len(s.queue), own + 1) for s in self._callers.values() if s is not state)
-        return (ahead + 1) * self._service_s / self._limit
+        ahead, before = own, state in self._callers.values()
+        for other in self._callers.values():  # the round's order: who is served next first
+            if other is state:
+                before = False
+            else:  # a caller before this one in the round is served once more than it
+                ahead += min(len(other.queue), own + (1 if before else 0))
+        first = self._service_s / self._limit
+        if self._granted and self._in_flight >= self._limit:
+            oldest = min(slot.granted_at for slot in self._granted)
+            first = min(first, max(0.0, self._service_s - (self._clock() - oldest)))
+        return first + ahead * self._service_s / self._limit
 
     def _check_admissible(self, slot: Slot, state: _Caller, now: float) -> None:
         c = self.config
@@ -446,6 +458,7 @@ class AdmissionController:
 
     def _grant(self, slot: Slot, now: float) -> None:
         slot.granted_at = now
+        self._granted.add(slot)
         self._callers.move_to_end(slot.caller)  # served: last in the round
         self._in_flight += 1
         self._callers[slot.caller].in_flight += 1
