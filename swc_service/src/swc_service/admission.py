@@ -356,8 +356,9 @@ class AdmissionController:
         queue ahead x service time / limit: with ``limit`` calls in flight one slot frees every
         service_s / limit seconds (Little's law). Round-robin serves at most (own position + 1) of
         every other caller's calls first (own position, for those after it in the round). The
-        position is the FIFO one even while the queue is LIFO: admitting only what the queue can serve in time keeps it short, so the excess is
-        refused at once (cheap for the caller) rather than pushed out of the queue later."""
+        position is the FIFO one even while the queue is LIFO: admitting only what the queue can
+        serve in time keeps it short, so the excess is refused at once (cheap for the caller)
+        rather than pushed out of the queue later."""
         if self._service_s is None:
             return None
         if self._queued == 0 and self._in_flight < self._limit:
