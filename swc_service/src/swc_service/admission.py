@@ -248,7 +248,7 @@ class AdmissionController:
         # late; with nothing in flight it is always taken (a probe: the measurement cannot go
         # stale and lock every call out).
         free = self._in_flight < self._limit and not state.queue and (cap is None or state.in_flight < cap)
-        if free and (self._in_flight == 0 or self._meetable(deadline, now)):
+        if free and (self._in_flight == 0 or self._meetable(deadline, now, first=state.in_flight == 0)):
             self._grant(slot, now)
             return slot
         self._check_admissible(slot, state, now)
@@ -341,8 +341,11 @@ class AdmissionController:
         call whose deadline is only met by the mean would miss it about half the time)."""
         return None if self._service_s is None else self._service_s + 2.0 * self._service_dev
 
-    def _meetable(self, deadline: float | None, now: float) -> bool:
-        bound = self._service_bound()
+    def _meetable(self, deadline: float | None, now: float, *, first: bool = False) -> bool:
+        """Whether a call starting now ends by ``deadline``: pessimistically (mean + 2 deviations),
+        or by the mean for a caller's first call (nothing of it in flight or queued: fairness
+        needs each caller's first call to get its turn) and for calls already queued."""
+        bound = self._service_s if first else self._service_bound()
         return deadline is None or bound is None or now + bound <= deadline
 
     def _expired(self, slot: Slot) -> bool:
@@ -385,13 +388,15 @@ class AdmissionController:
             self._refuse(slot, QUEUE_FULL)
         if slot.deadline is not None:
             wait = self._wait_estimate(state)
-            if wait is not None and now + wait + self._service_bound() > slot.deadline:  # type: ignore[operator]
+            if wait is not None and not self._meetable(
+                slot.deadline, now + wait, first=not (state.in_flight or state.queue)
+            ):
                 self._refuse(slot, DEADLINE_UNMEETABLE)
 
     def _stale(self, slot: Slot, now: float) -> str | None:
         if slot.deadline is not None and slot.deadline <= now:
             return EXPIRED_IN_QUEUE
-        if slot.deadline is not None and not self._meetable(slot.deadline, now):
+        if slot.deadline is not None and not self._meetable(slot.deadline, now, first=True):
             return DEADLINE_UNMEETABLE  # it would finish too late: refuse now, while it can retry
         target = self.config.codel_target_s
         if target is not None and self._standing(now) and now - slot.enqueued_at > target:
@@ -404,7 +409,7 @@ class AdmissionController:
         if waiter.slot.deadline is None or not self.config.timers:
             return
         loop = waiter.future.get_loop()
-        due = waiter.slot.deadline - (self._service_bound() or 0.0)
+        due = waiter.slot.deadline - (self._service_s or 0.0)
         waiter.timer = loop.call_later(max(0.0, due - now) + 0.001, self._on_timer, waiter)
 
     def _on_timer(self, waiter: _Waiter) -> None:
