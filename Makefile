@@ -10,12 +10,13 @@ BUNDLE ?=
 DEMO_BUNDLE := .cache/demo-bundle
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test lint format proto bench soak capacity clean help
+.PHONY: setup demo upstream test lint format proto bench soak capacity clean help
 
 help:
 	@echo "make demo      local Triton + Locate service + sample images (DEMO_ONESHOT=1 to exit after)"
 	@echo "make test      ruff + pytest"
 	@echo "make demo BUNDLE=DIR   serve another bundle (e.g. imported with visloc-export upstream)"
+	@echo "make upstream  fetch the published model (~6 GB), import, verify, serve (UPSTREAM_URL=mirror)"
 	@echo "make bench     benchmarks -> bench/results, docs/BENCHMARKS.md"
 	@echo "make capacity  10x spike through the prod HPAs -> bench/results/capacity.json, docs/img (docs/capacity.md)"
 
@@ -24,7 +25,7 @@ $(STAMP): pyproject.toml client/pyproject.toml swc_service/pyproject.toml swc_se
 	$(PY) -m pip install -q --upgrade pip
 	# torch first and pinned: the CPU build on this machine's disk, never the CUDA one.
 	$(PY) -m pip install -q "torch==2.13.0"
-	$(PY) -m pip install -q -e "./client[plot,web]" -e "./swc_service[triton]" -e ./export -e . -r requirements-dev.txt
+	$(PY) -m pip install -q -e "./client[plot,web,exif]" -e "./swc_service[triton]" -e "./export[fetch]" -e . -r requirements-dev.txt
 	touch $(STAMP)
 	touch $(KERNELS)
 
@@ -41,6 +42,26 @@ $(DEMO_BUNDLE)/manifest.json: | $(KERNELS)
 
 demo: $(KERNELS) $(if $(BUNDLE),,$(DEMO_BUNDLE)/manifest.json)
 	$(PY) -m devtools.demo --bundle $(if $(BUNDLE),$(BUNDLE),$(DEMO_BUNDLE))
+
+# The real model: fetch the published files (resumable, verified against SOURCES.json), import
+# them into a bundle when they changed, verify it, then serve it as `make demo` does.
+# UPSTREAM_URL=URL takes every file from a mirror. Offline, the fetch fails at once, in one line.
+UPSTREAM_DIR := .cache/upstream
+UPSTREAM_BUNDLE := .cache/upstream-bundle
+UPSTREAM_URL ?=
+UPSTREAM_CKPTS := --backbone $(UPSTREAM_DIR)/efficientnet_backbone.pt --mvmf $(UPSTREAM_DIR)/mvmf_head.pt \
+	--rrm $(UPSTREAM_DIR)/rrm_head.pt
+
+upstream: $(KERNELS)
+	$(VENV)/bin/visloc-export fetch --out $(UPSTREAM_DIR) $(if $(UPSTREAM_URL),--base-url $(UPSTREAM_URL),) \
+		--only efficientnet_backbone.pt mvmf_head.pt rrm_head.pt back_coll_features.hdf5 cells_assignments.pkl
+	$(MAKE) --no-print-directory $(UPSTREAM_BUNDLE)/manifest.json
+	$(VENV)/bin/visloc-export verify --bundle $(UPSTREAM_BUNDLE) $(UPSTREAM_CKPTS) --checksums
+	$(MAKE) --no-print-directory demo BUNDLE=$(UPSTREAM_BUNDLE)
+
+$(UPSTREAM_BUNDLE)/manifest.json: $(UPSTREAM_DIR)/SOURCES.json
+	$(VENV)/bin/visloc-export upstream $(UPSTREAM_CKPTS) --background $(UPSTREAM_DIR)/back_coll_features.hdf5 \
+		--assignments $(UPSTREAM_DIR)/cells_assignments.pkl --out $(UPSTREAM_BUNDLE) --overwrite
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -98,13 +98,16 @@ def test_throttle_refuses_with_the_sre_probability():
         throttle.record(accepted=True)
     for _ in range(11):
         assert throttle.admit()  # p stays 0 while requests <= 2 * accepts (20 of 10 accepted)
+        throttle.record(accepted=False)
     assert throttle.reject_probability() == pytest.approx((21 - 2 * 10) / 22)
     draw[0] = 0.99
     for _ in range(19):
         assert throttle.admit()  # a draw above p lets the call through
+        throttle.record(accepted=False)
     assert throttle.counts() == (40, 10)
     assert throttle.reject_probability() == pytest.approx((40 - 2 * 10) / 41)
     assert throttle.admit()
+    throttle.record(accepted=False)
     draw[0] = 0.48
     assert not throttle.admit()  # below p = (41 - 20) / 42 = 0.5: refused
     # Refused attempts count as requests, so the probability keeps rising while refusals last.
@@ -112,13 +115,26 @@ def test_throttle_refuses_with_the_sre_probability():
     assert throttle.reject_probability() == pytest.approx((42 - 20) / 43)
 
 
+def test_calls_in_flight_are_neither_accepts_nor_refusals():
+    """A client that starts many calls at once is not throttled for answers it has not had yet
+    (a healthy service, 16 calls in flight: no local refusals)."""
+    throttle = AdaptiveThrottle(k=2, window_s=30, min_requests=0, clock=Clock(), random=lambda: 0.0)
+    assert all(throttle.admit() for _ in range(64))
+    assert throttle.counts() == (0, 0) and throttle.reject_probability() == 0.0
+    for _ in range(64):
+        throttle.record(accepted=True)
+    assert throttle.counts() == (64, 64) and throttle.admit()
+
+
 def test_throttle_waits_for_min_requests_and_forgets_after_the_window():
     clock = Clock()
     throttle = AdaptiveThrottle(k=2, window_s=30, min_requests=20, buckets=10, clock=clock, random=lambda: 0.0)
     for _ in range(19):
         assert throttle.admit()  # all refused by the service, but too few to judge
+        throttle.record(accepted=False)
     assert throttle.reject_probability() == 0.0
     assert throttle.admit()
+    throttle.record(accepted=False)
     assert throttle.reject_probability() == pytest.approx(20 / 21)
     assert not throttle.admit()
     clock.now += 15  # half a window: still remembered
@@ -220,7 +236,8 @@ def test_locate_many_items_are_throttled_and_budgeted(server):
     servicer, target = server
     throttle = AdaptiveThrottle(min_requests=0, clock=Clock(), random=lambda: 0.0)
     for _ in range(10):
-        throttle.admit()  # ten refusals already on record
+        throttle.admit()
+        throttle.record(accepted=False)  # ten refusals already on record
     with LocatorClient(target, throttle=throttle) as client:
         items = list(client.locate_many([img(i, i) for i in range(5)]))
     assert all(i.error.code == EXHAUSTED and "throttled client-side" in i.error.reason for i in items)

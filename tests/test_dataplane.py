@@ -107,16 +107,13 @@ def count(method: str, code: str) -> float:
 
 
 def test_fake_and_triton_inference_satisfy_the_protocol():
+    async def triton() -> TritonInference:  # the asyncio client is made inside a running loop
+        inference = TritonInference("127.0.0.1:1", "visloc")
+        await inference.close()
+        return inference
+
     assert isinstance(FakeInference(), Inference)
-
-    async def triton() -> bool:  # built inside a loop: tritonclient's aio client binds the running one
-        client = TritonInference("127.0.0.1:1", "visloc")
-        try:
-            return isinstance(client, Inference)
-        finally:
-            await client.close()
-
-    assert asyncio.run(triton())
+    assert isinstance(asyncio.run(triton()), Inference)
 
 
 def test_locate_runs_swc_in_the_top_cell_and_builds_the_reply(tiny_bundle):

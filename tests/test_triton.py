@@ -149,12 +149,25 @@ def test_outputs_equal_in_process_onnxruntime(client, session, batch: int, heigh
         assert float(np.max(np.abs(expected[B.OUTPUT_EMBEDDING][0] - expected[B.OUTPUT_EMBEDDING][1]))) > 1e-4
 
 
+def settled_statistics(client):
+    """The model's statistics once earlier tests' requests are all counted (the backend reports
+    them after it has sent the responses, so a count read too early grows later)."""
+    last = client.get_inference_statistics(MODEL_NAME).model_stats[0]
+    for _ in range(100):
+        time.sleep(0.2)
+        now = client.get_inference_statistics(MODEL_NAME).model_stats[0]
+        if now.inference_count == last.inference_count and now.execution_count == last.execution_count:
+            return now
+        last = now
+    return last
+
+
 def test_concurrent_requests_are_batched(client):
     """16 concurrent same-shape requests run in fewer executions than requests."""
     x = np.random.default_rng(7).integers(0, 256, (1, 300, 300, 3), dtype=np.uint8)
     inp = grpcclient.InferInput(B.INPUT_NAME, list(x.shape), "UINT8")
     inp.set_data_from_numpy(x)
-    before = client.get_inference_statistics(MODEL_NAME).model_stats[0]
+    before = settled_statistics(client)
     done, errors, results = threading.Semaphore(0), [], []
 
     def callback(result, error) -> None:

@@ -22,7 +22,16 @@ from visloc_client._common import LOAD_BALANCING_POLICIES, TLSConfig
 from visloc_client.client import LocatorClient
 from visloc_client.dataset import list_images, load_metadata, match_id
 from visloc_client.errors import LocateError
-from visloc_client.evaluation import format_split, haversine_km, split_summary
+from visloc_client.evaluation import (
+    RADII_KM,
+    format_split,
+    format_target,
+    haversine_km,
+    parse_goal,
+    risk_coverage,
+    split_summary,
+    target_threshold,
+)
 from visloc_client.fetch import DEFAULT_MAX_BYTES, FetchError, fetch_url, is_url
 from visloc_client.progress import Progress
 from visloc_client.results import LocateOptions, LocateResult
@@ -179,10 +188,25 @@ def build_parser() -> argparse.ArgumentParser:
         help="evaluate a labelled image folder through the service",
         description="Acc@{0.1,1,25,200,750,2500}km and the median error, for all, localizable "
         "and non-localizable images, as the reference evaluation reports them; failures are "
-        "counted and listed. Ctrl-C prints the partial report.",
+        "counted and listed. Ctrl-C prints the partial report. Selective prediction: the "
+        "risk-coverage curve of every served PD scale goes into the report (and --risk-plot); "
+        "--accuracy-target picks the lowest confidence threshold that reaches a goal.",
     )
     p.add_argument("--images", required=True, help="folder of images (not recursive)")
-    p.add_argument("--metadata", required=True, help="upstream .pkl or a CSV with header id,lat,lon")
+    p.add_argument(
+        "--metadata",
+        help="upstream .pkl or a CSV with header id,lat,lon (default: GPS from each photo's EXIF; "
+        "needs Pillow: pip install 'visloc-client[exif]')",
+    )
+    p.add_argument(
+        "--accuracy-target",
+        metavar="ACC@KM",
+        help="e.g. 0.7@25: the lowest threshold whose kept photos reach Acc@25km >= 70%%, with its "
+        "coverage and bootstrap confidence intervals, for every PD scale",
+    )
+    p.add_argument("--risk-plot", help="write the risk-coverage curves here (PNG; needs matplotlib)")
+    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples (default 1000)")
+    p.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
     p.add_argument("--concurrency", type=int, default=16, help="images in flight (default 16)")
     p.add_argument("--out", help="write the JSON report here")
     p.add_argument("--plot", help="write a cumulative accuracy plot here (PNG; needs matplotlib)")
@@ -315,8 +339,74 @@ def cmd_web(args: argparse.Namespace) -> int:
 _LISTED = 20  # with --out, the console lists this many failures; the report lists them all
 
 
+def _ground_truth(
+    args: argparse.Namespace, files: list[Path]
+) -> tuple[list[tuple[Path, str]], dict[str, tuple[float, float]], list[str]]:
+    """(jobs, id -> (lat, lon), files without ground truth): from --metadata, else EXIF GPS."""
+    jobs: list[tuple[Path, str]] = []
+    no_metadata: list[str] = []
+    if args.metadata:
+        metadata = load_metadata(args.metadata)
+        for path in files:
+            image_id = match_id(path.name, metadata)
+            if image_id is None:
+                no_metadata.append(path.name)
+            else:
+                jobs.append((path, image_id))
+        return jobs, metadata, no_metadata
+    from visloc_client.exif import GPSError, gps_from_bytes
+
+    metadata = {}
+    for path in files:
+        try:
+            metadata[path.name] = gps_from_bytes(path.read_bytes())
+            jobs.append((path, path.name))
+        except GPSError as err:
+            no_metadata.append(f"{path.name}: {err}")
+    return jobs, metadata, no_metadata
+
+
+def _selective(args: argparse.Namespace, records: list[dict[str, Any]]) -> dict[str, Any]:
+    """Risk-coverage curves per served PD scale and, with --accuracy-target, the threshold."""
+    scales = sorted({float(s) for r in records for s in r["prediction_density"]})
+    goal = parse_goal(args.accuracy_target) if args.accuracy_target else None
+    radii = tuple(sorted(set(RADII_KM) | ({goal[1]} if goal else set())))
+    errors = [r["error_km"] for r in records]
+    out: dict[str, Any] = {"radii_km": list(radii), "curves": {}, "target": None}
+    for scale in scales:
+        conf = [r["prediction_density"].get(f"{scale:g}", 0.0) for r in records]
+        out["curves"][f"{scale:g}"] = [p.to_dict() for p in risk_coverage(errors, conf, radii)]
+    if goal:
+        out["target"] = {
+            f"{scale:g}": target_threshold(
+                errors,
+                [r["prediction_density"].get(f"{scale:g}", 0.0) for r in records],
+                goal[0],
+                goal[1],
+                resamples=args.bootstrap,
+                seed=args.seed,
+            )
+            for scale in scales
+        }
+    return out
+
+
+def _plot_risk(path: str, selective: dict[str, Any], radius_km: float, name: str) -> None:
+    from visloc_client.plot import plot_risk_coverage
+
+    key = f"{radius_km:g}"
+    curves = [
+        (f"PD {scale} km", [(p["coverage"], p["accuracy"][key]) for p in points])
+        for scale, points in selective["curves"].items()
+    ]
+    targets = selective["target"] or {}
+    chosen = [(f"PD {s} km", t["coverage"], t["accuracy_at_threshold"]) for s, t in targets.items() if t["reached"]]
+    goal = next(iter(targets.values()))["accuracy"] if targets else None
+    plot_risk_coverage(path, curves, radius_km=radius_km, goal=goal, chosen=chosen, title=f"Risk and coverage: {name}")
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    if args.plot:
+    if args.plot or args.risk_plot:
         from visloc_client.plot import require_matplotlib
 
         try:
@@ -325,19 +415,17 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             _err(str(err))
             return EXIT_USAGE
     try:
-        metadata = load_metadata(args.metadata)
+        if args.accuracy_target:
+            parse_goal(args.accuracy_target)
+        if not args.metadata:
+            from visloc_client.exif import require_pillow
+
+            require_pillow()
         files = list_images(args.images)
-    except (OSError, ValueError) as err:
+        jobs, metadata, no_metadata = _ground_truth(args, files)
+    except (OSError, ValueError, RuntimeError) as err:
         _err(_describe(err))
         return EXIT_USAGE
-    jobs: list[tuple[Path, str]] = []
-    no_metadata: list[str] = []
-    for path in files:
-        image_id = match_id(path.name, metadata)
-        if image_id is None:
-            no_metadata.append(path.name)
-        else:
-            jobs.append((path, image_id))
     print(
         f"evaluating {len(jobs)} images against {args.target} ({len(no_metadata)} of {len(files)} have no metadata)",
         file=sys.stderr,
@@ -372,10 +460,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     records.sort(key=lambda r: r["file"])
     split = split_summary([r["error_km"] for r in records], [r["localizable"] for r in records])
     not_run = len(jobs) - len(records) - len(failures)
+    selective = _selective(args, records)
     report = {
         "target": args.target,
         "images": str(args.images),
-        "metadata": str(args.metadata),
+        "metadata": str(args.metadata) if args.metadata else None,
+        "ground_truth": "metadata" if args.metadata else "exif",
         "options": _options(args),
         "complete": not_run == 0,
         "interrupted": interrupted,
@@ -389,12 +479,17 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             "not_run": not_run,
         },
         "summary": split.to_dict(),
+        "selective": selective,
         "records": records,
         "failures": failures,
         "no_metadata": no_metadata,
     }
 
     print(format_split(split))
+    if selective["target"]:
+        print("\nSelective prediction (lowest confidence threshold reaching the target)")
+        for scale, result in selective["target"].items():
+            print(f"  {format_target(float(scale), result)}")
     _print_list(f"Failed images: {len(failures)}", [_failure_line(f) for f in failures], args.out)
     _print_list(f"Images without metadata: {len(no_metadata)}", no_metadata, args.out)
     if interrupted:
@@ -415,6 +510,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             title=f"Cumulative accuracy: {Path(args.images).name}",
         )
         print(f"plot: {args.plot}", file=sys.stderr)
+    if args.risk_plot:
+        goal = parse_goal(args.accuracy_target) if args.accuracy_target else (None, 25.0)
+        _plot_risk(args.risk_plot, selective, goal[1], Path(args.images).name)
+        print(f"risk-coverage plot: {args.risk_plot}", file=sys.stderr)
     if interrupted:
         return EXIT_INTERRUPTED
     return EXIT_FAILED if failures or stream_error else 0
@@ -431,6 +530,7 @@ def _record(name: str, image_id: str, gt: tuple[float, float], result: LocateRes
         "error_km": haversine_km(gt[0], gt[1], result.lat, result.lon),
         "confidence": result.confidence,
         "localizable": result.localizable,
+        "prediction_density": {f"{d.scale_km:g}": d.density for d in result.prediction_density},
         "method": result.method.value,
     }
 

@@ -128,3 +128,174 @@ def cumulative_accuracy(errors: Sequence[float], radii: Sequence[float]) -> list
         return [0.0 for _ in radii]
     ordered = sorted(errors)
     return [bisect.bisect_left(ordered, r) / len(ordered) for r in radii]
+
+
+# --- selective prediction: risk and coverage ---------------------------------------------------
+
+BOOTSTRAP_RESAMPLES = 1000
+BOOTSTRAP_LEVEL = 0.95
+
+
+def parse_goal(text: str) -> tuple[float, float]:
+    """``"0.7@25"`` -> (0.7, 25.0): an Acc@r (a fraction in (0, 1]) at a radius in km."""
+    acc_text, sep, radius_text = text.partition("@")
+    try:
+        acc, radius = float(acc_text), float(radius_text)
+    except ValueError:
+        raise ValueError(f"target {text!r}: expected ACCURACY@KM such as 0.7@25") from None
+    if not sep or not (0 < acc <= 1) or not (radius > 0 and math.isfinite(radius)):
+        raise ValueError(f"target {text!r}: accuracy must be in (0, 1] and the radius > 0 km, as in 0.7@25")
+    return acc, radius
+
+
+@dataclass(frozen=True)
+class RiskPoint:
+    """Keep the photos whose confidence is > ``threshold`` (the service's localizable rule)."""
+
+    threshold: float
+    kept: int
+    coverage: float
+    accuracy: tuple[tuple[float, float], ...]  # (radius_km, Acc@r of the kept photos)
+
+    def acc(self, radius_km: float) -> float:
+        return dict(self.accuracy)[radius_km]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "threshold": self.threshold,
+            "kept": self.kept,
+            "coverage": self.coverage,
+            "accuracy": {f"{r:g}": a for r, a in self.accuracy},
+        }
+
+
+def risk_coverage(errors: Sequence[float], confidences: Sequence[float], radii: Iterable[float]) -> list[RiskPoint]:
+    """The risk-coverage curve: one point per distinct threshold, rising threshold, falling coverage.
+
+    A threshold ``t`` keeps ``confidence > t``. Candidates are the confidences themselves (each
+    keeps the photos strictly above it) and 0 (keeps all, when no confidence is 0); thresholds
+    stay in [0, 1] like the service's ``conf_threshold``. O(n log n + n * radii).
+    """
+    if len(errors) != len(confidences):
+        raise ValueError("errors and confidences differ in length")
+    radii = tuple(radii)
+    n = len(errors)
+    pairs = sorted(zip(confidences, errors), key=lambda p: -p[0])
+    hits = [0] * len(radii)
+    points: list[RiskPoint] = []
+    i = 0
+    while i < n:
+        value = pairs[i][0]
+        while i < n and pairs[i][0] == value:  # a group of equal confidence enters together
+            for k, r in enumerate(radii):
+                hits[k] += pairs[i][1] < r
+            i += 1
+        threshold = pairs[i][0] if i < n else 0.0
+        if i == n and value <= 0.0:
+            break  # confidence-0 photos can only be kept by a threshold below 0
+        acc = tuple((r, hits[k] / i) for k, r in enumerate(radii))
+        points.append(RiskPoint(threshold, i, i / n, acc))
+    points.reverse()
+    return points
+
+
+def lowest_threshold(points: Sequence[RiskPoint], accuracy_goal: float, radius_km: float) -> RiskPoint | None:
+    """The point with the lowest threshold whose kept photos reach ``Acc@radius >= goal``."""
+    for p in points:  # rising thresholds
+        if p.acc(radius_km) >= accuracy_goal:
+            return p
+    return None
+
+
+def _percentile(sorted_values: Sequence[float], q: float) -> float:
+    """Linear-interpolated percentile (numpy's default) of an ascending list."""
+    pos = (len(sorted_values) - 1) * q
+    lo = math.floor(pos)
+    hi = min(lo + 1, len(sorted_values) - 1)
+    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
+
+
+def target_threshold(
+    errors: Sequence[float],
+    confidences: Sequence[float],
+    accuracy_goal: float,
+    radius_km: float,
+    *,
+    resamples: int = BOOTSTRAP_RESAMPLES,
+    level: float = BOOTSTRAP_LEVEL,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """The lowest threshold reaching the goal, its coverage, and percentile-bootstrap intervals.
+
+    The photos are resampled with replacement ``resamples`` times (seeded, so a report is
+    reproducible); each resample gives its own lowest threshold and coverage, and the Acc@r
+    that the chosen threshold keeps on it. ``reached_share`` is the share of resamples in which
+    the goal is reachable at all.
+    """
+    import random
+
+    points = risk_coverage(errors, confidences, (radius_km,))
+    best = lowest_threshold(points, accuracy_goal, radius_km)
+    out: dict[str, Any] = {
+        "accuracy": accuracy_goal,
+        "radius_km": radius_km,
+        "reached": best is not None,
+        "threshold": best.threshold if best else None,
+        "coverage": best.coverage if best else None,
+        "kept": best.kept if best else 0,
+        "accuracy_at_threshold": best.acc(radius_km) if best else None,
+        "bootstrap": {"resamples": resamples, "level": level, "seed": seed},
+    }
+    if best is None or resamples < 1:
+        return out
+    rng = random.Random(seed)
+    n = len(errors)
+    thresholds, coverages, accuracies = [], [], []
+    for _ in range(resamples):
+        idx = [rng.randrange(n) for _ in range(n)]
+        e = [errors[i] for i in idx]
+        c = [confidences[i] for i in idx]
+        found = lowest_threshold(risk_coverage(e, c, (radius_km,)), accuracy_goal, radius_km)
+        if found is not None:
+            thresholds.append(found.threshold)
+            coverages.append(found.coverage)
+        kept = [err for err, conf in zip(e, c) if conf > best.threshold]
+        if kept:
+            accuracies.append(sum(err < radius_km for err in kept) / len(kept))
+    tail = (1 - level) / 2
+
+    def interval(values: list[float]) -> list[float] | None:
+        if not values:
+            return None
+        values.sort()
+        return [_percentile(values, tail), _percentile(values, 1 - tail)]
+
+    out["bootstrap"] |= {
+        "reached_share": len(thresholds) / resamples,
+        "threshold_interval": interval(thresholds),
+        "coverage_interval": interval(coverages),
+        "accuracy_interval": interval(accuracies),
+    }
+    return out
+
+
+def format_target(scale_km: float, result: dict[str, Any]) -> str:
+    """One line for the console, per PD scale."""
+    goal = f"Acc@{radius_label(result['radius_km'])} >= {result['accuracy'] * 100:.1f}%"
+    if not result["reached"]:
+        return f"PD scale {scale_km:g} km: {goal} is not reached at any threshold on these photos"
+    boot = result["bootstrap"]
+
+    def iv(key: str, pct: bool) -> str:
+        v = boot.get(key)
+        if not v:
+            return "-"
+        return f"[{v[0] * 100:.1f}%, {v[1] * 100:.1f}%]" if pct else f"[{v[0]:.4g}, {v[1]:.4g}]"
+
+    level = f"{boot['level'] * 100:g}%"
+    return (
+        f"PD scale {scale_km:g} km: {goal} at threshold {result['threshold']:.4g} "
+        f"({level} CI {iv('threshold_interval', False)}), coverage {result['coverage'] * 100:.1f}% "
+        f"({level} CI {iv('coverage_interval', True)}), kept Acc {result['accuracy_at_threshold'] * 100:.1f}% "
+        f"({level} CI {iv('accuracy_interval', True)}; reached in {boot['reached_share'] * 100:.0f}% of resamples)"
+    )

@@ -123,18 +123,26 @@ class AdaptiveThrottle:
         return self._probability(*self.counts())
 
     def admit(self) -> bool:
-        """Count an attempt; False when it is to be refused locally rather than sent."""
+        """False when the next attempt is to be refused locally rather than sent.
+
+        A refused attempt counts as a request now; a sent one counts when :meth:`record` hears
+        how it ended, so calls still in flight are neither accepts nor refusals (a client that
+        starts 16 calls at once is not throttled for the 16 answers it has not had yet)."""
         with self._lock:
             bucket = self._current()
             probability = self._probability(*self._totals())
-            bucket[1] += 1
-        return not (probability > 0 and self._random() < probability)
+            refused = probability > 0 and self._random() < probability
+            if refused:
+                bucket[1] += 1
+        return not refused
 
     def record(self, accepted: bool) -> None:
         """An attempt admitted earlier was answered; ``accepted``: not with an overload status."""
-        if accepted:
-            with self._lock:
-                self._current()[2] += 1
+        with self._lock:
+            bucket = self._current()
+            bucket[1] += 1
+            if accepted:
+                bucket[2] += 1
 
     def describe(self) -> str:
         requests, accepts = self.counts()

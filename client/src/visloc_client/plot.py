@@ -1,4 +1,4 @@
-"""Cumulative accuracy vs radius as a PNG (needs the optional ``plot`` extra: matplotlib)."""
+"""Plots as PNG (need the optional ``plot`` extra: matplotlib): cumulative accuracy, risk-coverage."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import math
 import os
 from collections.abc import Sequence
 
-from visloc_client.evaluation import RADII_KM, cumulative_accuracy
+from visloc_client.evaluation import RADII_KM, cumulative_accuracy, radius_label
 
 INSTALL_HINT = "plotting needs matplotlib: pip install 'visloc-client[plot]'"
 
@@ -52,6 +52,47 @@ def plot_cumulative(
         ax.set_title(title)
         ax.grid(True, which="major", alpha=0.3)
         ax.legend(loc="upper left")
+        fig.tight_layout()
+        fig.savefig(os.fspath(path), format="png")
+    finally:
+        plt.close(fig)
+
+
+def plot_risk_coverage(
+    path: str | os.PathLike[str],
+    curves: Sequence[tuple[str, Sequence[tuple[float, float]]]],
+    *,
+    radius_km: float,
+    goal: float | None = None,
+    chosen: Sequence[tuple[str, float, float]] = (),
+    title: str = "Risk and coverage",
+) -> None:
+    """Acc@radius of the kept photos against coverage, one curve per PD scale.
+
+    ``curves``: (label, [(coverage, accuracy), ...]); ``chosen``: (label, coverage, accuracy)
+    points to mark (the lowest threshold reaching ``goal``, drawn as a horizontal line).
+    """
+    require_matplotlib()
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    try:
+        for label, points in curves:
+            ax.plot([c * 100 for c, _ in points], [a * 100 for _, a in points], label=label, drawstyle="steps-post")
+        if goal is not None:
+            ax.axhline(goal * 100, color="0.5", linestyle="--", linewidth=0.8, label=f"target {goal * 100:g}%")
+        for label, coverage, acc in chosen:
+            ax.plot([coverage * 100], [acc * 100], "o", label=f"{label}: lowest threshold reaching the target")
+        ax.set_xlim(0, 100)
+        ax.set_ylim(0, 100)
+        ax.set_xlabel("coverage: photos kept (%)")
+        ax.set_ylabel(f"Acc@{radius_label(radius_km)} of the kept photos (%)")
+        ax.set_title(title)
+        ax.grid(True, alpha=0.3)
+        ax.legend(loc="lower left", fontsize="small")
         fig.tight_layout()
         fig.savefig(os.fspath(path), format="png")
     finally:

@@ -22,20 +22,30 @@ def _written(kind: str, b) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .build import build_demo
 
-    names = ("cells", "background", "seed", "features_dtype", "overwrite")
+    names = ("cells", "background", "seed", "features_dtype", "overwrite", "accept_parity_failure")
     return _written("demo", build_demo(args.out, **_options(args, *names)))
 
 
 def _cmd_upstream(args: argparse.Namespace) -> int:
     from .build import import_upstream
 
-    names = ("backbone", "mvmf", "rrm", "background", "assignments", "features_dtype", "overwrite")
+    names = (
+        "backbone",
+        "mvmf",
+        "rrm",
+        "background",
+        "assignments",
+        "features_dtype",
+        "overwrite",
+        "accept_parity_failure",
+    )
     return _written("upstream", import_upstream(args.out, **_options(args, *names)))
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
-    from .build import check_parity, demo_net_for, parity_batches
+    from .build import demo_net_for, parity_batches
     from .model import load_upstream
+    from .parity import check_parity
 
     b = load_bundle(args.bundle)
     ckpts = (args.backbone, args.mvmf, args.rrm)
@@ -49,18 +59,51 @@ def _cmd_verify(args: argparse.Namespace) -> int:
         print(json.dumps({"checksums_ok": not bad, "mismatched": bad}))
         if bad:
             return 1
-    for case in report.cases:
-        print(
-            f"batch {case['batch']} {case['width']}x{case['height']}: "
-            f"max|dlog p|={case['max_log_prob_diff']:.3g} max|demb|={case['max_embedding_diff']:.3g} "
-            f"top5 {'equal' if case['top5_equal'] else 'DIFFER'}"
-        )
-    verdict = "OK" if report.ok else "FAILED"
-    print(
-        f"parity {verdict}: max|dlog p|={report.max_log_prob_diff:.3g}, "
-        f"max|demb|={report.max_embedding_diff:.3g}, top-5 {'equal' if report.top5_equal else 'differ'}"
-    )
+    print(json.dumps({k: v for k, v in report.as_dict().items() if k != "cases"}))
+    print("\n".join([report.summary(), *(f"  {f}" for f in report.failures)]))
     return 0 if report.ok else 1
+
+
+def _cmd_fetch(args: argparse.Namespace) -> int:
+    try:
+        from .fetch import Fetcher, resolve_names
+    except ImportError as exc:
+        raise RuntimeError(f"fetch needs urllib3 ({exc}): pip install 'visloc-export[fetch]'") from None
+
+    fetcher = Fetcher(Path(args.out), base_url=args.base_url, progress=not args.no_progress)
+    try:
+        records = fetcher.fetch(resolve_names(args.only))
+    except KeyboardInterrupt:
+        print("visloc-export: interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+    total = sum(r["bytes"] for r in records.values())
+    print(f"{len(records)} files, {total} bytes in {args.out} (sources: {Path(args.out) / 'SOURCES.json'})")
+    return 0
+
+
+def _cmd_index(args: argparse.Namespace) -> int:
+    from .index import Options, build_index, summary_line
+
+    options = Options(
+        batch_size=args.batch_size or (16 if args.triton else 1),
+        concurrency=args.concurrency,
+        workers=args.workers,
+        checkpoint_every=args.checkpoint_every,
+        features_dtype=args.features_dtype,
+        threads=args.threads,
+    )
+    b = build_index(
+        args.base,
+        args.out,
+        photos=args.photos,
+        photo_list=args.list,
+        extend=args.extend,
+        triton_url=args.triton,
+        triton_model=args.triton_model,
+        options=options,
+    )
+    print(summary_line(b))
+    return 0
 
 
 def _cmd_add_probes(args: argparse.Namespace) -> int:
@@ -115,6 +158,12 @@ def build_parser() -> argparse.ArgumentParser:
             help="background embedding storage (float32 = the reference's precision)",
         )
         s.add_argument("--overwrite", action="store_true", help="replace an existing bundle")
+        s.add_argument(
+            "--accept-parity-failure",
+            action="store_true",
+            help="write the bundle even if the ONNX parity gate fails (recorded in the manifest; "
+            "GetInfo's bundle warning says so)",
+        )
 
     v = sub.add_parser("verify", help="PyTorch vs ONNX parity on a bundle; non-zero exit above tolerance")
     v.add_argument("--bundle", required=True)
@@ -125,12 +174,45 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--checksums", action="store_true", help="also check every file's sha256")
     v.set_defaults(func=_cmd_verify)
 
+    i = sub.add_parser(
+        "index",
+        help="a bundle whose background is your own geotagged photos (docs/indexing.md)",
+        description="Embed photos with the base bundle's model (same preprocessing as Locate), put each "
+        "in the cell with the nearest centre, and write a new bundle. Skipped photos are listed in "
+        "index-report.json inside it. An interrupted run resumes when rerun with the same arguments.",
+    )
+    i.add_argument("--base", required=True, help="the bundle whose model and cells to use")
+    src = i.add_mutually_exclusive_group(required=True)
+    src.add_argument("--photos", help="folder: every file under it (recursively), GPS from EXIF")
+    src.add_argument("--list", help="CSV with the header path,lat,lon (paths relative to the CSV)")
+    i.add_argument("--out", required=True, help="the new bundle (must not exist)")
+    i.add_argument("--extend", action="store_true", help="keep the base background (and its row ids)")
+    i.add_argument("--triton", metavar="URL", help="embed through this Triton (gRPC HOST:PORT) instead of in-process")
+    i.add_argument("--triton-model", default="visloc", help="model name on Triton (default visloc)")
+    i.add_argument("--batch-size", type=int, help="photos per model call (default 1 in-process, 16 on Triton)")
+    i.add_argument("--concurrency", type=int, default=4, help="model calls in flight (default 4)")
+    i.add_argument("--workers", type=int, default=2, help="threads reading and preprocessing photos")
+    i.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0: all cores)")
+    i.add_argument("--checkpoint-every", type=int, default=2048, help="photos between checkpoints")
+    i.add_argument("--features-dtype", choices=["float16", "float32"], default="float16")
+    i.set_defaults(func=_cmd_index)
+
     a = sub.add_parser(
         "add-probes",
         help="record probe images and the outputs of the bundle's own model.onnx (bundles written before probes)",
     )
     a.add_argument("bundle")
     a.set_defaults(func=_cmd_add_probes)
+
+    f = sub.add_parser(
+        "fetch",
+        help="download the upstream model files (resumable, verified, recorded in DIR/SOURCES.json)",
+    )
+    f.add_argument("--out", required=True, help="DIR to download into")
+    f.add_argument("--base-url", help="take every file from this mirror: BASE_URL/<file name>")
+    f.add_argument("--only", nargs="+", metavar="NAME", help="only these files (default: all)")
+    f.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
+    f.set_defaults(func=_cmd_fetch)
 
     m = sub.add_parser("place", help="put a bundle's model.onnx into a Triton model repository")
     m.add_argument("--bundle", required=True)

@@ -1,12 +1,16 @@
-"""The demo bundle: random (seeded) weights, calibrated so predictions vary with the image.
+"""The demo bundle: random (seeded) weights, calibrated so predictions look like a trained model's.
 
-A randomly initialised EfficientNet-B4 maps every image to nearly the same feature vector
-(SPEC.md section 7), so random heads would give every photo the same answer. The heads are
-therefore re-based on the *standardised deviation* of the features from their mean over a
-set of generated calibration images: ``z = (f - mean) / std``. The cell head becomes
-``logits = s * W z`` (folded into one Linear), with the temperature ``s`` chosen so that about
-half of the calibration images are localizable; the retrieval head's first Linear reads ``z``
-of its LayerNorm input and the residual is centred, so embeddings differ between images.
+A randomly initialised EfficientNet-B4 with its default BatchNorm statistics maps every image
+to nearly the same feature vector (SPEC.md section 7), so random heads would give every photo
+the same answer. The BatchNorm statistics are therefore re-estimated on a set of generated
+calibration images, as training would have left them, so features vary between photos at
+their natural scale; the heads read ``z = (f - mean) / s`` (one scale ``s`` for all dimensions,
+which keeps the head well-conditioned). The cell head is sharp like a trained one: an exact
+prior makes 30 % of the cells "rarely predicted" (probabilities 1e-13 down to exactly 0), and a
+random term, with the temperature chosen so that about half of the calibration images are
+localizable, picks the top cell among the others. The retrieval
+head's first Linear reads ``z`` of its LayerNorm input and the residual is centred, so
+embeddings differ between images.
 
 THIS IS NOT A GEOLOCATION MODEL. Its answers are arbitrary; it exists so the whole stack
 runs, and is tested, anywhere.
@@ -25,6 +29,8 @@ from .model import VislocNet
 
 CALIBRATION_IMAGES = 32
 CALIBRATION_SEED_BASE = 1_000_000  # calibration images never coincide with sample images
+RARE_CELLS = 0.3  # fraction of cells a photo almost never lands in (a trained head's far cells)
+RARE_LOGITS = (30.0, 150.0)  # their prior logit below the others: p from ~1e-13 down to exactly 0
 
 # Land-like regions: (lat, lon, spread in degrees, weight).
 REGIONS = (
@@ -100,8 +106,56 @@ def fill_features(out: np.ndarray, rng: np.random.Generator, chunk: int = 65536)
         out[a : a + block.shape[0]] = block
 
 
+def write_background(
+    w, centres: np.ndarray, num_rows: int, rng: np.random.Generator, features_dtype="float16"
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A synthetic background's features into a ``BundleWriter`` ``w``; returns its (offsets,
+    labels, row_ids) for the writer to save with the cells."""
+    from swc_service import bundle as B
+
+    offsets, labels, row_ids = background(centres, num_rows, rng)
+    feats = w.open_array(B.FEATURES, np.dtype(features_dtype), (num_rows, B.EMBEDDING_DIM))
+    fill_features(feats, rng)
+    feats.flush()
+    del feats
+    return offsets, labels, row_ids
+
+
 def calibration_batch(count: int = CALIBRATION_IMAGES) -> list[np.ndarray]:
     return [prepare_image(samples.photo(CALIBRATION_SEED_BASE + i, (400, 300))) for i in range(count)]
+
+
+def reestimate_batchnorm(net: VislocNet, images: torch.Tensor) -> torch.Tensor:
+    """Set every BatchNorm's statistics to those of ``images`` and return their features.
+
+    Random convolutions with the default statistics (mean 0, variance 1) shrink or blow up
+    activations layer by layer until every photo has the same features. With the statistics
+    re-estimated on photos, as a trained network has them, each layer's output has unit
+    variance across photos, so features vary at their natural scale. One pass in BatchNorm
+    training mode (everything else in eval: no drop-connect) gives the exact batch statistics;
+    the running variance is then made the biased one that pass normalised with, so the
+    returned features are the ones the eval-mode network computes.
+    """
+    bns = [m for m in net.backbone.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    counts: dict[torch.nn.Module, int] = {}
+    hooks = [bn.register_forward_hook(lambda m, inp, out: counts.__setitem__(m, inp[0].numel() // inp[0].shape[1]))
+             for bn in bns]  # fmt: skip
+    net.eval()
+    for bn in bns:
+        bn.reset_running_stats()
+        bn.momentum = None  # cumulative average: one batch gives its own statistics
+        bn.train()
+    try:
+        feats = net.features(net.normalize(images))
+    finally:
+        for h in hooks:
+            h.remove()
+        net.eval()
+    for bn in bns:
+        n = counts[bn]
+        bn.running_var.mul_((n - 1) / n)  # torch stores the unbiased variance
+        bn.momentum = 0.01
+    return feats
 
 
 @torch.no_grad()
@@ -116,16 +170,28 @@ def build_demo_net(num_cells: int, centres: np.ndarray, seed: int) -> tuple[Visl
         nn_init.zeros_(lin.bias)
 
     images = torch.from_numpy(np.stack(calibration_batch()))
-    feats = net.features(net.normalize(images)).double()
-    mu, sigma = feats.mean(0), feats.std(0) + 1e-12
-
-    # Cell head: logits = s * W0 (f - mu) / sigma, folded into the Linear.
-    w0 = torch.randn(num_cells, feats.shape[1], dtype=torch.float64) / feats.shape[1] ** 0.5
-    density = DensityIndex(centres, (DEFAULT_CONF_SCALE_KM,))
+    feats = reestimate_batchnorm(net, images).double()
+    # One scale for all dimensions: dividing each by its own spread would amplify the float32
+    # noise of near-constant dimensions into the logits (an ill-conditioned head that no
+    # export could match). With re-estimated statistics the features vary at their own scale.
+    mu = feats.mean(0)
+    sigma = feats.std(0).square().mean().sqrt() + 1e-12
     z = (feats - mu) / sigma
+    dims = feats.shape[1]
+
+    # Cell head: logits = s * W0 z + prior. The prior is exact (a bias: no float32 noise from
+    # the features): most cells 0, the rest "rarely predicted" at -30 .. -150, so their
+    # probabilities are 1e-13 .. 0 (below 1e-20 for most of them, exactly 0 in float32 for
+    # many), as a trained head's far cells are. The temperature s of the random term picks
+    # the top cell among the others; it is chosen so that about half the calibration images
+    # are localizable. Folded into the one Linear over the features.
+    w0 = torch.randn(num_cells, dims, dtype=torch.float64) / dims**0.5
+    rare = torch.rand(num_cells, dtype=torch.float64) < RARE_CELLS
+    prior = torch.where(rare, -torch.empty(num_cells, dtype=torch.float64).uniform_(*RARE_LOGITS), 0.0)
+    density = DensityIndex(centres, (DEFAULT_CONF_SCALE_KM,))
 
     def localizable_fraction(s: float) -> float:
-        probs = torch.softmax(s * z @ w0.T, dim=1).float().numpy()  # the model serves float32
+        probs = torch.softmax(s * z @ w0.T + prior, dim=1).float().numpy()  # served as float32
         conf = [density.density(top_cell(p), p)[0] for p in probs]
         return float(np.mean(np.asarray(conf) > DEFAULT_CONF_THRESHOLD))
 
@@ -140,7 +206,7 @@ def build_demo_net(num_cells: int, centres: np.ndarray, seed: int) -> tuple[Visl
     w = scale * w0 / sigma
     lin = net.cell_head.mixture_weights.seq_model[0]
     lin.weight.copy_(w.float())
-    lin.bias.copy_((-(w @ mu)).float())
+    lin.bias.copy_((prior - w @ mu).float())
 
     # Retrieval head: fc1 reads the standardised LayerNorm output; the residual sum is centred.
     rrm = net.rrm_head
@@ -156,6 +222,8 @@ def build_demo_net(num_cells: int, centres: np.ndarray, seed: int) -> tuple[Visl
         "seed": seed,
         "calibration_images": CALIBRATION_IMAGES,
         "temperature": scale,
+        "rare_cells": RARE_CELLS,
+        "batchnorm": "re-estimated on the calibration images",
         "calibration_localizable_fraction": localizable_fraction(scale),
     }
     return net, record

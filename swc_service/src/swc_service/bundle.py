@@ -12,6 +12,7 @@ Layout (format version 1)::
     probes/image_<i>.npy           uint8 [H, W, 3] probe image i, preprocessed (the model's input)
     probes/cell_probs.npy          float32 [P, M] the model's cell_probs for the P probes
     probes/embeddings.npy          float32 [P, D] the model's embeddings for the P probes
+    parity.json                    (optional) the exporter's ONNX-vs-PyTorch parity report
 
 The probes (optional: bundles written before them have none) prove which model a backend
 serves: the service sends them through Triton and compares the answers with the recorded
@@ -54,6 +55,7 @@ ARRAY_FILES = (CELLS, OFFSETS, FEATURES, LABELS, ROW_IDS)
 PROBES_DIR = "probes"
 PROBE_PROBS = "probes/cell_probs.npy"
 PROBE_EMBEDDINGS = "probes/embeddings.npy"
+PARITY = "parity.json"  # optional, derived from the model like the probes: listed, not in bundle_id
 
 # The model contract shared by the exporter, Triton configs and the service.
 INPUT_NAME = "image"
@@ -351,6 +353,8 @@ class BundleWriter:
             p = self.tmp / rel
             files[rel] = {"sha256": sha256_file(p), "bytes": p.stat().st_size}
         bundle_id = content_id(files)
+        if (self.tmp / PARITY).is_file():
+            files[PARITY] = {"sha256": sha256_file(self.tmp / PARITY), "bytes": (self.tmp / PARITY).stat().st_size}
         probes_extra: dict[str, Any] = {}
         if self._probes is not None:
             entry, probe_files = _checked_probes(self.tmp, self._probes, files, arrays[0].shape[0], arrays[2].shape[1])

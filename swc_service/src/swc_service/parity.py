@@ -15,6 +15,14 @@ Both ask the same question, "does this backend compute the bundle's model?", so 
   top cell with the service's own :class:`~swc_service.method.DensityIndex`, within 1e-6;
 * embeddings within 1e-4 absolute, cosine >= 1 - 1e-6.
 
+``export`` (the exporter's gate: PyTorch against its onnxruntime export): as ``fp32``, except
+that probabilities at or above 1e-6 are held to the relative rule only, and PD to
+``1e-6 + 1e-3 * PD``. The two frameworks compute the backbone in float32 with different
+kernels and their features differ by ~1e-5 relative (measured on EfficientNet-B4 with
+re-estimated BatchNorm statistics), so a faithful export moves a top-cell probability of 0.3 by
+~1e-5: 1e-6 absolute there would refuse every sharp model, while a wrong export (a weight off by
+1e-3, BGR, no normalisation) still fails the relative rule.
+
 ``fp16`` (a declared reduced-precision backend, e.g. a TensorRT FP16 engine): the same top cell
 and embedding cosine >= 0.999 on every probe; every fp32 deviation is still measured and
 reported, and non-finite values still fail.
@@ -30,12 +38,13 @@ import numpy as np
 
 from .method import DEFAULT_SCALES_KM, DensityIndex
 
-PRECISIONS = ("fp32", "fp16")
+PRECISIONS = ("fp32", "export", "fp16")
 TOP_N = 5
 PROB_ABS_TOL = 1e-6
 PROB_REL_TOL = 1e-3
 PROB_REL_FLOOR = 1e-6  # the relative rule applies where either probability is at least this
 PD_TOL = 1e-6
+PD_REL_TOL = 1e-3  # export: PD within PD_TOL + PD_REL_TOL * PD
 EMBEDDING_ABS_TOL = 1e-4
 EMBEDDING_COS_TOL = 1e-6  # fp32: cosine >= 1 - this
 FP16_MIN_COSINE = 0.999
@@ -43,8 +52,8 @@ FP16_MIN_COSINE = 0.999
 
 def tolerances(precision: str) -> dict[str, float | int]:
     """The rules a precision is held to (recorded with every report)."""
-    if precision == "fp32":
-        return {
+    if precision in ("fp32", "export"):
+        rules = {
             "top_n_equal": TOP_N,
             "prob_abs": PROB_ABS_TOL,
             "prob_rel": PROB_REL_TOL,
@@ -53,6 +62,9 @@ def tolerances(precision: str) -> dict[str, float | int]:
             "embedding_abs": EMBEDDING_ABS_TOL,
             "embedding_min_cosine": 1.0 - EMBEDDING_COS_TOL,
         }
+        if precision == "export":
+            rules |= {"prob_abs_below_floor_only": True, "pd_rel": PD_REL_TOL}
+        return rules
     if precision == "fp16":
         return {"top_n_equal": 1, "embedding_min_cosine": FP16_MIN_COSINE}
     raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
@@ -270,7 +282,8 @@ def _compare_one(
 
     if not top5_equal:
         problems.append(f"{name}: top-{TOP_N} cells {got_top} differ from the reference's {ref_top}")
-    over = int(np.count_nonzero(diff > PROB_ABS_TOL))
+    exporting = precision == "export"
+    over = int(np.count_nonzero((diff > PROB_ABS_TOL) & ~(exporting & significant)))
     if over:
         problems.append(
             f"{name}: cell {worst} probability {g[worst]:.9g} vs reference {r[worst]:.9g}: "
@@ -282,10 +295,14 @@ def _compare_one(
             f"{name}: cell {worst_rel} probability {g[worst_rel]:.9g} vs reference {r[worst_rel]:.9g}: "
             f"relative diff {rel[worst_rel]:.3g} > {PROB_REL_TOL:g} ({over} cells with p >= {PROB_REL_FLOOR:g} over)"
         )
-    if pd_diff[worst_pd] > PD_TOL:
+    pd_allowed = PD_TOL + (PD_REL_TOL * np.maximum(pd_ref, pd_got) if exporting else 0.0)
+    pd_excess = pd_diff - pd_allowed
+    if pd_excess.max() > 0:
+        j = int(np.argmax(pd_excess))
+        rule = f"{PD_TOL:g} + {PD_REL_TOL:g} * PD" if exporting else f"{PD_TOL:g}"
         problems.append(
-            f"{name}: PD at {density.scales_km[worst_pd]:g} km around cell {cell}: {pd_got[worst_pd]:.9g} vs "
-            f"reference {pd_ref[worst_pd]:.9g}: |diff| {pd_diff[worst_pd]:.3g} > {PD_TOL:g}"
+            f"{name}: PD at {density.scales_km[j]:g} km around cell {cell}: {pd_got[j]:.9g} vs "
+            f"reference {pd_ref[j]:.9g}: |diff| {pd_diff[j]:.3g} > {rule}"
         )
     if e_diff[worst_e] > EMBEDDING_ABS_TOL:
         problems.append(

@@ -15,73 +15,39 @@ from visloc_client.web.app import MiB, WebApp, WebConfig
 EXTRA_HINT = 'visloc web needs the web extra: pip install "visloc-client[web]"'
 
 
+# The page's flags: (flag, type, environment variable or None, default, help). The help says
+# the variable and the default, so they are written once, here.
+_FLAGS: tuple[tuple[str, type, str | None, object, str], ...] = (
+    ("--host", str, "VISLOC_WEB_HOST", "127.0.0.1", "address to listen on (0.0.0.0 in containers)"),
+    ("--port", int, "VISLOC_WEB_PORT", 8080, "HTTP port"),
+    ("--max-upload-mb", float, "VISLOC_WEB_MAX_UPLOAD_MB", 10.0,
+     "largest photo accepted, in MiB (lowered to the service's own limit if that is smaller)"),
+    ("--neighbours", int, None, 10, "background neighbours shown as evidence (at most the service's top_k)"),
+    ("--top-cells", int, None, 5, "most probable cells shown"),
+    ("--max-concurrent", int, None, 8, "photos located at once"),
+    ("--max-connections", int, "VISLOC_WEB_MAX_CONNECTIONS", 64, "open connections; more are answered 503"),
+    ("--allowed-hosts", str, "VISLOC_WEB_ALLOWED_HOSTS", "",
+     "comma-separated Host names served besides loopback, e.g. the public name behind a reverse proxy; "
+     "*.example.org for subdomains, * for any (default: loopback only; others get 421)"),
+    ("--body-timeout-s", float, "VISLOC_WEB_BODY_TIMEOUT_S", 120.0,
+     "an upload must arrive within this (and after 10 s at 16 KiB/s at least), else 408"),
+    ("--tiles-url", str, "VISLOC_WEB_TILES_URL", None,
+     "optional raster tiles under the map, e.g. https://tiles.example.org/{z}/{x}/{y}.png "
+     "(default: none, the offline world outline only)"),
+    ("--tiles-attribution", str, "VISLOC_WEB_TILES_ATTRIBUTION", "",
+     "attribution shown under the map when tiles are used"),
+    ("--grace-s", float, "VISLOC_WEB_GRACE_S", 10.0, "on SIGTERM, seconds to let uploads in progress finish"),
+    ("--tiles-max-zoom", int, None, 18, "highest tile zoom level"),
+)  # fmt: skip
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    env = os.environ.get
     g = parser.add_argument_group("web page")
-    g.add_argument(
-        "--host",
-        default=env("VISLOC_WEB_HOST", "127.0.0.1"),
-        help="address to listen on (env VISLOC_WEB_HOST; default 127.0.0.1; 0.0.0.0 in containers)",
-    )
-    g.add_argument(
-        "--port",
-        type=int,
-        default=int(env("VISLOC_WEB_PORT", "8080")),
-        help="HTTP port (env VISLOC_WEB_PORT; default 8080)",
-    )
-    g.add_argument(
-        "--max-upload-mb",
-        type=float,
-        default=float(env("VISLOC_WEB_MAX_UPLOAD_MB", "10")),
-        help="largest photo accepted, in MiB (env VISLOC_WEB_MAX_UPLOAD_MB; default 10; "
-        "lowered to the service's own limit if that is smaller)",
-    )
-    g.add_argument(
-        "--neighbours",
-        type=int,
-        default=10,
-        help="background neighbours shown as evidence (default 10, at most the service's top_k)",
-    )
-    g.add_argument("--top-cells", type=int, default=5, help="most probable cells shown (default 5)")
-    g.add_argument("--max-concurrent", type=int, default=8, help="photos located at once (default 8)")
-    g.add_argument(
-        "--max-connections",
-        type=int,
-        default=int(env("VISLOC_WEB_MAX_CONNECTIONS", "64")),
-        help="open connections; more are answered 503 (env VISLOC_WEB_MAX_CONNECTIONS; default 64)",
-    )
-    g.add_argument(
-        "--allowed-hosts",
-        default=env("VISLOC_WEB_ALLOWED_HOSTS", ""),
-        help="comma-separated Host names served besides loopback, e.g. the public name behind a "
-        "reverse proxy; *.example.org for subdomains, * for any (env VISLOC_WEB_ALLOWED_HOSTS; "
-        "default: loopback only; others get 421)",
-    )
-    g.add_argument(
-        "--body-timeout-s",
-        type=float,
-        default=float(env("VISLOC_WEB_BODY_TIMEOUT_S", "120")),
-        help="an upload must arrive within this (and after 10 s at 16 KiB/s at least), else 408 "
-        "(env VISLOC_WEB_BODY_TIMEOUT_S; default 120)",
-    )
-    g.add_argument(
-        "--tiles-url",
-        default=env("VISLOC_WEB_TILES_URL") or None,
-        help="optional raster tiles under the map, e.g. https://tiles.example.org/{z}/{x}/{y}.png "
-        "(env VISLOC_WEB_TILES_URL; default: none, the offline world outline only)",
-    )
-    g.add_argument(
-        "--tiles-attribution",
-        default=env("VISLOC_WEB_TILES_ATTRIBUTION", ""),
-        help="attribution shown under the map when tiles are used",
-    )
-    g.add_argument(
-        "--grace-s",
-        type=float,
-        default=float(env("VISLOC_WEB_GRACE_S", "10")),
-        help="on SIGTERM, seconds to let uploads in progress finish (env VISLOC_WEB_GRACE_S; default 10)",
-    )
-    g.add_argument("--tiles-max-zoom", type=int, default=18, help="highest tile zoom level (default 18)")
+    for flag, kind, var, default, text in _FLAGS:
+        raw = os.environ.get(var) if var else None
+        value = kind(raw) if raw else default  # an empty variable means the default
+        notes = ([f"env {var}"] if var else []) + ([f"default {default}"] if default not in ("", None) else [])
+        g.add_argument(flag, type=kind, default=value, help=f"{text} ({'; '.join(notes)})" if notes else text)
 
 
 def config_from_args(args: argparse.Namespace) -> WebConfig:
