@@ -135,7 +135,8 @@ def overload_phase(target: str, images: list[bytes], groups: list[Group], args) 
         row["callers"] = by_caller(calls, elapsed, args.deadline)
     log(f"   goodput {row['goodput_per_s']:.2f} img/s, codes {row['codes']}")
     time.sleep(args.deadline)  # the load stopped: let callers' deadlines pass, then call again
-    after, after_s = asyncio.run(offer(target, images, [Group("after", BASE_CLIENTS)], args.recovery, args.deadline))
+    after_group = Group("after", BASE_CLIENTS, groups[0].token)  # as the flooding caller (auth may be on)
+    after, after_s = asyncio.run(offer(target, images, [after_group], args.recovery, args.deadline))
     row["after"] = summarize(after, after_s, args.deadline)
     log(f"   once the load stopped: {100 * (row['after']['ok_share'] or 0):.1f} % OK of {len(after)} calls")
     return row
@@ -201,6 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="bench/results/overload.json")
     p.add_argument("--no-report", action="store_true", help="do not rewrite docs/BENCHMARKS.md")
     p.add_argument("--note", default="", help="a sentence for the report (e.g. which service version ran)")
+    p.add_argument("--baseline", help="an earlier run's overload.json, kept in the report as the 'before' rows")
     args = p.parse_args(argv)
 
     bundle = Path(args.bundle)
@@ -242,6 +244,10 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             svc.stop()
     results["loadavg_after"] = os.getloadavg()[0]
+    if args.baseline:
+        before = json.loads(Path(args.baseline).read_text())
+        keep = ("when", "capacity_per_s", "phases", "two_callers", "loadavg_before", "note")
+        results["baseline"] = {k: before[k] for k in keep if k in before}
     if "12x" in results["phases"]:
         results["targets"] = verdicts(results)
         for name, ok in results["targets"].items():

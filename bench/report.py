@@ -247,15 +247,22 @@ def overload_section(o: dict) -> list[str]:
         "| offered | clients | calls | goodput img/s | / capacity | OK p99 s | refused p50 s | codes | after: OK |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
-    rows = list(o["phases"].items())
-    if o.get("two_callers"):
-        rows.append(("A 12x + B 0.5x", o["two_callers"]))
-    for name, p in rows:
-        codes = ", ".join(f"{k} {v}" for k, v in sorted(p["codes"].items()))
-        lines.append(
-            f"| {name} | {p['clients']} | {p['calls']} | {p['goodput_per_s']:.2f} | {p['goodput_per_s'] / cap:.2f} "
-            f"| {_s(p['ok_p99_s'])} | {_s(p['refused_p50_s'])} | {codes} | {_s(p['after']['ok_share'], 100, '.1f')} % |"
-        )
+    runs = [("", o)]
+    if o.get("baseline"):  # an earlier run kept for comparison (bench/overload.py --baseline)
+        runs.append((f"before ({o['baseline']['when']}, capacity {o['baseline']['capacity_per_s']:.2f}): ",
+                     o["baseline"]))  # fmt: skip
+    for label, run in runs:
+        rows = list(run["phases"].items())
+        if run.get("two_callers"):
+            rows.append(("A 12x + B 0.5x", run["two_callers"]))
+        rcap = run["capacity_per_s"]
+        for name, p in rows:
+            codes = ", ".join(f"{k} {v}" for k, v in sorted(p["codes"].items()))
+            lines.append(
+                f"| {label}{name} | {p['clients']} | {p['calls']} | {p['goodput_per_s']:.2f} "
+                f"| {p['goodput_per_s'] / rcap:.2f} | {_s(p['ok_p99_s'])} | {_s(p['refused_p50_s'])} | {codes} "
+                f"| {_s(p['after']['ok_share'], 100, '.1f')} % |"
+            )
     if o.get("note"):
         lines += ["", o["note"]]
     two = o.get("two_callers")

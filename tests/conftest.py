@@ -7,6 +7,8 @@ import signal
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -111,15 +113,22 @@ def local_triton(demo_bundle):
         yield triton
 
 
-@pytest.fixture(scope="session")
-def live_service(demo_bundle, local_triton):
-    """Real Triton + the real Locate service on the demo bundle."""
-    svc = ServiceProcess(demo_bundle, local_triton.grpc_url)
+@contextmanager
+def running_service(bundle: Path, triton_url: str, *extra: str) -> Iterator[ServiceProcess]:
+    """A ServiceProcess that is serving, stopped on leaving."""
+    svc = ServiceProcess(bundle, triton_url, *extra)
     try:
         wait_serving(svc.target)
         yield svc
     finally:
         svc.stop()
+
+
+@pytest.fixture(scope="session")
+def live_service(demo_bundle, local_triton):
+    """Real Triton + the real Locate service on the demo bundle."""
+    with running_service(demo_bundle, local_triton.grpc_url) as svc:
+        yield svc
 
 
 @pytest.fixture(scope="session")

@@ -556,3 +556,56 @@ def test_standing_queue_still_refuses_what_it_cannot_serve_in_time_at_once():
         ac.release(held)
 
     run(go())
+
+
+def test_a_free_slot_is_not_taken_by_a_call_that_would_finish_too_late_but_an_idle_one_probes():
+    """With a call in flight, a free slot does not go to a call whose deadline is shorter than
+    the measured service time; with nothing in flight it does (the measurement is refreshed, so a
+    slowdown that has passed cannot lock every call out)."""
+
+    async def go():
+        clock = Clock()
+        ac = AdmissionController(fixed(2), clock=clock)
+        s = await ac.acquire("a", None)
+        clock.t += 3.0  # a slow period: 3 s per call
+        ac.release(s)
+        probe = await ac.acquire("a", clock.t + 1.0)  # nothing in flight: admitted anyway
+        with pytest.raises(Overloaded) as ei:
+            await ac.acquire("b", clock.t + 1.0)  # a slot is free, but 3 s > 1 s
+        assert ei.value.reason == DEADLINE_UNMEETABLE
+        clock.t += 0.2
+        ac.release(probe)  # the slowdown passed: 0.2 s
+        assert ac.stats().service_s < 3.0 and ac.stats().in_flight == 0
+        return ac.stats().shed
+
+    assert run(go()) == {DEADLINE_UNMEETABLE: 1}
+
+
+def test_a_caller_next_in_the_round_is_queued_where_the_flooding_one_is_refused():
+    """Limit 1, 1 s per call, 2 s deadlines: the call in flight has 0.5 s left, so one more call
+    fits in the queue. A's second call takes that place and its third is refused; B, next in the
+    round, still queues (it goes before A's queued call) and is served next."""
+
+    async def go():
+        clock = Clock()
+        ac = AdmissionController(fixed(1), clock=clock)
+        s = await ac.acquire("a", None)
+        clock.t += 1.0
+        ac.release(s)  # service time 1 s
+        held = await ac.acquire("a", clock.t + 2)
+        clock.t += 0.5
+        a2 = asyncio.create_task(ac.acquire("a", clock.t + 2))
+        await steps()
+        with pytest.raises(Overloaded) as ei:
+            await ac.acquire("a", clock.t + 2)  # behind a2: 0.5 + 1 + 1 s > 2 s
+        assert ei.value.reason == DEADLINE_UNMEETABLE
+        b = asyncio.create_task(ac.acquire("b", clock.t + 2))
+        await steps()
+        assert not a2.done() and not b.done() and ac.stats().queued == 2
+        clock.t += 0.5
+        ac.release(held)
+        await steps()
+        assert b.done() and not a2.done()  # B first
+        return ac.stats().shed
+
+    assert run(go()) == {DEADLINE_UNMEETABLE: 1}

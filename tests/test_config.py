@@ -39,3 +39,16 @@ def test_bad_settings_are_refused(argv, message):
 def test_bundle_is_required():
     with pytest.raises(SystemExit, match="--bundle"):
         load_settings([], {})
+
+
+def test_admission_limits_derive_from_the_batcher_and_callers_from_the_file(tmp_path):
+    callers = tmp_path / "callers"
+    callers.write_text("mapper:0123456789abcdef0123\n")
+    env = {"VISLOC_ADMISSION_CODEL_TARGET_MS": "0", "VISLOC_AUTH_TOKEN": "shared-token-0123456"}
+    s = load_settings(["--bundle", "b", "--max-batch", "8", "--callers-file", str(callers)], env=env)
+    cfg = s.admission_config()
+    assert (cfg.initial_limit, cfg.max_limit, cfg.caller_max_queued, cfg.codel_target_s) == (8, 32, 128, None)
+    assert s.callers() == {"0123456789abcdef0123": "mapper", "shared-token-0123456": "default"}
+    assert load_settings(["--bundle", "b"], env={}).callers() is None  # auth off: every call "anonymous"
+    with pytest.raises(ValueError, match="min_limit"):
+        load_settings(["--bundle", "b", "--admission-min-limit", "20"], env={})

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 import logging
+from collections import Counter
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -19,13 +21,16 @@ import pytest
 from PIL import Image
 from prometheus_client import REGISTRY
 
+from swc_service.admission import AdmissionController
 from swc_service.batcher import ShapeBatcher
 from swc_service.bundle import CELLS, FEATURES, LABELS, MODEL, OFFSETS, ROW_IDS, BundleWriter, load_bundle
+from swc_service.callers import with_shared
 from swc_service.config import Settings
 from swc_service.errors import InferenceFailed, InvalidArgument, Unavailable, classify
 from swc_service.inference import Inference
 from swc_service.interceptors import AuthInterceptor, StatusInterceptor
 from swc_service.locator import Locator
+from swc_service.metrics import AdmissionMetrics
 from swc_service.server import SERVICE_NAME
 from swc_service.servicer import LocatorServicer
 from swc_service.triton_infer import TritonInference
@@ -209,9 +214,14 @@ class AbortingServicer(LocatorServicer):
 
 
 @asynccontextmanager
-async def serving(bundle: Path, fake: FakeInference, token: str | None = None, servicer=LocatorServicer):
-    locator = make_locator(bundle, fake)
-    interceptors = [StatusInterceptor(SERVICE_NAME), *([AuthInterceptor(SERVICE_NAME, token)] if token else [])]
+async def serving(bundle: Path, fake: Inference, token: str | None = None, servicer=LocatorServicer,
+                  callers: dict[str, str] | None = None, locator: Locator | None = None):  # fmt: skip
+    """Locator + servicer + interceptors on loopback; ``callers`` ({token: name}) or ``token``
+    turn auth on (the same wiring as swc_service.server)."""
+    locator = locator or make_locator(bundle, fake)
+    if token:
+        callers = with_shared(callers or {}, token)
+    interceptors = [StatusInterceptor(SERVICE_NAME), AuthInterceptor(SERVICE_NAME, callers)]
     server = grpc.aio.server(interceptors=interceptors)
     pb_grpc.add_LocatorServicer_to_server(servicer(locator), server)
     port = server.add_insecure_port("127.0.0.1:0")
@@ -298,3 +308,167 @@ def test_an_abort_is_counted_with_its_own_status(tiny_bundle):
     before = count("GetInfo", "FAILED_PRECONDITION"), count("GetInfo", "CANCELLED")
     assert asyncio.run(run()) == (grpc.StatusCode.FAILED_PRECONDITION, "not now")
     assert (count("GetInfo", "FAILED_PRECONDITION"), count("GetInfo", "CANCELLED")) == (before[0] + 1, before[1])
+
+
+# --- admission control and named callers (issue 17) ------------------------------------------
+
+
+class GatedInference(FakeInference):
+    """The fake inference, held at ``gate`` until the test opens it (overload on demand)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = asyncio.Event()
+        self.entered = 0
+        self.values: list[int] = []  # grey value of each image inferred, in order
+
+    async def infer(self, batch: np.ndarray, timeout_s: float | None = None, **kw) -> tuple[np.ndarray, np.ndarray]:
+        self.entered += 1
+        await self.gate.wait()
+        self.values.append(int(batch[0, 0, 0, 0]))
+        return await super().infer(batch, timeout_s, **kw)
+
+
+def gated_locator(bundle: Path, fake: Inference, **settings) -> Locator:
+    """One call in flight at a time (fixed limit 1, no batching), admission metrics on."""
+    cfg = Settings(bundle=str(bundle), batch_window_ms=1.0, max_batch=1, admission_initial_limit=1,
+                   admission_adaptive=False, **settings)  # fmt: skip
+    return Locator(
+        cfg,
+        load_bundle(bundle),
+        fake,
+        admission=AdmissionController(cfg.admission_config(), observer=AdmissionMetrics()),
+    )
+
+
+async def until(condition, what: str) -> None:
+    """Wait (bounded) until ``condition()`` holds: the calls reached the state the test needs."""
+    for _ in range(1000):
+        if condition():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"never reached: {what}")
+
+
+def shed(reason: str, caller: str = "anonymous") -> float:
+    return REGISTRY.get_sample_value("visloc_admission_shed_total", {"reason": reason, "caller": caller}) or 0.0
+
+
+async def measured_then_held(stub, fake: GatedInference) -> asyncio.Future:
+    """One call served in >= 0.3 s (the measured service time), then one holding the only slot
+    (in the model until the gate opens); returns the holding call."""
+    first = asyncio.ensure_future(stub.Locate(pb.LocateRequest(image=grey(1))))
+    await until(lambda: fake.entered == 1, "the first call in the model")
+    await asyncio.sleep(0.3)
+    fake.gate.set()
+    await first
+    fake.gate.clear()
+    held = asyncio.ensure_future(stub.Locate(pb.LocateRequest(image=grey(1))))
+    await until(lambda: fake.entered == 2, "a call holding the only slot")
+    return held
+
+
+def test_an_unmeetable_deadline_is_refused_before_the_image_is_decoded(tiny_bundle):
+    fake = GatedInference()
+
+    async def run():
+        locator = gated_locator(tiny_bundle, fake)
+        async with serving(tiny_bundle, fake, locator=locator) as stub:
+            held = await measured_then_held(stub, fake)
+            # Junk bytes: an INVALID_ARGUMENT would mean it was decoded; refused first instead.
+            unary = await status_of(stub.Locate(pb.LocateRequest(image=b"junk"), timeout=0.2))
+            stream = [item async for item in stub.LocateStream(iter([pb.LocateRequest(image=grey(3))]), timeout=0.2)]
+            entered = fake.entered
+            fake.gate.set()
+            await held
+            return unary, stream, entered, locator.admission.stats()
+
+    before = shed("deadline_unmeetable")
+    unary, stream, entered, stats = asyncio.run(run())
+    assert unary[0] == grpc.StatusCode.RESOURCE_EXHAUSTED and "deadline_unmeetable" in unary[1]
+    assert [item.error.code for item in stream] == [grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]]
+    assert entered == 2 and len(fake.batches) == 2  # the refused calls never reached the model
+    assert stats.shed == {"deadline_unmeetable": 2} and shed("deadline_unmeetable") == before + 2
+
+
+def test_a_call_that_expires_in_the_queue_never_reaches_the_model(tiny_bundle):
+    """No service time measured yet: the queued call waits until its deadline, then is dropped."""
+    fake = GatedInference()
+
+    async def run():
+        locator = gated_locator(tiny_bundle, fake)
+        async with serving(tiny_bundle, fake, locator=locator) as stub:
+            held = asyncio.ensure_future(stub.Locate(pb.LocateRequest(image=grey(1))))
+            await until(lambda: fake.entered == 1, "a call holding the only slot")
+            late = asyncio.ensure_future(status_of(stub.Locate(pb.LocateRequest(image=grey(2)), timeout=0.5)))
+            await until(lambda: locator.admission.stats().queued == 1, "the second call queued")
+            expired = await late
+            await until(lambda: locator.admission.stats().queued == 0, "the expired call out of the queue")
+            fake.gate.set()
+            ok = await held
+            return expired, ok, locator.admission.stats()
+
+    expired, ok, stats = asyncio.run(run())
+    assert expired[0] == grpc.StatusCode.DEADLINE_EXCEEDED and ok.top_cell.id == 1
+    assert fake.values == [1] and fake.entered == 1  # only the first call was inferred
+    assert stats.in_flight == 0 and stats.admitted == 1
+
+
+def test_a_queued_call_is_refused_once_its_deadline_cannot_be_met(tiny_bundle):
+    """With a measured service time the queue gives a call up (RESOURCE_EXHAUSTED, the caller may
+    retry elsewhere) as soon as it could no longer finish in time, before its deadline."""
+    fake = GatedInference()
+
+    async def run():
+        locator = gated_locator(tiny_bundle, fake)
+        async with serving(tiny_bundle, fake, locator=locator) as stub:
+            held = await measured_then_held(stub, fake)
+            late = asyncio.ensure_future(status_of(stub.Locate(pb.LocateRequest(image=grey(2)), timeout=3.0)))
+            await until(lambda: locator.admission.stats().queued == 1, "the third call queued")
+            refused = await late
+            fake.gate.set()
+            await held
+            return refused, locator.admission.stats()
+
+    before = shed("deadline_unmeetable")
+    refused, stats = asyncio.run(run())
+    assert refused[0] == grpc.StatusCode.RESOURCE_EXHAUSTED and "deadline_unmeetable" in refused[1]
+    assert fake.values == [1, 1]  # the refused call never reached the model
+    assert stats.shed == {"deadline_unmeetable": 1} and shed("deadline_unmeetable") == before + 1
+
+
+def test_one_callers_flood_does_not_starve_another(tiny_bundle, tmp_path, caplog):
+    """Callers from a callers file: A floods (1 in the model, 3 queued, the rest refused by its
+    per-caller cap); B's one call is served next, before A's queue."""
+    fake = GatedInference()
+    callers_file = tmp_path / "callers"
+    callers_file.write_text("# two teams\nteam-a:aaaaaaaaaaaaaaaaaaaa\nteam-b:bbbbbbbbbbbbbbbbbbbb\n")
+    settings = Settings(bundle=str(tiny_bundle), callers_file=str(callers_file), auth_token=TOKEN)
+    a, b = ((("authorization", f"Bearer {t * 20}"),) for t in "ab")
+
+    async def run():
+        locator = gated_locator(tiny_bundle, fake, admission_caller_max_queued=3)
+        async with serving(tiny_bundle, fake, callers=settings.callers(), locator=locator) as stub:
+            flood = [asyncio.ensure_future(status_of(stub.Locate(pb.LocateRequest(image=grey(1)), metadata=a)))]
+            await until(lambda: fake.entered == 1, "A's first call in the model")
+            flood += [asyncio.ensure_future(status_of(stub.Locate(pb.LocateRequest(image=grey(1)), metadata=a)))
+                      for _ in range(5)]  # fmt: skip
+            await until(lambda: locator.admission.stats().shed.get("caller_limit") == 2, "A's excess refused")
+            mine = asyncio.ensure_future(stub.Locate(pb.LocateRequest(image=grey(2)), metadata=b))
+            await until(lambda: locator.admission.stats().callers.get("team-b") == (0, 1), "B's call queued")
+            shared = asyncio.ensure_future(
+                stub.GetInfo(pb.GetInfoRequest(), metadata=(("authorization", f"Bearer {TOKEN}"),))
+            )
+            fake.gate.set()
+            return [await f for f in flood], await mine, await shared
+
+    before = shed("caller_limit", "team-a")
+    with caplog.at_level(logging.INFO, logger="swc_service.access"):
+        flood, mine, shared = asyncio.run(run())
+    codes = Counter(code for code, _ in flood)
+    assert codes == {grpc.StatusCode.OK: 4, grpc.StatusCode.RESOURCE_EXHAUSTED: 2}
+    assert mine.top_cell.id == 2 and shared.bundle_id
+    assert fake.values == [1, 2, 1, 1, 1]  # B's call right after the one A had in the model
+    assert shed("caller_limit", "team-a") == before + 2 and shed("caller_limit", "team-b") == 0
+    callers = [json.loads(r.getMessage()).get("caller") for r in caplog.records if r.name == "swc_service.access"]
+    assert Counter(callers) == {"team-a": 6, "team-b": 1, "default": 1}

@@ -30,9 +30,8 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from .callers import ANONYMOUS as DEFAULT_CALLER
 from .errors import DeadlineExceeded, Overloaded, Unavailable
-
-DEFAULT_CALLER = "anonymous"
 
 # Why a call was shed (the ``reason`` label of the metrics, Overloaded.reason).
 DEADLINE_UNMEETABLE = "deadline_unmeetable"  # refused: the queue ahead + service time pass the deadline
@@ -40,6 +39,9 @@ EXPIRED_IN_QUEUE = "expired_in_queue"  # dropped: the deadline passed while it w
 QUEUE_FULL = "queue_full"  # refused: the service's queue is full
 CALLER_LIMIT = "caller_limit"  # refused: this caller already has its share queued
 QUEUE_TIMEOUT = "queue_timeout"  # dropped: waited past the CoDel target under a standing queue
+# A queued call cancelled this close to its deadline expired in the queue (its caller's cancel
+# arrives a little before the server's own deadline timer: the call's transit time).
+_EXPIRY_SLACK_S = 0.05
 REASONS = (DEADLINE_UNMEETABLE, EXPIRED_IN_QUEUE, QUEUE_FULL, CALLER_LIMIT, QUEUE_TIMEOUT)
 
 
@@ -184,9 +186,11 @@ class AdmissionController:
         self._limit = c.initial_limit
         self._callers: OrderedDict[str, _Caller] = OrderedDict()  # round-robin order: next first
         self._in_flight = 0
+        self._granted: set[Slot] = set()  # the slots in flight (their start times time the queue)
         self._queued = 0
         self._nonempty_since: float | None = None
         self._service_s: float | None = None
+        self._service_dev = 0.0  # EWMA of |sample - mean| (as TCP's RTO estimator, RFC 6298)
         self._admitted = self._completed = 0
         self._shed: Counter[tuple[str, str]] = Counter()
         self._waits = 0
@@ -214,6 +218,9 @@ class AdmissionController:
         except (DeadlineExceeded, Unavailable):
             ok = False
             raise
+        except asyncio.CancelledError:  # at its deadline (the caller's timer): a drop, too
+            ok = False if self._expired(slot) else None
+            raise
         except BaseException:
             ok = None
             raise
@@ -232,11 +239,16 @@ class AdmissionController:
         if deadline is not None and deadline <= now:
             self._refuse(slot, EXPIRED_IN_QUEUE)
         state = self._callers.get(caller)
-        if state is None:
+        if state is None:  # never served: first in the round
             state = self._callers[caller] = _Caller()
+            self._callers.move_to_end(caller, last=False)
         cap = self.config.caller_max_in_flight
         # After every dispatch either no slot is free or every queued call's caller is at its cap.
-        if self._in_flight < self._limit and not state.queue and (cap is None or state.in_flight < cap):
+        # A free slot is taken unless the measured service time says the call would finish too
+        # late; with nothing in flight it is always taken (a probe: the measurement cannot go
+        # stale and lock every call out).
+        free = self._in_flight < self._limit and not state.queue and (cap is None or state.in_flight < cap)
+        if free and (self._in_flight == 0 or self._meetable(deadline, now, first=state.in_flight == 0)):
             self._grant(slot, now)
             return slot
         self._check_admissible(slot, state, now)
@@ -253,6 +265,9 @@ class AdmissionController:
             if waiter.future.done() and not waiter.future.cancelled() and waiter.future.exception() is None:
                 self.release(slot, None)  # granted, but the caller left before it resumed
             else:
+                if waiter in state.queue and self._expired(slot):
+                    # The caller's own deadline timer (asyncio.timeout_at) beat ours: it expired here.
+                    self._count_shed(caller, EXPIRED_IN_QUEUE)
                 self._remove(waiter)
             raise
 
@@ -266,18 +281,21 @@ class AdmissionController:
         state = self._callers[slot.caller]
         in_flight = self._in_flight
         self._in_flight -= 1
+        self._granted.discard(slot)
         state.in_flight -= 1
         self._completed += 1
         if self._observer is not None:
             self._observer.in_flight(slot.caller, -1)
+        rtt = max(0.0, now - slot.granted_at)
         if ok is True:
-            rtt = max(0.0, now - slot.granted_at)
-            a = self.config.service_alpha
-            self._service_s = rtt if self._service_s is None else self._service_s + a * (rtt - self._service_s)
+            self._sample_service(rtt)
             if self._limiter is not None:
                 self._set_limit(self._limiter.sample(rtt, in_flight))
-        elif ok is False and self._limiter is not None:
-            self._set_limit(self._limiter.drop())
+        elif ok is False:
+            if self._service_s is None or rtt > self._service_s:
+                self._sample_service(rtt)  # a drop took at least this long: a slowdown must show
+            if self._limiter is not None:
+                self._set_limit(self._limiter.drop())
         self._dispatch()
 
     def sweep(self) -> None:
@@ -310,22 +328,56 @@ class AdmissionController:
 
     # ------------------------------------------------------------------ internals
 
+    def _sample_service(self, rtt: float) -> None:
+        a = self.config.service_alpha
+        if self._service_s is None:
+            self._service_s = rtt
+            return
+        self._service_dev += a * (abs(rtt - self._service_s) - self._service_dev)
+        self._service_s += a * (rtt - self._service_s)
+
+    def _service_bound(self) -> float | None:
+        """How long one call admitted now will take, pessimistically: mean + 2 deviations (a
+        call whose deadline is only met by the mean would miss it about half the time)."""
+        return None if self._service_s is None else self._service_s + 2.0 * self._service_dev
+
+    def _meetable(self, deadline: float | None, now: float, *, first: bool = False) -> bool:
+        """Whether a call starting now ends by ``deadline``: pessimistically (mean + 2 deviations),
+        or by the mean for a caller's first call (nothing of it in flight or queued: fairness
+        needs each caller's first call to get its turn) and for calls already queued."""
+        bound = self._service_s if first else self._service_bound()
+        return deadline is None or bound is None or now + bound <= deadline
+
+    def _expired(self, slot: Slot) -> bool:
+        return slot.deadline is not None and slot.deadline - self._clock() <= _EXPIRY_SLACK_S
+
     def _standing(self, now: float) -> bool:
         return self._nonempty_since is not None and now - self._nonempty_since > self.config.codel_interval_s
 
     def _wait_estimate(self, state: _Caller) -> float | None:
-        """Queue ahead x service time / limit: with ``limit`` calls in flight one slot frees every
+        """Until the oldest call in flight should finish (service time less its age), then the
+        queue ahead x service time / limit: with ``limit`` calls in flight one slot frees every
         service_s / limit seconds (Little's law). Round-robin serves at most (own position + 1) of
-        every other caller's calls first. The position is the FIFO one even while the queue is
-        LIFO: admitting only what the queue can serve in time keeps it short, so the excess is
-        refused at once (cheap for the caller) rather than pushed out of the queue later."""
+        every other caller's calls first (own position, for those after it in the round). The
+        position is the FIFO one even while the queue is LIFO: admitting only what the queue can
+        serve in time keeps it short, so the excess is refused at once (cheap for the caller)
+        rather than pushed out of the queue later."""
         if self._service_s is None:
             return None
         if self._queued == 0 and self._in_flight < self._limit:
             return 0.0
         own = len(state.queue)
-        ahead = own + sum(min(len(s.queue), own + 1) for s in self._callers.values() if s is not state)
-        return (ahead + 1) * self._service_s / self._limit
+        ahead, before = own, state in self._callers.values()
+        for other in self._callers.values():  # the round's order: who is served next first
+            if other is state:
+                before = False
+            else:  # a caller before this one in the round is served once more than it
+                ahead += min(len(other.queue), own + (1 if before else 0))
+        first = self._service_s / self._limit
+        if self._granted and self._in_flight >= self._limit:
+            oldest = min(slot.granted_at for slot in self._granted)
+            first = min(first, max(0.0, self._service_s - (self._clock() - oldest)))
+        return first + ahead * self._service_s / self._limit
 
     def _check_admissible(self, slot: Slot, state: _Caller, now: float) -> None:
         c = self.config
@@ -336,23 +388,29 @@ class AdmissionController:
             self._refuse(slot, QUEUE_FULL)
         if slot.deadline is not None:
             wait = self._wait_estimate(state)
-            if wait is not None and now + wait + self._service_s > slot.deadline:  # type: ignore[operator]
+            if wait is not None and not self._meetable(
+                slot.deadline, now + wait, first=not (state.in_flight or state.queue)
+            ):
                 self._refuse(slot, DEADLINE_UNMEETABLE)
 
     def _stale(self, slot: Slot, now: float) -> str | None:
         if slot.deadline is not None and slot.deadline <= now:
             return EXPIRED_IN_QUEUE
+        if slot.deadline is not None and not self._meetable(slot.deadline, now, first=True):
+            return DEADLINE_UNMEETABLE  # it would finish too late: refuse now, while it can retry
         target = self.config.codel_target_s
         if target is not None and self._standing(now) and now - slot.enqueued_at > target:
             return QUEUE_TIMEOUT
         return None
 
     def _arm(self, waiter: _Waiter, now: float) -> None:
-        """A loop timer at the call's deadline (re-armed if the loop wakes a little early)."""
+        """A loop timer at the last instant the call could still start and finish by its deadline
+        (its deadline less the service time; re-armed if the loop wakes a little early)."""
         if waiter.slot.deadline is None or not self.config.timers:
             return
         loop = waiter.future.get_loop()
-        waiter.timer = loop.call_later(max(0.0, waiter.slot.deadline - now) + 0.001, self._on_timer, waiter)
+        due = waiter.slot.deadline - (self._service_s or 0.0)
+        waiter.timer = loop.call_later(max(0.0, due - now) + 0.001, self._on_timer, waiter)
 
     def _on_timer(self, waiter: _Waiter) -> None:
         waiter.timer = None
@@ -390,13 +448,9 @@ class AdmissionController:
             if picked is None:
                 return
             state = self._callers[picked]
-            self._callers.move_to_end(picked)  # served: last in the round
             waiter = state.queue.pop() if lifo else state.queue.popleft()
             self._dequeued(waiter, now)
             reason = self._stale(waiter.slot, now)
-            deadline, service_s = waiter.slot.deadline, self._service_s
-            if reason is None and deadline is not None and service_s is not None and now + service_s > deadline:
-                reason = DEADLINE_UNMEETABLE  # it would finish too late: refuse now, while it can retry
             if reason is not None:
                 self._fail(waiter, reason, now)
                 continue
@@ -410,6 +464,8 @@ class AdmissionController:
 
     def _grant(self, slot: Slot, now: float) -> None:
         slot.granted_at = now
+        self._granted.add(slot)
+        self._callers.move_to_end(slot.caller)  # served: last in the round
         self._in_flight += 1
         self._callers[slot.caller].in_flight += 1
         self._admitted += 1

@@ -22,10 +22,16 @@ import hmac
 import os
 import re
 from collections.abc import Mapping
+from contextvars import ContextVar
 from pathlib import Path
 
 SHARED_CALLER = "default"
-RESERVED = frozenset({"anonymous"})
+ANONYMOUS = "anonymous"  # every call when auth is off
+RESERVED = frozenset({ANONYMOUS})
+# The caller of the RPC being served: set by the auth interceptor (swc_service.interceptors) in
+# the call's own task, read once by the servicer, which hands it to the data plane explicitly.
+# None: not identified (yet, or refused).
+current_caller: ContextVar[str | None] = ContextVar("visloc_caller", default=None)
 MIN_TOKEN_CHARS = 16
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
 _TOKEN = re.compile(r"[!-~]+")  # printable ASCII, no space

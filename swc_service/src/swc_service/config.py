@@ -11,6 +11,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from .admission import AdmissionConfig
+from .callers import load_callers, with_shared
 from .method import (
     DEFAULT_CONF_SCALE_KM,
     DEFAULT_CONF_THRESHOLD,
@@ -68,6 +70,17 @@ class Settings:
     tls_client_ca_file: str = ""  # PEM CA: require client certificates (mutual TLS) when set
     log_level: str = "INFO"
     quiet_settings: bool = False
+    # Admission control and named callers (issue 17; swc_service.admission, swc_service.callers).
+    callers_file: str = ""  # 'name:token' lines: named callers (the shared token stays caller "default")
+    admission_initial_limit: int = 0  # calls in flight to Triton to start with; 0: max_batch
+    admission_min_limit: int = 1
+    admission_max_limit: int = 0  # 0: 4 x max_batch
+    admission_adaptive: bool = True  # False: the limit stays admission_initial_limit
+    admission_max_queue: int = 256  # calls waiting for a slot, all callers together
+    admission_caller_max_in_flight: int = 0  # per caller; 0: no cap beyond the limit (round-robin)
+    admission_caller_max_queued: int = 0  # per caller; 0: half of admission_max_queue
+    admission_codel_target_ms: float = 500.0  # under a standing queue, the longest wait; 0: off
+    admission_codel_interval_ms: float = 100.0  # a queue non-empty this long is standing (LIFO)
 
     def validate(self) -> Settings:
         if self.conf_scale_km not in self.pd_scales_km:
@@ -94,7 +107,26 @@ class Settings:
             raise ValueError("tls_cert_file and tls_key_file go together")
         if self.tls_client_ca_file and not self.tls_cert_file:
             raise ValueError("tls_client_ca_file needs tls_cert_file and tls_key_file")
+        self.admission_config()  # raises ValueError naming the bad limit
         return self
+
+    def admission_config(self) -> AdmissionConfig:
+        """The admission controller's limits; 0 means derived from the batcher's max batch."""
+        initial = self.admission_initial_limit or self.max_batch
+        maximum = self.admission_max_limit or max(4 * self.max_batch, initial)
+        if self.admission_caller_max_in_flight < 0 or self.admission_caller_max_queued < 0:
+            raise ValueError("admission_caller_max_in_flight and admission_caller_max_queued must be >= 0")
+        return AdmissionConfig(
+            initial_limit=initial,
+            min_limit=self.admission_min_limit,
+            max_limit=maximum,
+            adaptive=self.admission_adaptive,
+            max_queue=self.admission_max_queue,
+            caller_max_in_flight=self.admission_caller_max_in_flight or None,
+            caller_max_queued=self.admission_caller_max_queued or max(1, self.admission_max_queue // 2),
+            codel_interval_s=self.admission_codel_interval_ms / 1000.0,
+            codel_target_s=self.admission_codel_target_ms / 1000.0 if self.admission_codel_target_ms > 0 else None,
+        )
 
     def token(self) -> str | None:
         """The bearer token callers must present, or None when auth is off."""
@@ -104,6 +136,14 @@ class Settings:
                 raise ValueError(f"auth token file {self.auth_token_file} is empty")
             return token
         return self.auth_token or None
+
+    def callers(self) -> dict[str, str] | None:
+        """{token: caller name} from the callers file plus the shared token (caller "default");
+        None when neither is set (auth off: every call is caller "anonymous")."""
+        token = self.token()
+        if not self.callers_file and not token:
+            return None
+        return with_shared(load_callers(self.callers_file) if self.callers_file else {}, token)
 
     def describe(self) -> str:
         def shown(name: str):

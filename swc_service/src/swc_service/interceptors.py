@@ -3,22 +3,24 @@
 
 - :class:`StatusInterceptor` (outermost): maps any failure to its status with
   :func:`~swc_service.errors.classify` (no stack traces to callers), counts and logs each call;
-- :class:`AuthInterceptor`: the bearer-token check, raising ``Unauthenticated`` (which the
-  status interceptor then answers, counts and logs like any other failure).
+- :class:`AuthInterceptor`: names the caller from its bearer token (callers file + shared token,
+  swc_service.callers) or refuses with ``Unauthenticated`` (which the status interceptor then
+  answers, counts and logs like any other failure); with auth off every call is "anonymous".
+  The name goes to the data plane through :data:`~swc_service.callers.current_caller`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 
 import grpc
 
 from . import metrics
+from .callers import ANONYMOUS, current_caller, identify
 from .errors import Unauthenticated, classify
 
 log = logging.getLogger("swc_service.access")
@@ -26,18 +28,21 @@ log = logging.getLogger("swc_service.access")
 Behaviour = Callable  # a handler's unary_unary or stream_stream function
 
 
-def check_token(expected: str | None, metadata) -> None:
-    """Bearer-token check (constant-time); a no-op when no token is configured."""
-    if expected is None:
-        return
+def caller_of(callers: Mapping[str, str] | None, metadata) -> str:
+    """The caller's name from its bearer token (every token compared in constant time);
+    "anonymous" when auth is off (``callers`` None); Unauthenticated for anything else."""
+    if callers is None:
+        return ANONYMOUS
     presented = ""
     for key, value in metadata or ():
         if key == "authorization":
             presented = value if isinstance(value, str) else value.decode("latin-1")
             break
     scheme, _, token = presented.partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), expected.encode()):
+    name = identify(callers, token.strip()) if scheme.lower() == "bearer" else None
+    if name is None:
         raise Unauthenticated("a valid 'authorization: Bearer <token>' header is required")
+    return name
 
 
 class ServiceInterceptor(grpc.aio.ServerInterceptor):
@@ -71,22 +76,23 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
 
 
 class AuthInterceptor(ServiceInterceptor):
-    """Refuses calls without the configured bearer token (install only when one is set)."""
+    """Names every call's caller (:data:`current_caller`) or refuses it; ``callers`` is
+    {token: name} (Settings.callers()), None when auth is off."""
 
-    def __init__(self, service: str, token: str):
+    def __init__(self, service: str, callers: Mapping[str, str] | None):
         super().__init__(service)
-        self.token = token
+        self.callers = None if callers is None else dict(callers)
 
     def unary(self, method: str, behaviour: Behaviour) -> Behaviour:
         async def wrapper(request, context: grpc.aio.ServicerContext):
-            check_token(self.token, context.invocation_metadata())
+            current_caller.set(caller_of(self.callers, context.invocation_metadata()))
             return await behaviour(request, context)
 
         return wrapper
 
     def stream(self, method: str, behaviour: Behaviour) -> Behaviour:
         async def wrapper(request_iterator, context: grpc.aio.ServicerContext):
-            check_token(self.token, context.invocation_metadata())
+            current_caller.set(caller_of(self.callers, context.invocation_metadata()))
             async for item in behaviour(request_iterator, context):
                 yield item
 
@@ -99,6 +105,8 @@ def access_log(method: str, code: grpc.StatusCode, started: float, request_id: s
     metrics.REQUESTS.labels(method, code.name).inc()
     metrics.REQUEST_SECONDS.labels(method).observe(elapsed)
     entry = {"rpc": method, "request_id": request_id, "code": code.name, "ms": round(elapsed * 1e3, 3)}
+    if (caller := current_caller.get()) is not None:  # None: refused before it was named
+        entry["caller"] = caller
     if reason:
         entry["reason"] = reason
     log.info(json.dumps(entry))

@@ -1,8 +1,14 @@
 """The data plane: one image from bytes to a LocateResponse.
 
-decode -> preprocess (thread pool) -> infer (shape-grouped batches) -> SwC -> PD -> reply.
+admission -> decode -> preprocess (thread pool) -> infer (shape-grouped batches) -> SwC -> PD
+-> reply.
 Everything that can fail raises a :class:`~swc_service.errors.LocateFailure` subclass; the
 gRPC layer maps it to a status in one place (:func:`~swc_service.errors.classify`).
+
+Admission control (:class:`~swc_service.admission.AdmissionController`, one per event loop)
+bounds the images being worked on (decode to model answer): a call whose deadline the queue
+cannot meet is refused (RESOURCE_EXHAUSTED) before any CPU is spent on it, and an image that
+expires while queued is never decoded nor sent to Triton.
 
 The model server is injected (any :class:`~swc_service.inference.Inference`), and what an image
 is answered against is one immutable :class:`~swc_service.prediction.ServingState` in
@@ -21,6 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 from visloc_client.v1 import locator_pb2 as pb
 
 from . import metrics
+from .admission import DEFAULT_CALLER, AdmissionController
 from .batcher import ShapeBatcher
 from .bundle import Bundle
 from .config import Settings
@@ -40,12 +47,15 @@ class Locator:
         bundle: Bundle,
         inference: Inference,
         model_status: Callable[[], tuple[bool, str]] | None = None,
+        admission: AdmissionController | None = None,
     ):
         """``model_status()``: (the model check confirmed the current state's model, a warning
-        for GetInfo); None (a test fake) means confirmed, no warning."""
+        for GetInfo); None (a test fake) means confirmed, no warning. ``admission``: the
+        worker's admission controller (one per event loop); None makes one from the settings."""
         self.settings = settings
         self.inference = inference
         self.model_status = model_status
+        self.admission = admission or AdmissionController(settings.admission_config())
         self.state = ServingState.of(bundle, settings.pd_scales_km)
         self._preprocess = functools.partial(
             preprocess,
@@ -65,14 +75,20 @@ class Locator:
             bundle.bundle_id, bundle.source, bundle.model_version, str(bundle.num_cells), str(bundle.num_background)
         ).set(1)
 
-    async def locate(self, request: pb.LocateRequest, deadline: float | None = None) -> pb.LocateResponse:
-        """Locate one image. ``deadline`` is a ``time.monotonic()`` instant, or None."""
+    async def locate(
+        self, request: pb.LocateRequest, deadline: float | None = None, caller: str = DEFAULT_CALLER
+    ) -> pb.LocateResponse:
+        """Locate one image for ``caller`` (its name keys the admission limits). ``deadline`` is a
+        ``time.monotonic()`` instant, or None."""
         started = time.perf_counter()
         state = self.state
         opts = resolve_options(request.options, self.settings, state.density.scales_km)
         metrics.IMAGE_BYTES.observe(len(request.image))
-        image = await self.prepare(request.image)
-        out = await self.batcher.submit(image.array, deadline)
+        # Admitted (or refused at once) before any CPU is spent on the image; a queued call holds
+        # only its bytes, and no image is decoded only to lose the race for a slot.
+        async with self.admission.admit(caller, deadline):
+            image = await self.prepare(request.image)
+            out = await self.batcher.submit(image.array, deadline)
         pred = predict(state, out.cell_probs, out.embedding, opts)
         stages = {
             "decode": image.decode_s,

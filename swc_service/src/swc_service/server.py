@@ -113,6 +113,8 @@ async def _watch_triton(pool, health_servicer: health.aio.HealthServicer, interv
 
 async def serve(settings: Settings, *, on_started=None) -> None:
     """Run one server until SIGTERM/SIGINT, then drain: NOT_SERVING, finish in-flight calls, exit."""
+    from . import metrics
+    from .admission import AdmissionController
     from .interceptors import AuthInterceptor, StatusInterceptor
     from .locator import Locator
     from .servicer import LocatorServicer
@@ -127,11 +129,13 @@ async def serve(settings: Settings, *, on_started=None) -> None:
         resolve_interval_s=settings.triton_resolve_interval_s,
         health_timeout_s=max(1.0, settings.triton_health_interval_s),
     )  # fmt: skip
-    locator = Locator(settings, bundle, inference, model_status=inference.model_status)
-    token = settings.token()
+    # One admission controller per worker process (it belongs to this event loop).
+    admission = AdmissionController(settings.admission_config(), observer=metrics.AdmissionMetrics())
+    locator = Locator(settings, bundle, inference, model_status=inference.model_status, admission=admission)
+    callers = settings.callers()
     server = grpc.aio.server(
         # Outermost first: the status interceptor answers, counts and logs auth failures too.
-        interceptors=[StatusInterceptor(SERVICE_NAME), *([AuthInterceptor(SERVICE_NAME, token)] if token else [])],
+        interceptors=[StatusInterceptor(SERVICE_NAME), AuthInterceptor(SERVICE_NAME, callers)],
         options=grpc_options(settings),
         maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
     )
@@ -161,7 +165,7 @@ async def serve(settings: Settings, *, on_started=None) -> None:
     log.info(
         "listening on %s:%d (%s%s; bundle %s, %s, M=%d, N=%d) after %.2f s",
         settings.host, port, "TLS" if credentials else "plaintext",
-        ", bearer token required" if settings.token() else "",
+        f", bearer token required ({len(set(callers.values()))} callers)" if callers else "",
         bundle.bundle_id, bundle.source, bundle.num_cells, bundle.num_background, process_age_s(),
     )  # fmt: skip
     if health_server is not None:

@@ -15,6 +15,7 @@ from visloc_client.v1 import locator_pb2 as pb
 from visloc_client.v1 import locator_pb2_grpc as pb_grpc
 
 from . import metrics
+from .callers import ANONYMOUS, current_caller
 from .errors import DeadlineExceeded, classify
 from .locator import Locator
 
@@ -34,17 +35,24 @@ def deadline_of(context: grpc.aio.ServicerContext) -> float | None:
     return None if remaining is None else time.monotonic() + remaining
 
 
-async def locate_within(locator: Locator, request: pb.LocateRequest, deadline: float | None) -> pb.LocateResponse:
-    """One image, bounded by the caller's deadline; counts the image and its outcome."""
+def caller_name() -> str:
+    """The caller the auth interceptor named for this RPC ("anonymous" without one)."""
+    return current_caller.get() or ANONYMOUS
+
+
+async def locate_within(
+    locator: Locator, request: pb.LocateRequest, deadline: float | None, caller: str = ANONYMOUS
+) -> pb.LocateResponse:
+    """One image for ``caller``, bounded by its deadline; counts the image and its outcome."""
     assign_request_id(request)
     metrics.IN_FLIGHT.inc()
     code = grpc.StatusCode.OK
     try:
         if deadline is None:
-            return await locator.locate(request, None)
+            return await locator.locate(request, None, caller)
         try:
             async with asyncio.timeout_at(deadline):
-                return await locator.locate(request, deadline)
+                return await locator.locate(request, deadline, caller)
         except TimeoutError as exc:
             raise DeadlineExceeded("the deadline passed before the image was located") from exc
     except (Exception, asyncio.CancelledError) as exc:
@@ -61,7 +69,7 @@ class LocatorServicer(pb_grpc.LocatorServicer):
         self.stream_in_flight = stream_in_flight
 
     async def Locate(self, request: pb.LocateRequest, context: grpc.aio.ServicerContext) -> pb.LocateResponse:
-        return await locate_within(self.locator, request, deadline_of(context))
+        return await locate_within(self.locator, request, deadline_of(context), caller_name())
 
     async def GetInfo(self, request: pb.GetInfoRequest, context: grpc.aio.ServicerContext) -> pb.GetInfoResponse:
         return self.locator.info()
@@ -71,13 +79,14 @@ class LocatorServicer(pb_grpc.LocatorServicer):
     ) -> AsyncIterator[pb.LocateStreamResponse]:
         """Up to ``stream_in_flight`` images at once; answers as they complete, errors per image."""
         deadline = deadline_of(context)
+        caller = caller_name()
         out: asyncio.Queue[pb.LocateStreamResponse | None] = asyncio.Queue()
         slots = asyncio.Semaphore(self.stream_in_flight)
         tasks: set[asyncio.Task] = set()
 
         async def one(index: int, request: pb.LocateRequest) -> None:
             try:
-                result = await locate_within(self.locator, request, deadline)
+                result = await locate_within(self.locator, request, deadline, caller)
                 await out.put(pb.LocateStreamResponse(request_id=result.request_id, index=index, result=result))
             except Exception as exc:  # a failure answers this image, not the whole stream
                 code, message = classify(exc, request.request_id)

@@ -46,7 +46,11 @@ class TritonInference:
         outputs = [triton.InferRequestedOutput(OUTPUT_PROBS), triton.InferRequestedOutput(OUTPUT_EMBEDDING)]
         timeout = self.timeout_s if timeout_s is None else max(0.001, min(timeout_s, self.timeout_s))
         try:
-            result = await self._client.infer(self.model, [inp], outputs=outputs, client_timeout=timeout)
+            # timeout: Triton's own (microseconds); its queue policy (allow_timeout_override,
+            # timeout_action REJECT) drops the batch once its callers' deadlines have passed.
+            result = await self._client.infer(
+                self.model, [inp], outputs=outputs, timeout=max(1, int(timeout * 1e6)), client_timeout=timeout
+            )
         except InferenceServerException as exc:
             status = _status(exc)
             metrics.TRITON_ERRORS.labels(status.removeprefix("StatusCode.") or "UNKNOWN").inc()
