@@ -37,10 +37,15 @@ $(KERNELS): $(STAMP) swc_service/src/swc_service/_kernels.c swc_service/setup.py
 
 setup: $(KERNELS)
 
+# A demo bundle built before bundles carried probes gets them from its own model (the service
+# refuses a bundle it cannot check against Triton's model).
 $(DEMO_BUNDLE)/manifest.json: | $(KERNELS)
 	$(VENV)/bin/visloc-export demo --out $(DEMO_BUNDLE)
 
-demo: $(KERNELS) $(if $(BUNDLE),,$(DEMO_BUNDLE)/manifest.json)
+$(DEMO_BUNDLE)/probes: $(DEMO_BUNDLE)/manifest.json
+	@test -d $@ || $(VENV)/bin/visloc-export add-probes $(DEMO_BUNDLE)
+
+demo: $(KERNELS) $(if $(BUNDLE),,$(DEMO_BUNDLE)/probes)
 	$(PY) -m devtools.demo --bundle $(if $(BUNDLE),$(BUNDLE),$(DEMO_BUNDLE))
 
 # The real model: fetch the published files (resumable, verified against SOURCES.json), import
@@ -86,11 +91,11 @@ bench: $(KERNELS)
 # Overload (issue 17): capacity, then 4x and 12x the clients with 2 s deadlines, and two callers;
 # -> bench/results/overload.json and the Overload section of docs/BENCHMARKS.md (bounded, ~4 min).
 .PHONY: overload
-overload: $(KERNELS) $(DEMO_BUNDLE)/manifest.json
+overload: $(KERNELS) $(DEMO_BUNDLE)/probes
 	$(PY) -m bench.overload --bundle $(DEMO_BUNDLE)
 
 # A bounded soak at saturation on loopback (SOAK_SECONDS, default 600): 0 errors, no growth.
-soak: $(KERNELS) $(DEMO_BUNDLE)/manifest.json
+soak: $(KERNELS) $(DEMO_BUNDLE)/probes
 	$(PY) -m bench.soak --bundle $(DEMO_BUNDLE)
 
 # The 10x spike simulation (docs/capacity.md): measured costs through the prod overlay's HPAs.
