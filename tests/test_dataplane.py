@@ -46,10 +46,14 @@ class FakeInference:
         self.cells = cells
         self.fail: Exception | None = None
         self.batches: list[tuple[int, ...]] = []
+        self.versions: list[str] = []  # the model version each batch asked for
         self.closed = False
 
-    async def infer(self, batch: np.ndarray, timeout_s: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+    async def infer(
+        self, batch: np.ndarray, timeout_s: float | None = None, *, model_version: str = ""
+    ) -> tuple[np.ndarray, np.ndarray]:
         self.batches.append(batch.shape)
+        self.versions.append(model_version)
         if self.fail is not None:
             raise self.fail
         values = batch.reshape(batch.shape[0], -1)[:, 0].astype(int)
@@ -126,6 +130,7 @@ def test_locate_runs_swc_in_the_top_cell_and_builds_the_reply(tiny_bundle):
     assert len(r.prediction_density) == len(Settings(bundle="-").pd_scales_km)
     assert (r.image_width, r.image_height, r.input_width, r.input_height) == (400, 300, 400, 300)
     assert r.model_version == load_bundle(tiny_bundle).model_version and r.batch_size == 1
+    assert fake.versions == [load_bundle(tiny_bundle).triton_version]  # the exact version, never "latest"
     assert r.timings.total_ms >= r.timings.swc_ms >= 0
 
 
@@ -182,6 +187,24 @@ def test_batcher_groups_equal_shapes_and_separates_others():
     assert fake.batches == [(3, 300, 400, 3), (1, 400, 300, 3)]
     assert [int(np.argmax(o.cell_probs)) for o in outs] == [0, 1, 2] and {o.batch_size for o in outs} == {3}
     assert int(np.argmax(tall.cell_probs)) == 3 and tall.batch_size == 1
+
+
+def test_batcher_never_mixes_model_versions_in_one_batch():
+    fake = FakeInference()
+
+    async def run():
+        batcher = ShapeBatcher(fake.infer, window_s=3600, max_batch=2)
+        image = np.zeros((300, 400, 3), np.uint8)
+        old = [asyncio.ensure_future(batcher.submit(image, None, "11")) for _ in range(2)]
+        new = asyncio.ensure_future(batcher.submit(image, None, "22"))
+        await asyncio.gather(*old)
+        assert not new.done()  # same shape, other version: its own group
+        await batcher.drain()
+        return await new
+
+    out = asyncio.run(run())
+    assert fake.versions == ["11", "22"] and fake.batches == [(2, 300, 400, 3), (1, 300, 400, 3)]
+    assert out.batch_size == 1
 
 
 def test_batcher_gives_every_waiter_the_failure():

@@ -62,7 +62,7 @@ class Locator:
         opts = resolve_options(request.options, self.settings, state.density.scales_km)
         metrics.IMAGE_BYTES.observe(len(request.image))
         image = await self.prepare(request.image)
-        out = await self.batcher.submit(image.array, deadline)
+        out = await self.batcher.submit(image.array, deadline, state.triton_version)
         pred = predict(state, out.cell_probs, out.embedding, opts)
         stages = {
             "decode": image.decode_s,

@@ -40,13 +40,17 @@ class TritonInference:
         self.timeout_s = timeout_s
         self._client = triton.InferenceServerClient(url, channel_args=CHANNEL_ARGS)
 
-    async def infer(self, batch: np.ndarray, timeout_s: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+    async def infer(
+        self, batch: np.ndarray, timeout_s: float | None = None, *, model_version: str = ""
+    ) -> tuple[np.ndarray, np.ndarray]:
         inp = triton.InferInput(INPUT_NAME, list(batch.shape), "UINT8")
         inp.set_data_from_numpy(batch)
         outputs = [triton.InferRequestedOutput(OUTPUT_PROBS), triton.InferRequestedOutput(OUTPUT_EMBEDDING)]
         timeout = self.timeout_s if timeout_s is None else max(0.001, min(timeout_s, self.timeout_s))
         try:
-            result = await self._client.infer(self.model, [inp], outputs=outputs, client_timeout=timeout)
+            result = await self._client.infer(
+                self.model, [inp], model_version=model_version, outputs=outputs, client_timeout=timeout
+            )
         except InferenceServerException as exc:
             status = _status(exc)
             metrics.TRITON_ERRORS.labels(status.removeprefix("StatusCode.") or "UNKNOWN").inc()
@@ -55,7 +59,10 @@ class TritonInference:
             if "DEADLINE_EXCEEDED" in status:
                 raise DeadlineExceeded(f"Triton did not answer within {timeout:.3f} s") from exc
             if "NOT_FOUND" in status or "not found" in (exc.message() or ""):
-                raise Unavailable(f"Triton at {self.url} does not serve model {self.model!r}: {exc.message()}") from exc
+                raise Unavailable(
+                    f"Triton at {self.url} does not serve model {self.model!r} version {model_version or '(default)'}: "
+                    f"{exc.message()}"
+                ) from exc
             raise InferenceFailed(f"Triton error {status}: {exc.message()}") from exc
         return result.as_numpy(OUTPUT_PROBS), result.as_numpy(OUTPUT_EMBEDDING)
 
