@@ -17,6 +17,7 @@ from typing import Protocol
 
 import numpy as np
 
+
 class InferFn(Protocol):
     """:meth:`swc_service.inference.Inference.infer`."""
 

@@ -51,9 +51,7 @@ class Locator:
             on_batch=metrics.TRITON_BATCH.observe,
         )
         metrics.BATCH_WINDOW.set(settings.batch_window_ms / 1000.0)
-        metrics.BUNDLE_INFO.labels(
-            bundle.bundle_id, bundle.source, bundle.model_version, str(bundle.num_cells), str(bundle.num_background)
-        ).set(1)
+        metrics.set_bundle_info(bundle, True)
 
     async def locate(self, request: pb.LocateRequest, deadline: float | None = None) -> pb.LocateResponse:
         """Locate one image. ``deadline`` is a ``time.monotonic()`` instant, or None."""

@@ -91,3 +91,14 @@ def observe_located(pixels: int, stages: dict[str, float], method: str, localiza
     for stage, seconds in stages.items():
         STAGE_SECONDS.labels(stage).observe(seconds)
     PREDICTIONS.labels(method, str(localizable).lower()).inc()
+
+
+# Bundle reloads (SIGHUP, swc_service.reload, issue 16). ``result``: ok, unchanged, bundle_error
+# (the new bundle did not load), mismatch / no_probes / error (its model check did not pass).
+BUNDLE_RELOADS = Counter("visloc_bundle_reload_total", "Bundle reloads (SIGHUP) by result", ["result"])
+
+
+def set_bundle_info(bundle, served: bool) -> None:
+    """visloc_bundle_info of a bundle: 1 while it is served, 0 after a reload replaced it."""
+    labels = (bundle.bundle_id, bundle.source, bundle.model_version, str(bundle.num_cells), str(bundle.num_background))
+    BUNDLE_INFO.labels(*labels).set(1 if served else 0)

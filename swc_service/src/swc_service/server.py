@@ -5,6 +5,10 @@ bind the same port (SO_REUSEPORT, so the kernel spreads connections over them, a
 is bound to one core by the GIL), serves their aggregated Prometheus metrics, and forwards
 SIGTERM/SIGINT for a graceful stop. Each worker memory-maps the same bundle files, so the
 background's pages are shared through the page cache.
+
+SIGHUP reloads the bundle (``--bundle`` resolved anew, e.g. a re-pointed symlink), checked
+against its model version in Triton before it replaces the served one
+(:mod:`swc_service.reload`); a supervisor forwards SIGHUP to every worker.
 """
 
 from __future__ import annotations
@@ -88,7 +92,7 @@ def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
 
 
 async def _watch_triton(
-    inference, bundle, health_servicer: health.aio.HealthServicer, interval: float, draining
+    inference, locator, health_servicer: health.aio.HealthServicer, interval: float, draining
 ) -> None:
     """SERVING only while Triton and the model are ready, the model answers with the bundle's
     shapes (checked by one small inference each time Triton comes up), and we are not draining."""
@@ -100,7 +104,9 @@ async def _watch_triton(
     while not draining.is_set():
         ready = await inference.ready(timeout_s=max(0.2, interval))
         if ready and not verified:
-            problem = await check_model(inference, bundle.num_cells, int(bundle.features.shape[1]))
+            state = locator.state  # read each time: a reload replaces it (and the old bundle is released)
+            problem = await check_model(inference, state.bundle.num_cells, state.embedding_dim)
+            del state
             if problem:
                 log.error("Triton's model does not match the bundle: %s", problem)
             verified = problem is None
@@ -126,11 +132,9 @@ async def serve(settings: Settings, *, on_started=None) -> None:
     from .servicer import LocatorServicer
     from .triton_infer import TritonInference
 
-    bundle = load_bundle(settings.bundle)
-    if settings.prefetch_background:
-        bundle.prefetch()
     inference = TritonInference(settings.triton_url, settings.triton_model, settings.triton_timeout_s)
-    locator = Locator(settings, bundle, inference)
+    # No local name keeps the bundle: a SIGHUP reload must be able to release its memory maps.
+    locator = Locator(settings, _open_bundle(settings), inference)
     token = settings.token()
     server = grpc.aio.server(
         # Outermost first: the status interceptor answers, counts and logs auth failures too.
@@ -162,10 +166,11 @@ async def serve(settings: Settings, *, on_started=None) -> None:
     if health_server is not None:
         await health_server.start()
     log.info(
-        "listening on %s:%d (%s%s; bundle %s, %s, M=%d, N=%d) after %.2f s",
+        "listening on %s:%d (%s%s; bundle %s, %s, M=%d, N=%d, Triton version %s) after %.2f s",
         settings.host, port, "TLS" if credentials else "plaintext",
         ", bearer token required" if settings.token() else "",
-        bundle.bundle_id, bundle.source, bundle.num_cells, bundle.num_background, process_age_s(),
+        locator.state.bundle.bundle_id, locator.state.bundle.source, locator.state.bundle.num_cells,
+        locator.state.bundle.num_background, locator.state.triton_version, process_age_s(),
     )  # fmt: skip
     if health_server is not None:
         log.info("health on %s:%d (plaintext, grpc.health.v1 only)", settings.host, settings.health_port)
@@ -176,10 +181,14 @@ async def serve(settings: Settings, *, on_started=None) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, draining.set)
+    reloader = _reloader(settings, locator, inference)
+    loop.add_signal_handler(signal.SIGHUP, reloader.request)
     watcher = asyncio.create_task(
-        _watch_triton(inference, bundle, health_servicer, settings.triton_health_interval_s, draining)
+        _watch_triton(inference, locator, health_servicer, settings.triton_health_interval_s, draining)
     )
     await draining.wait()
+    loop.remove_signal_handler(signal.SIGHUP)
+    await reloader.wait()
     log.info("draining: NOT_SERVING, refusing new calls, %.1f s grace for calls in flight", settings.grace_s)
     await health_servicer.enter_graceful_shutdown()
     await watcher
@@ -192,6 +201,26 @@ async def serve(settings: Settings, *, on_started=None) -> None:
             await health_server.stop(None)
     await locator.close()
     log.info("stopped")
+
+
+def _open_bundle(settings: Settings):
+    bundle = load_bundle(settings.bundle)
+    if settings.prefetch_background:
+        bundle.prefetch()
+    return bundle
+
+
+def _reloader(settings: Settings, locator, inference):
+    """The SIGHUP reload: the same model check as at start-up, with the new bundle's version."""
+    from .reload import BundleReloader
+
+    return BundleReloader(
+        locator, inference, settings.bundle,
+        # Issue 16 part 1's settings (the declared backend precision, serving probe-less bundles).
+        precision=getattr(settings, "model_precision", "fp32"),
+        allow_without_probes=getattr(settings, "allow_bundle_without_probes", False),
+        model_name=settings.triton_model, max_batch=settings.max_batch, prefetch=settings.prefetch_background,
+    )  # fmt: skip
 
 
 def _serve_metrics(settings: Settings, multiproc_dir: str | None) -> None:
@@ -229,8 +258,15 @@ def _supervise(settings: Settings, argv: list[str]) -> int:
             if child.poll() is None:
                 child.send_signal(signum)
 
+    def reload(signum: int, _frame) -> None:
+        log.info("supervisor: SIGHUP: every worker reloads the bundle")
+        for child in children:
+            if child.poll() is None:
+                child.send_signal(signum)
+
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
+    signal.signal(signal.SIGHUP, reload)
     # A worker that dies on its own takes the others down with it, so the supervisor exits and
     # the orchestrator restarts the whole pod: the port would otherwise stay open on fewer workers.
     while not stopping and all(child.poll() is None for child in children):
