@@ -82,11 +82,10 @@ class BundleReloader:
         self._task = asyncio.get_running_loop().create_task(self._run_queued())
 
     async def _run_queued(self) -> None:
-        while True:
+        await self.reload()
+        while self._again:  # SIGHUPs since this task was started: one more reload reads them all
             self._again = False
             await self.reload()
-            if not self._again:
-                return
 
     async def wait(self) -> None:
         """Until the running (and queued) reloads are done (graceful stop)."""
