@@ -92,6 +92,12 @@ class BundleReloader:
         if self._task is not None:
             await asyncio.gather(self._task, return_exceptions=True)
 
+    async def cancel(self) -> None:
+        """Stop a running reload (at shutdown): before its one assignment it has changed nothing."""
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
     async def reload(self) -> ReloadResult:
         """One reload, serialised with the others; never raises for a bad bundle or a failed check."""
         async with self._lock:

@@ -188,7 +188,7 @@ async def serve(settings: Settings, *, on_started=None) -> None:
     )
     await draining.wait()
     loop.remove_signal_handler(signal.SIGHUP)
-    await reloader.wait()
+    await reloader.cancel()  # a reload not yet swapped changes nothing; the drain does not wait for it
     log.info("draining: NOT_SERVING, refusing new calls, %.1f s grace for calls in flight", settings.grace_s)
     await health_servicer.enter_graceful_shutdown()
     await watcher
@@ -246,6 +246,7 @@ def _supervise(settings: Settings, argv: list[str]) -> int:
     _serve_metrics(settings, multiproc_dir)
     cmd = [sys.executable, "-m", "swc_service.server", *argv]
     cmd += ["--workers", "1", "--metrics-port", "0", "--reuse-port", "true", "--quiet-settings", "true"]
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # inherited: a SIGHUP before a worker's loop is up is dropped
     children = [subprocess.Popen(cmd, env=env) for _ in range(settings.workers)]
     log.info("supervisor: %d workers (pids %s)", len(children), [c.pid for c in children])
 
@@ -289,6 +290,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     if not settings.quiet_settings:
         print("swc-service settings:\n" + settings.describe(), file=sys.stderr, flush=True)
+    # SIGHUP (reload) would end the process by default until serve() installs its handler.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     if settings.workers > 1:
         return _supervise(settings, argv)
     _serve_metrics(settings, os.environ.get("PROMETHEUS_MULTIPROC_DIR") if settings.metrics_port else None)
