@@ -263,3 +263,23 @@ def test_swap_under_load_answers_every_call_with_one_bundle_s_own_numbers(demo_b
         )
     finally:
         svc.stop()
+
+
+def test_the_supervisor_forwards_sighup_to_every_worker(demo_bundle, triton, tmp_path):
+    """--workers 2: one SIGHUP to the supervisor reloads in both workers (counted in the
+    aggregated metrics); the bundle is the one served, so each says "unchanged"."""
+    served = served_versions(triton.model_dir)
+    if B.load_bundle(demo_bundle).triton_version not in served:
+        triton.add_bundle(demo_bundle)
+    link = tmp_path / "current"
+    point(link, demo_bundle)
+    svc = ServiceProcess(link, triton.grpc_url, "--workers", "2")
+    try:
+        wait_serving(svc.target)
+        wait_for(lambda: svc.log_text().count("listening on") == 2, 60, "both workers listening")
+        os.kill(svc.proc.pid, signal.SIGHUP)
+        wait_for(lambda: metric(svc, "visloc_bundle_reload_total", result="unchanged") == 2, 60, "two reloads")
+        assert svc.log_text().count("reload unchanged") == 2
+        assert svc.proc.poll() is None  # nobody died of the signal
+    finally:
+        assert svc.stop() == 0
