@@ -18,6 +18,18 @@ Python API::
 
 Console script: ``visloc-triton --bundle DIR [--grpc-port 8001 ...]`` (``--help``).
 
+Versions side by side: the model's version directory is the bundle's ``triton_version`` (what
+the service asks for) and Triton runs with explicit model control, so a second bundle's model
+is loaded next to the first and the old one unloaded while the server runs::
+
+    triton.add_bundle(other_dir); triton.remove_bundle(old_dir)          # Python
+    visloc-triton add --workdir W --url 127.0.0.1:8001 --bundle B         # CLI (W: the launcher's)
+    visloc-triton remove --workdir W --url 127.0.0.1:8001 --bundle A
+
+Triton's load of an already loaded model reloads it with every version directory present
+(``version_policy: all``): versions that did not change keep serving throughout, a new one is
+loaded, a removed one is unloaded once its requests finish.
+
 Linux only (like the wheel). The server gets PR_SET_PDEATHSIG, so it also goes when the
 launcher is killed with SIGKILL; its Python-backend stubs follow it.
 """
@@ -244,12 +256,24 @@ class LocalTriton:
         backend = self.workdir / "backends" / "python"
         shutil.copytree(wheel / "backends" / "python", backend, ignore=shutil.ignore_patterns("__pycache__"))
         shutil.copy2(stub, backend / stub.name)  # the backend looks for its stub next to itself
-        version = self.workdir / "models" / MODEL_NAME / "1"
-        version.mkdir(parents=True)
-        (version.parent / "config.pbtxt").write_text(config_text(self.config, self._config_source))
-        shutil.copyfile(MODEL_PY, version / "model.py")
-        (version / B.MODEL).symlink_to(self.bundle.model_path.resolve())
+        model_dir = self.workdir / "models" / MODEL_NAME
+        model_dir.mkdir(parents=True)
+        (model_dir / "config.pbtxt").write_text(config_text(self.config, self._config_source))
+        write_version(model_dir, self.bundle)
         return self.workdir
+
+    @property
+    def model_dir(self) -> Path:
+        assert self.workdir is not None, "render() or start() first"
+        return self.workdir / "models" / MODEL_NAME
+
+    def add_bundle(self, bundle_dir: str | os.PathLike[str], timeout_s: float = 180.0) -> str:
+        """Load another bundle's model next to the served ones; returns its Triton version."""
+        return add_bundle(self.model_dir, bundle_dir, self.grpc_url, timeout_s)
+
+    def remove_bundle(self, bundle_dir: str | os.PathLike[str], timeout_s: float = 180.0) -> str:
+        """Unload a bundle's model version (the others keep serving); returns its Triton version."""
+        return remove_bundle(self.model_dir, bundle_dir, self.grpc_url, timeout_s)
 
     def command(self) -> list[str]:
         assert self.workdir is not None
@@ -261,7 +285,8 @@ class LocalTriton:
             f"--backend-config=python,shm-region-prefix-name={self._shm_prefix}",
             f"--backend-config=python,shm-default-byte-size={SHM_DEFAULT_BYTES}",
             f"--backend-config=python,shm-growth-byte-size={SHM_GROWTH_BYTES}",
-            "--model-control-mode=none",
+            "--model-control-mode=explicit",  # versions are added and removed at run time
+            f"--load-model={MODEL_NAME}",
             "--disable-auto-complete-config",
             f"--grpc-address={h}",
             f"--grpc-port={self.grpc_port}",
@@ -380,6 +405,105 @@ class LocalTriton:
         return f"{head}--- last lines of {self.log_path} ---\n" + "\n".join(text[-lines:])
 
 
+# --------------------------------------------------------------------------- versions
+
+
+def write_version(model_dir: Path, bundle: B.Bundle) -> Path:
+    """``<model_dir>/<bundle.triton_version>/``: the Python-backend model and a link to the bundle's ONNX."""
+    version = model_dir / bundle.triton_version
+    if version.exists():
+        shutil.rmtree(version)
+    tmp = model_dir / f".{bundle.triton_version}.tmp"  # not a number: Triton ignores it
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    shutil.copyfile(MODEL_PY, tmp / "model.py")
+    (tmp / B.MODEL).symlink_to(bundle.model_path.resolve())
+    os.rename(tmp, version)
+    return version
+
+
+def served_versions(model_dir: str | os.PathLike[str]) -> list[str]:
+    """The version directories of the rendered model (what a load serves)."""
+    return sorted(p.name for p in Path(model_dir).iterdir() if p.is_dir() and p.name.isdigit())
+
+
+def _config_cells(model_dir: Path) -> int:
+    from google.protobuf import text_format
+
+    cfg = text_format.Parse((model_dir / "config.pbtxt").read_text(), mc.ModelConfig())
+    return int(next(o.dims[0] for o in cfg.output if o.name == B.OUTPUT_PROBS))
+
+
+def _reload(url: str, timeout_s: float) -> None:
+    """Triton's load of the (already loaded) model: it serves the version directories present now."""
+    import tritonclient.grpc as grpcclient
+    from tritonclient.utils import InferenceServerException
+
+    with grpcclient.InferenceServerClient(url) as client:
+        try:
+            client.load_model(MODEL_NAME, client_timeout=timeout_s)
+        except InferenceServerException as exc:
+            raise TritonError(f"Triton at {url} did not load {MODEL_NAME}: {exc.message()}") from exc
+
+
+def add_bundle(model_dir: str | os.PathLike[str], bundle_dir: str | os.PathLike[str], url: str,
+               timeout_s: float = 180.0) -> str:  # fmt: skip
+    """Write the bundle's version into the rendered model and have Triton load it (the versions
+    already served keep serving). The bundle must have the served config's cell count."""
+    model_dir, bundle = Path(model_dir), B.load_bundle(bundle_dir)
+    cells = _config_cells(model_dir)
+    if bundle.num_cells != cells:
+        raise TritonError(
+            f"bundle {bundle.path} has M={bundle.num_cells} cells, the served config's {B.OUTPUT_PROBS} has {cells}: "
+            f"versions of one model share its config (serve it with its own visloc-triton)"
+        )
+    existed = (model_dir / bundle.triton_version).is_dir()
+    write_version(model_dir, bundle)
+    try:
+        _reload(url, timeout_s)
+    except TritonError:
+        if not existed:  # leave the repository as it was
+            shutil.rmtree(model_dir / bundle.triton_version, ignore_errors=True)
+        raise
+    return bundle.triton_version
+
+
+def remove_bundle(model_dir: str | os.PathLike[str], bundle_dir: str | os.PathLike[str], url: str,
+                  timeout_s: float = 180.0) -> str:  # fmt: skip
+    """Remove the bundle's version and have Triton reload: it unloads that version only."""
+    model_dir, bundle = Path(model_dir), B.load_bundle(bundle_dir)
+    version = bundle.triton_version
+    present = served_versions(model_dir)
+    if version not in present:
+        raise TritonError(f"bundle {bundle.path} (Triton version {version}) is not served; served: {present}")
+    if present == [version]:
+        raise TritonError(f"version {version} is the only one served: add the next bundle before removing it")
+    shutil.rmtree(model_dir / version)
+    _reload(url, timeout_s)
+    return version
+
+
+def _version_main(argv: list[str]) -> int:
+    """``visloc-triton add|remove --workdir W --url HOST:PORT --bundle DIR``."""
+    p = argparse.ArgumentParser(prog=f"visloc-triton {argv[0]}", description=(
+        "Load a bundle's model next to the served ones (add) or unload one version (remove) in a running "
+        "visloc-triton, whose --workdir (printed when it is ready) holds the rendered repository."))  # fmt: skip
+    p.add_argument("--workdir", required=True, help="the running launcher's workdir")
+    p.add_argument("--url", default="127.0.0.1:8001", help="its gRPC address")
+    p.add_argument("--bundle", required=True, help="bundle directory")
+    p.add_argument("--timeout", type=float, default=180.0, help="seconds to wait for the load")
+    args = p.parse_args(argv[1:])
+    action = add_bundle if argv[0] == "add" else remove_bundle
+    try:
+        version = action(Path(args.workdir) / "models" / MODEL_NAME, args.bundle, args.url, args.timeout)
+    except (TritonError, B.BundleError) as exc:
+        print(f"visloc-triton {argv[0]}: {exc}", file=sys.stderr)
+        return 1
+    served = served_versions(Path(args.workdir) / "models" / MODEL_NAME)
+    print(f"visloc-triton {argv[0]}: version {version} ({args.bundle}); Triton serves versions {served}", flush=True)
+    return 0
+
+
 # --------------------------------------------------------------------------- CLI
 
 
@@ -387,6 +511,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="visloc-triton",
         description="Serve a bundle's model with the local tritonserver (Python backend + onnxruntime).",
+        epilog="At run time: `visloc-triton add|remove --workdir W --url HOST:PORT --bundle DIR` loads another "
+        "bundle's model version next to the served ones, or unloads one (W: printed when ready).",
     )
     p.add_argument("--bundle", required=True, help="bundle directory (visloc-export demo|upstream)")
     p.add_argument("--workdir", help="where to render the repository and log (default: a temporary directory)")
@@ -411,6 +537,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in ("add", "remove"):
+        return _version_main(argv)
     args = build_parser().parse_args(argv)
     tuning = {k: getattr(args, k) for k in ("threads", "instances", "max_batch_size", "max_queue_delay_us")}
     if args.print_config:
@@ -433,9 +562,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         server.start(args.timeout)
         print(
-            f"visloc-triton ready: model {MODEL_NAME} (bundle {server.bundle.bundle_id}, "
-            f"M={server.bundle.num_cells}) grpc={server.grpc_url} http={server.http_url} "
-            f"metrics={server.metrics_url} pid={server.pid} log={server.log_path}",
+            f"visloc-triton ready: model {MODEL_NAME} version {server.bundle.triton_version} (bundle "
+            f"{server.bundle.bundle_id}, M={server.bundle.num_cells}) grpc={server.grpc_url} http={server.http_url} "
+            f"metrics={server.metrics_url} pid={server.pid} workdir={server.workdir} log={server.log_path}",
             flush=True,
         )
         rc = server.wait()

@@ -11,6 +11,7 @@ import asyncio
 import io
 import json
 import logging
+import os
 from collections import Counter
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -31,6 +32,7 @@ from swc_service.inference import Inference
 from swc_service.interceptors import AuthInterceptor, StatusInterceptor
 from swc_service.locator import Locator
 from swc_service.metrics import AdmissionMetrics
+from swc_service.reload import BundleReloader
 from swc_service.server import SERVICE_NAME
 from swc_service.servicer import LocatorServicer
 from swc_service.triton_infer import TritonInference
@@ -51,10 +53,14 @@ class FakeInference:
         self.cells = cells
         self.fail: Exception | None = None
         self.batches: list[tuple[int, ...]] = []
+        self.versions: list[str] = []  # the model version each batch asked for
         self.closed = False
 
-    async def infer(self, batch: np.ndarray, timeout_s: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+    async def infer(
+        self, batch: np.ndarray, timeout_s: float | None = None, *, model_version: str = ""
+    ) -> tuple[np.ndarray, np.ndarray]:
         self.batches.append(batch.shape)
+        self.versions.append(model_version)
         if self.fail is not None:
             raise self.fail
         values = batch.reshape(batch.shape[0], -1)[:, 0].astype(int)
@@ -80,14 +86,17 @@ def grey(value: int, size: tuple[int, int] = (400, 300)) -> bytes:
 @pytest.fixture(scope="module")
 def tiny_bundle(tmp_path_factory) -> Path:
     """Four cells, ten background rows, 8-d unit embeddings; the model file is a placeholder."""
-    out = tmp_path_factory.mktemp("bundles") / "tiny"
+    return write_tiny(tmp_path_factory.mktemp("bundles") / "tiny")
+
+
+def write_tiny(out: Path, model: bytes = b"placeholder: the fake inference runs no model") -> Path:
     rng = np.random.default_rng(0)
     offsets = np.concatenate([[0], np.cumsum(ROWS_PER_CELL)]).astype(np.int64)
     cell_of_row = np.repeat(np.arange(len(CENTRES)), ROWS_PER_CELL)
     labels = CENTRES[cell_of_row] + rng.normal(0, 0.05, (len(cell_of_row), 2))
     features = np.eye(DIM, dtype=np.float32)[np.arange(len(cell_of_row)) % DIM]
     with BundleWriter(out) as writer:
-        writer.path(MODEL).write_bytes(b"placeholder: the fake inference runs no model")
+        writer.path(MODEL).write_bytes(model)
         for rel, array in ((CELLS, CENTRES), (OFFSETS, offsets), (FEATURES, features), (LABELS, labels),
                            (ROW_IDS, np.arange(100, 100 + len(cell_of_row), dtype=np.int64))):  # fmt: skip
             writer.save(rel, array)
@@ -136,6 +145,7 @@ def test_locate_runs_swc_in_the_top_cell_and_builds_the_reply(tiny_bundle):
     assert len(r.prediction_density) == len(Settings(bundle="-").pd_scales_km)
     assert (r.image_width, r.image_height, r.input_width, r.input_height) == (400, 300, 400, 300)
     assert r.model_version == load_bundle(tiny_bundle).model_version and r.batch_size == 1
+    assert fake.versions == [load_bundle(tiny_bundle).triton_version]  # the exact version, never "latest"
     assert r.timings.total_ms >= r.timings.swc_ms >= 0
 
 
@@ -171,6 +181,78 @@ def test_classify_is_the_one_mapping():
     assert classify(KeyError("secret detail"), "r9") == (grpc.StatusCode.INTERNAL, "internal error (request_id r9)")
 
 
+# --- bundle reload (SIGHUP) ------------------------------------------------------------------
+
+
+def repoint(link: Path, target: Path) -> None:
+    tmp = link.with_name(link.name + ".new")
+    tmp.symlink_to(target)
+    os.replace(tmp, link)
+
+
+def test_reload_swaps_the_state_and_keeps_it_when_the_new_bundle_is_bad(tiny_bundle, tmp_path):
+    other = write_tiny(tmp_path / "other", model=b"another placeholder: another model version")
+    link = tmp_path / "current"
+    link.symlink_to(tiny_bundle)
+
+    async def run():
+        fake = FakeInference()
+        locator = make_locator(link, fake)
+        reloader = BundleReloader(locator, fake, str(link), allow_without_probes=True)  # placeholder models
+        try:
+            same = await reloader.reload()
+            repoint(link, tmp_path / "absent")
+            bad = await reloader.reload()
+            kept = await locator.locate(pb.LocateRequest(image=grey(4)))
+            repoint(link, other)
+            good = await reloader.reload()
+            swapped = await locator.locate(pb.LocateRequest(image=grey(4)))
+            return same, bad, kept, good, swapped, fake
+        finally:
+            await locator.close()
+
+    before = REGISTRY.get_sample_value("visloc_bundle_reload_total", {"result": "ok"}) or 0.0
+    same, bad, kept, good, swapped, fake = asyncio.run(run())
+    old, new = load_bundle(tiny_bundle), load_bundle(other)
+    assert same.result == "unchanged" and same.ok
+    assert bad.result == "bundle_error" and not bad.ok and "still serving bundle " + old.bundle_id in bad.message
+    assert kept.model_version == old.model_version
+    assert good.result == "ok" and good.bundle_id == new.bundle_id and swapped.model_version == new.model_version
+    assert fake.versions == [old.triton_version, new.triton_version]  # each call asks for its bundle's version
+    assert REGISTRY.get_sample_value("visloc_bundle_reload_total", {"result": "ok"}) == before + 1
+    info = {"bundle_id": new.bundle_id, "source": "test", "model_version": new.model_version, "num_cells": "4",
+            "num_background": "10"}  # fmt: skip
+    assert REGISTRY.get_sample_value("visloc_bundle_info", info) == 1
+
+
+def test_reloads_run_one_at_a_time_and_signals_during_one_queue_one_more(tiny_bundle):
+    async def run():
+        fake = FakeInference()
+        locator = make_locator(tiny_bundle, fake)
+        reloader = BundleReloader(locator, fake, str(tiny_bundle), allow_without_probes=True)
+        running, peak, runs = 0, 0, 0
+        inner = reloader._reload
+
+        async def counted():
+            nonlocal running, peak, runs
+            running, runs = running + 1, runs + 1
+            peak = max(peak, running)
+            await asyncio.sleep(0.05)
+            try:
+                return await inner()
+            finally:
+                running -= 1
+
+        reloader._reload = counted
+        for _ in range(3):  # three SIGHUPs in a row: one reload now, ONE more queued
+            reloader.request()
+        await reloader.wait()
+        await locator.close()
+        return peak, runs
+
+    assert asyncio.run(run()) == (1, 2)
+
+
 # --- the batcher ----------------------------------------------------------------------------
 
 
@@ -190,6 +272,24 @@ def test_batcher_groups_equal_shapes_and_separates_others():
     assert fake.batches == [(3, 300, 400, 3), (1, 400, 300, 3)]
     assert [int(np.argmax(o.cell_probs)) for o in outs] == [0, 1, 2] and {o.batch_size for o in outs} == {3}
     assert int(np.argmax(tall.cell_probs)) == 3 and tall.batch_size == 1
+
+
+def test_batcher_never_mixes_model_versions_in_one_batch():
+    fake = FakeInference()
+
+    async def run():
+        batcher = ShapeBatcher(fake.infer, window_s=3600, max_batch=2)
+        image = np.zeros((300, 400, 3), np.uint8)
+        old = [asyncio.ensure_future(batcher.submit(image, None, "11")) for _ in range(2)]
+        new = asyncio.ensure_future(batcher.submit(image, None, "22"))
+        await asyncio.gather(*old)
+        assert not new.done()  # same shape, other version: its own group
+        await batcher.drain()
+        return await new
+
+    out = asyncio.run(run())
+    assert fake.versions == ["11", "22"] and fake.batches == [(2, 300, 400, 3), (1, 300, 400, 3)]
+    assert out.batch_size == 1
 
 
 def test_batcher_gives_every_waiter_the_failure():

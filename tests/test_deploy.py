@@ -771,30 +771,50 @@ def test_triton_flags_are_accepted_by_tritonserver(tmp_path):
 @pytest.mark.parametrize("name", OVERLAYS)
 def test_prepare_model_repository(name, tmp_path):
     """The init container's script (as rendered into its ConfigMap) builds the repository from the
-    rendered config and a bundle, and refuses a bundle whose M differs or that never arrives."""
+    rendered config and a bundle (version directory: the bundle's Triton version, the one the
+    service asks for; extra bundles as more versions), and refuses a bundle whose M differs, whose
+    manifest has no model sha256, or that never arrives."""
+    import hashlib
+
+    from swc_service.bundle import triton_version
+
     script = tmp_path / "prepare.sh"
     script.write_text(configmap(name, "triton-model-init")["data"]["prepare-model-repository.sh"])
     config = tmp_path / "config.pbtxt"
     config.write_text(configmap(name, "triton-model-config")["data"]["config.pbtxt"])
     cells = 2000 if name == "dev" else 31145
 
-    def bundle(path: Path, m: int) -> Path:
+    def bundle(path: Path, m: int, model: bytes = b"onnx" * 10, sha: bool = True) -> Path:
         path.mkdir()
-        manifest = {"format": "visloc-bundle", "num_cells": m, "num_background": 10, "files": {}}
+        files = {"model.onnx": {"sha256": hashlib.sha256(model).hexdigest(), "bytes": len(model)}} if sha else {}
+        manifest = {"format": "visloc-bundle", "num_cells": m, "num_background": 10, "files": files}
         (path / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-        (path / "model.onnx").write_bytes(b"onnx" * 10)
+        (path / "model.onnx").write_bytes(model)
         return path
 
-    def run(bundle_dir: Path, repo: Path, wait_s: int = 0):
+    def run(bundle_dir: Path, repo: Path, wait_s: int = 0, extra: str = ""):
         env = dict(os.environ, VISLOC_BUNDLE=str(bundle_dir), MODEL_CONFIG=str(config), MODEL_REPOSITORY=str(repo))
         env["BUNDLE_WAIT_S"] = str(wait_s)
+        env["VISLOC_EXTRA_BUNDLES"] = extra
         return subprocess.run(["sh", str(script)], env=env, capture_output=True, text=True, timeout=60)
+
+    def version(model: bytes) -> str:
+        return triton_version(hashlib.sha256(model).hexdigest())
 
     good = run(bundle(tmp_path / "good", cells), tmp_path / "repo")
     assert good.returncode == 0, good.stderr
     assert (tmp_path / "repo" / "visloc" / "config.pbtxt").read_text() == config.read_text()
-    assert (tmp_path / "repo" / "visloc" / "1" / "model.onnx").read_bytes() == b"onnx" * 10
+    assert (tmp_path / "repo" / "visloc" / version(b"onnx" * 10) / "model.onnx").read_bytes() == b"onnx" * 10
     assert not list((tmp_path / "repo").rglob("*.tmp"))
+
+    nxt = bundle(tmp_path / "next", cells, model=b"next" * 10)
+    both = run(tmp_path / "good", tmp_path / "repo4", extra=str(nxt))
+    assert both.returncode == 0, both.stderr
+    dirs = sorted(p.name for p in (tmp_path / "repo4" / "visloc").iterdir() if p.is_dir())
+    assert dirs == sorted([version(b"onnx" * 10), version(b"next" * 10)])
+
+    unhashed = run(bundle(tmp_path / "unhashed", cells, sha=False), tmp_path / "repo5")
+    assert unhashed.returncode == 1 and "no sha256 of model.onnx" in unhashed.stderr
 
     wrong = run(bundle(tmp_path / "wrong", cells + 1), tmp_path / "repo2")
     assert wrong.returncode == 1 and f"M={cells + 1}" in wrong.stderr

@@ -28,7 +28,7 @@ def ort_infer(model_path, calls=None):
     """The service's inference protocol on onnxruntime."""
     sess = session(model_path)
 
-    async def infer(batch: np.ndarray, timeout_s: float):
+    async def infer(batch: np.ndarray, timeout_s: float, *, model_version: str = ""):
         if calls is not None:
             calls.append(batch.shape)
         return tuple(sess.run([B.OUTPUT_PROBS, B.OUTPUT_EMBEDDING], {B.INPUT_NAME: batch}))

@@ -273,9 +273,11 @@ def test_place_model_sizes_the_config_and_keeps_its_comments(demo_bundle, tmp_pa
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert out.returncode == 0, out.stderr
-    placed = repo / "visloc" / "1" / "model.onnx"
+    version = B.load_bundle(demo_bundle).triton_version  # the version the service asks for
+    placed = repo / "visloc" / version / "model.onnx"
     assert placed.read_bytes()[:64] == (demo_bundle / "model.onnx").read_bytes()[:64]
     text = (repo / "visloc" / "config.pbtxt").read_text()
     assert "BEGIN tensorrt" in text  # comments kept
     cfg = text_format.Parse(text, mc.ModelConfig())
+    assert cfg.version_policy.HasField("all")  # old and new versions are served side by side
     assert [list(o.dims) for o in cfg.output if o.name == "cell_probs"] == [[2000]]

@@ -3,7 +3,8 @@
 Exact preprocessing keeps every photo's aspect ratio, so shapes vary, and Triton's dynamic
 batcher only merges requests of equal shape, closing a batch at every change (SPEC.md 7).
 Holding requests for a short window per shape restores batching without changing a single
-pixel; Triton still merges the groups of many service replicas.
+pixel; Triton still merges the groups of many service replicas. Groups are keyed by (model
+version, shape): during a bundle swap, images of the old and the new bundle never share a batch.
 """
 
 from __future__ import annotations
@@ -12,10 +13,20 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 
-InferFn = Callable[[np.ndarray, "float | None"], Awaitable[tuple[np.ndarray, np.ndarray]]]
+
+class InferFn(Protocol):
+    """:meth:`swc_service.inference.Inference.infer`."""
+
+    def __call__(
+        self, batch: np.ndarray, timeout_s: float | None = None, *, model_version: str = ""
+    ) -> Awaitable[tuple[np.ndarray, np.ndarray]]: ...
+
+
+_Key = tuple[str, tuple[int, ...]]  # (model version, image shape)
 
 
 @dataclass
@@ -47,33 +58,35 @@ class ShapeBatcher:
         self.window_s = window_s
         self.max_batch = max_batch
         self._on_batch = on_batch
-        self._pending: dict[tuple[int, ...], _Group] = {}
+        self._pending: dict[_Key, _Group] = {}
         self._tasks: set[asyncio.Task] = set()
 
-    async def submit(self, image: np.ndarray, deadline: float | None = None) -> BatchedOutput:
-        """``deadline`` is a ``time.monotonic()`` instant; the Triton call gets the latest one."""
+    async def submit(self, image: np.ndarray, deadline: float | None = None, model_version: str = "") -> BatchedOutput:
+        """``deadline`` is a ``time.monotonic()`` instant; the Triton call gets the latest one.
+        ``model_version`` is the exact model version the image is inferred with ("" = default)."""
         loop = asyncio.get_running_loop()
         fut: asyncio.Future = loop.create_future()
-        group = self._pending.get(image.shape)
+        key = (model_version, image.shape)
+        group = self._pending.get(key)
         if group is None:
-            group = self._pending[image.shape] = _Group()
-            group.timer = loop.call_later(self.window_s, self._flush, image.shape)
+            group = self._pending[key] = _Group()
+            group.timer = loop.call_later(self.window_s, self._flush, key)
         group.items.append((image, fut, time.monotonic(), deadline))
         if len(group.items) >= self.max_batch:
-            self._flush(image.shape)
+            self._flush(key)
         return await fut
 
-    def _flush(self, shape: tuple[int, ...]) -> None:
-        group = self._pending.pop(shape, None)
+    def _flush(self, key: _Key) -> None:
+        group = self._pending.pop(key, None)
         if group is None:
             return
         if group.timer is not None:
             group.timer.cancel()
-        task = asyncio.get_running_loop().create_task(self._run(group))
+        task = asyncio.get_running_loop().create_task(self._run(key[0], group))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _run(self, group: _Group) -> None:
+    async def _run(self, model_version: str, group: _Group) -> None:
         live = [item for item in group.items if not item[1].done()]  # callers may have given up
         if not live:
             return
@@ -84,7 +97,7 @@ class ShapeBatcher:
         if self._on_batch is not None:
             self._on_batch(len(live))
         try:
-            probs, emb = await self._infer(batch, timeout)
+            probs, emb = await self._infer(batch, timeout, model_version=model_version)
         except Exception as exc:  # noqa: BLE001 - every waiter gets the same failure
             for _, fut, _, _ in live:
                 if not fut.done():
@@ -97,7 +110,7 @@ class ShapeBatcher:
 
     async def drain(self) -> None:
         """Send whatever is waiting now and wait for the batches in flight (graceful stop)."""
-        for shape in list(self._pending):
-            self._flush(shape)
+        for key in list(self._pending):
+            self._flush(key)
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)

@@ -155,6 +155,11 @@ class Bundle:
     def model_version(self) -> str:
         return "sha256:" + self.manifest["files"][MODEL]["sha256"][:12]
 
+    @property
+    def triton_version(self) -> str:
+        """The version number the model is served under in Triton: :func:`triton_version`."""
+        return triton_version(self.manifest["files"][MODEL]["sha256"])
+
     def cell_rows(self, cell: int) -> tuple[int, int]:
         return int(self.offsets[cell]), int(self.offsets[cell + 1])
 
@@ -178,6 +183,23 @@ class Bundle:
             if sha256_file(self.path / rel) != meta["sha256"]:
                 bad.append(rel)
         return bad
+
+
+def triton_version(model_sha256: str) -> str:
+    """Triton's version number for a model: its sha256's first 12 hex digits as a decimal integer.
+
+    Deterministic (the exporter's ``place`` names the version directory with it, the service
+    asks Triton for exactly it), distinct per model (48 bits), and within Triton's int64
+    versions. Models of several bundles can so be served side by side, each call answered by
+    the model of the caller's bundle and never by "the latest".
+    """
+    digits = model_sha256.removeprefix("sha256:")[:12]
+    if len(digits) != 12:
+        raise BundleError(f"a model sha256 has 64 hex digits, got {model_sha256!r}")
+    try:
+        return str(int(digits, 16))
+    except ValueError:
+        raise BundleError(f"a model sha256 has 64 hex digits, got {model_sha256!r}") from None
 
 
 def _load_array(root: Path, rel: str, mmap: bool) -> np.ndarray:

@@ -20,9 +20,13 @@ class Inference(Protocol):
 
     ``infer`` raises :class:`~swc_service.errors.LocateFailure` subclasses only (UNAVAILABLE:
     retry elsewhere; DEADLINE_EXCEEDED; INTERNAL); ``timeout_s`` None means the server's default.
+    ``model_version`` is the EXACT model version to run (the serving state's
+    ``triton_version``, so old and new models can be served at once); "" means the model's default.
     """
 
-    async def infer(self, batch: np.ndarray, timeout_s: float | None = None) -> tuple[np.ndarray, np.ndarray]: ...
+    async def infer(
+        self, batch: np.ndarray, timeout_s: float | None = None, *, model_version: str = ""
+    ) -> tuple[np.ndarray, np.ndarray]: ...
 
     async def ready(self, timeout_s: float = 1.0) -> bool:
         """The model can be called now; never raises (for health)."""

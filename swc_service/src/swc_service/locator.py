@@ -71,9 +71,7 @@ class Locator:
             on_batch=metrics.TRITON_BATCH.observe,
         )
         metrics.BATCH_WINDOW.set(settings.batch_window_ms / 1000.0)
-        metrics.BUNDLE_INFO.labels(
-            bundle.bundle_id, bundle.source, bundle.model_version, str(bundle.num_cells), str(bundle.num_background)
-        ).set(1)
+        metrics.set_bundle_info(bundle, True)
 
     async def locate(
         self, request: pb.LocateRequest, deadline: float | None = None, caller: str = DEFAULT_CALLER
@@ -88,7 +86,7 @@ class Locator:
         # only its bytes, and no image is decoded only to lose the race for a slot.
         async with self.admission.admit(caller, deadline):
             image = await self.prepare(request.image)
-            out = await self.batcher.submit(image.array, deadline)
+            out = await self.batcher.submit(image.array, deadline, state.triton_version)
         pred = predict(state, out.cell_probs, out.embedding, opts)
         stages = {
             "decode": image.decode_s,

@@ -119,3 +119,14 @@ MODEL_CHECK_FAILING = Gauge(
     "Ready Triton endpoints refused by the model check (mismatch, or a bundle without probes)",
     multiprocess_mode="max",
 )
+
+
+# Bundle reloads (SIGHUP, swc_service.reload, issue 16). ``result``: ok, unchanged, bundle_error
+# (the new bundle did not load), mismatch / no_probes / error (its model check did not pass).
+BUNDLE_RELOADS = Counter("visloc_bundle_reload_total", "Bundle reloads (SIGHUP) by result", ["result"])
+
+
+def set_bundle_info(bundle, served: bool) -> None:
+    """visloc_bundle_info of a bundle: 1 while it is served, 0 after a reload replaced it."""
+    labels = (bundle.bundle_id, bundle.source, bundle.model_version, str(bundle.num_cells), str(bundle.num_background))
+    BUNDLE_INFO.labels(*labels).set(1 if served else 0)

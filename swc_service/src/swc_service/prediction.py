@@ -28,10 +28,11 @@ class ServingState:
     bundle: Bundle
     density: DensityIndex
     model_version: str  # of the model that inference runs; must match the bundle's outputs
+    triton_version: str = ""  # the exact Triton model version asked for ("" = the model's default)
 
     @classmethod
     def of(cls, bundle: Bundle, scales_km: tuple[float, ...] = DEFAULT_SCALES_KM) -> ServingState:
-        return cls(bundle, DensityIndex(bundle.centres, scales_km), bundle.model_version)
+        return cls(bundle, DensityIndex(bundle.centres, scales_km), bundle.model_version, bundle.triton_version)
 
     @property
     def embedding_dim(self) -> int:

@@ -5,6 +5,10 @@ bind the same port (SO_REUSEPORT, so the kernel spreads connections over them, a
 is bound to one core by the GIL), serves their aggregated Prometheus metrics, and forwards
 SIGTERM/SIGINT for a graceful stop. Each worker memory-maps the same bundle files, so the
 background's pages are shared through the page cache.
+
+SIGHUP reloads the bundle (``--bundle`` resolved anew, e.g. a re-pointed symlink), checked
+against its model version in Triton before it replaces the served one
+(:mod:`swc_service.reload`); a supervisor forwards SIGHUP to every worker.
 """
 
 from __future__ import annotations
@@ -120,18 +124,19 @@ async def serve(settings: Settings, *, on_started=None) -> None:
     from .servicer import LocatorServicer
     from .triton_pool import TritonPool
 
-    bundle = load_bundle(settings.bundle)
-    if settings.prefetch_background:
-        bundle.prefetch()
     inference = TritonPool(
         settings.triton_url, settings.triton_model, lambda: locator.state, timeout_s=settings.triton_timeout_s,
         precision=settings.model_precision, allow_without_probes=settings.allow_bundle_without_probes,
         resolve_interval_s=settings.triton_resolve_interval_s,
         health_timeout_s=max(1.0, settings.triton_health_interval_s),
+        backend_model_version=lambda state: state.triton_version,  # the bundle's exact version, never "latest"
     )  # fmt: skip
     # One admission controller per worker process (it belongs to this event loop).
     admission = AdmissionController(settings.admission_config(), observer=metrics.AdmissionMetrics())
-    locator = Locator(settings, bundle, inference, model_status=inference.model_status, admission=admission)
+    # No local name keeps the bundle: a SIGHUP reload must be able to release its memory maps.
+    locator = Locator(
+        settings, _open_bundle(settings), inference, model_status=inference.model_status, admission=admission
+    )
     callers = settings.callers()
     server = grpc.aio.server(
         # Outermost first: the status interceptor answers, counts and logs auth failures too.
@@ -163,10 +168,11 @@ async def serve(settings: Settings, *, on_started=None) -> None:
     if health_server is not None:
         await health_server.start()
     log.info(
-        "listening on %s:%d (%s%s; bundle %s, %s, M=%d, N=%d) after %.2f s",
+        "listening on %s:%d (%s%s; bundle %s, %s, M=%d, N=%d, Triton version %s) after %.2f s",
         settings.host, port, "TLS" if credentials else "plaintext",
         f", bearer token required ({len(set(callers.values()))} callers)" if callers else "",
-        bundle.bundle_id, bundle.source, bundle.num_cells, bundle.num_background, process_age_s(),
+        locator.state.bundle.bundle_id, locator.state.bundle.source, locator.state.bundle.num_cells,
+        locator.state.bundle.num_background, locator.state.triton_version, process_age_s(),
     )  # fmt: skip
     if health_server is not None:
         log.info("health on %s:%d (plaintext, grpc.health.v1 only)", settings.host, settings.health_port)
@@ -177,10 +183,14 @@ async def serve(settings: Settings, *, on_started=None) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, draining.set)
+    reloader = _reloader(settings, locator, inference)
+    loop.add_signal_handler(signal.SIGHUP, reloader.request)
     watcher = asyncio.create_task(
         _watch_triton(inference, health_servicer, settings.triton_health_interval_s, draining)
     )
     await draining.wait()
+    loop.remove_signal_handler(signal.SIGHUP)
+    await reloader.cancel()  # a reload not yet swapped changes nothing; the drain does not wait for it
     log.info("draining: NOT_SERVING, refusing new calls, %.1f s grace for calls in flight", settings.grace_s)
     await health_servicer.enter_graceful_shutdown()
     await watcher
@@ -193,6 +203,26 @@ async def serve(settings: Settings, *, on_started=None) -> None:
             await health_server.stop(None)
     await locator.close()
     log.info("stopped")
+
+
+def _open_bundle(settings: Settings):
+    bundle = load_bundle(settings.bundle)
+    if settings.prefetch_background:
+        bundle.prefetch()
+    return bundle
+
+
+def _reloader(settings: Settings, locator, inference):
+    """The SIGHUP reload: the same model check as at start-up, with the new bundle's version."""
+    from .reload import BundleReloader
+
+    return BundleReloader(
+        locator, inference, settings.bundle,
+        # Issue 16 part 1's settings (the declared backend precision, serving probe-less bundles).
+        precision=settings.model_precision,
+        allow_without_probes=settings.allow_bundle_without_probes,
+        model_name=settings.triton_model, max_batch=settings.max_batch, prefetch=settings.prefetch_background,
+    )  # fmt: skip
 
 
 def _serve_metrics(settings: Settings, multiproc_dir: str | None) -> None:
@@ -218,6 +248,7 @@ def _supervise(settings: Settings, argv: list[str]) -> int:
     _serve_metrics(settings, multiproc_dir)
     cmd = [sys.executable, "-m", "swc_service.server", *argv]
     cmd += ["--workers", "1", "--metrics-port", "0", "--reuse-port", "true", "--quiet-settings", "true"]
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # inherited: a SIGHUP before a worker's loop is up is dropped
     children = [subprocess.Popen(cmd, env=env) for _ in range(settings.workers)]
     log.info("supervisor: %d workers (pids %s)", len(children), [c.pid for c in children])
 
@@ -230,8 +261,15 @@ def _supervise(settings: Settings, argv: list[str]) -> int:
             if child.poll() is None:
                 child.send_signal(signum)
 
+    def reload(signum: int, _frame) -> None:
+        log.info("supervisor: SIGHUP: every worker reloads the bundle")
+        for child in children:
+            if child.poll() is None:
+                child.send_signal(signum)
+
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
+    signal.signal(signal.SIGHUP, reload)
     # A worker that dies on its own takes the others down with it, so the supervisor exits and
     # the orchestrator restarts the whole pod: the port would otherwise stay open on fewer workers.
     while not stopping and all(child.poll() is None for child in children):
@@ -254,6 +292,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     if not settings.quiet_settings:
         print("swc-service settings:\n" + settings.describe(), file=sys.stderr, flush=True)
+    # SIGHUP (reload) would end the process by default until serve() installs its handler.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     if settings.workers > 1:
         return _supervise(settings, argv)
     _serve_metrics(settings, os.environ.get("PROMETHEUS_MULTIPROC_DIR") if settings.metrics_port else None)

@@ -52,8 +52,11 @@ def production_config(num_cells: int, path: str | os.PathLike[str] | None = None
 
 
 def place_model(bundle_dir: str | os.PathLike[str], repository: str | os.PathLike[str]) -> Path:
-    """Put a bundle's ``model.onnx`` into ``<repository>/visloc/1/`` for the production Triton.
+    """Put a bundle's ``model.onnx`` into ``<repository>/visloc/<version>/`` for the production Triton.
 
+    ``<version>`` is the bundle's :attr:`~swc_service.bundle.Bundle.triton_version` (the number
+    the service asks Triton for); other versions already there stay, so the production config's
+    ``version_policy: all`` serves old and new side by side until the old directory is removed.
     The model is hard-linked (copied across file systems). When the bundle's M differs from the
     config's, ``cell_probs`` dims are rewritten in place, keeping the file's comments (and the
     opt-in TensorRT block), and the result is checked with Triton's own schema.
@@ -68,7 +71,7 @@ def place_model(bundle_dir: str | os.PathLike[str], repository: str | os.PathLik
     updated = pattern.sub(lambda m: f"{m.group(1)}{bundle.num_cells}{m.group(3)}", text, count=1)
     if production_config(bundle.num_cells, config_path) != text_format.Parse(updated, mc.ModelConfig()):
         raise TritonError(f"{config_path}: rewriting {B.OUTPUT_PROBS} changed more than its size")
-    dest = model_dir / "1" / "model.onnx"
+    dest = model_dir / bundle.triton_version / "model.onnx"
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_suffix(".onnx.tmp")
     tmp.unlink(missing_ok=True)

@@ -40,7 +40,9 @@ class TritonInference:
         self.timeout_s = timeout_s
         self._client = triton.InferenceServerClient(url, channel_args=CHANNEL_ARGS)
 
-    async def infer(self, batch: np.ndarray, timeout_s: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+    async def infer(
+        self, batch: np.ndarray, timeout_s: float | None = None, *, model_version: str = ""
+    ) -> tuple[np.ndarray, np.ndarray]:
         inp = triton.InferInput(INPUT_NAME, list(batch.shape), "UINT8")
         inp.set_data_from_numpy(batch)
         outputs = [triton.InferRequestedOutput(OUTPUT_PROBS), triton.InferRequestedOutput(OUTPUT_EMBEDDING)]
@@ -49,7 +51,12 @@ class TritonInference:
             # timeout: Triton's own (microseconds); its queue policy (allow_timeout_override,
             # timeout_action REJECT) drops the batch once its callers' deadlines have passed.
             result = await self._client.infer(
-                self.model, [inp], outputs=outputs, timeout=max(1, int(timeout * 1e6)), client_timeout=timeout
+                self.model,
+                [inp],
+                model_version=model_version,
+                outputs=outputs,
+                timeout=max(1, int(timeout * 1e6)),
+                client_timeout=timeout,
             )
         except InferenceServerException as exc:
             status = _status(exc)
@@ -59,7 +66,10 @@ class TritonInference:
             if "DEADLINE_EXCEEDED" in status:
                 raise DeadlineExceeded(f"Triton did not answer within {timeout:.3f} s") from exc
             if "NOT_FOUND" in status or "not found" in (exc.message() or ""):
-                raise Unavailable(f"Triton at {self.url} does not serve model {self.model!r}: {exc.message()}") from exc
+                raise Unavailable(
+                    f"Triton at {self.url} does not serve model {self.model!r} version {model_version or '(default)'}: "
+                    f"{exc.message()}"
+                ) from exc
             raise InferenceFailed(f"Triton error {status}: {exc.message()}") from exc
         return result.as_numpy(OUTPUT_PROBS), result.as_numpy(OUTPUT_EMBEDDING)
 
