@@ -218,7 +218,9 @@ def test_reload_swaps_the_state_and_keeps_it_when_the_new_bundle_is_bad(tiny_bun
     assert bad.result == "bundle_error" and not bad.ok and "still serving bundle " + old.bundle_id in bad.message
     assert kept.model_version == old.model_version
     assert good.result == "ok" and good.bundle_id == new.bundle_id and swapped.model_version == new.model_version
-    assert fake.versions == [old.triton_version, new.triton_version]  # each call asks for its bundle's version
+    # Each call asks for its bundle's version: Locate on A, the reload's shape check of B (a bundle
+    # without probes, allowed), Locate on B.
+    assert fake.versions == [old.triton_version, new.triton_version, new.triton_version]
     assert REGISTRY.get_sample_value("visloc_bundle_reload_total", {"result": "ok"}) == before + 1
     info = {"bundle_id": new.bundle_id, "source": "test", "model_version": new.model_version, "num_cells": "4",
             "num_background": "10"}  # fmt: skip
