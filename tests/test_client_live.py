@@ -101,6 +101,7 @@ def test_info_and_locate_options_live(live_target, dataset, capsys):
     assert main(args) == 0
     out = json.loads(capsys.readouterr().out)
     assert len(out["top_cells"]) == 2 and len(out["prediction_density"]) == len(info["pd_scales_km"])
-    assert len(out["neighbours"]) == (3 if out["method"] == "swc" else 0)
+    # At most the 3 asked for: fewer when the top cell holds fewer background rows (SwC searches it only).
+    assert (1 <= len(out["neighbours"]) <= 3) if out["method"] == "swc" else out["neighbours"] == []
     assert main(["--target", live_target, "locate", str(path), "--top-k", "0"]) == 1
     assert "INVALID_ARGUMENT" in capsys.readouterr().err
