@@ -21,7 +21,7 @@ import asyncio
 import functools
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import KW_ONLY, dataclass, field
 from pathlib import Path
 
 from . import metrics
@@ -45,33 +45,23 @@ class ReloadResult:
     seconds: float = 0.0
 
 
+@dataclass(eq=False)
 class BundleReloader:
     """Reloads ``path`` into ``locator.state``; :meth:`request` is the SIGHUP handler."""
 
-    def __init__(
-        self,
-        locator: Locator,
-        inference: Inference,
-        path: str,
-        *,
-        precision: str = "fp32",
-        allow_without_probes: bool = False,
-        model_name: str = "visloc",
-        max_batch: int | None = None,
-        prefetch: bool = True,
-    ):
-        self.locator = locator
-        self.inference = inference
-        self.path = path
-        self.precision = precision
-        self.allow_without_probes = allow_without_probes
-        self.model_name = model_name
-        self.max_batch = max_batch
-        self.prefetch = prefetch
-        self._lock = asyncio.Lock()
-        self._again = False
-        self._task: asyncio.Task | None = None
-        self.last: ReloadResult | None = None
+    locator: Locator
+    inference: Inference
+    path: str
+    _: KW_ONLY
+    precision: str = "fp32"
+    allow_without_probes: bool = False
+    model_name: str = "visloc"
+    max_batch: int | None = None
+    prefetch: bool = True
+    last: ReloadResult | None = field(default=None, init=False)
+    _lock: asyncio.Lock = field(default_factory=asyncio.Lock, init=False, repr=False)
+    _again: bool = field(default=False, init=False, repr=False)
+    _task: asyncio.Task | None = field(default=None, init=False, repr=False)
 
     def request(self) -> None:
         """Start a reload, or queue one more when one is running (signal handler: never blocks)."""
