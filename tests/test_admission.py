@@ -369,10 +369,14 @@ def test_admit_context_manager_releases_and_reports_drops():
         async with ac.admit("a", clock.t + 5) as slot:
             assert slot.caller == "a" and ac.stats().in_flight == 1
         assert ac.stats().in_flight == 0
+        with pytest.raises(DeadlineExceeded):
+            async with ac.admit("a"):
+                raise DeadlineExceeded("too slow")
+        assert ac.limit == 9  # a drop backs the limit off (10 x 0.9)
         with pytest.raises(Unavailable):
             async with ac.admit("a"):
                 raise Unavailable("triton down")
-        assert ac.limit == 9  # a drop backs the limit off (10 x 0.9)
+        assert ac.limit == 9  # a backend that is down is not a congestion signal: no back-off
         with pytest.raises(ValueError):
             async with ac.admit("a"):
                 raise ValueError("bad input")

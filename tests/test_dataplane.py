@@ -70,7 +70,7 @@ class FakeInference:
         emb[np.arange(len(values)), values % DIM] = 1.0
         return probs, emb
 
-    async def ready(self, timeout_s: float = 1.0) -> bool:
+    async def ready(self, timeout_s: float = 1.0, *, model_version: str | None = "") -> bool:
         return self.fail is None
 
     async def close(self) -> None:

@@ -223,7 +223,13 @@ def test_swap_under_load_answers_every_call_with_one_bundle_s_own_numbers(demo_b
                 ends = [end for _, end, _, r, _ in results if r is not None and r.background_version == b.bundle_id]
             return min(ends) if ends else None
 
-        wait_for(lambda: first_b() is not None, 120, "an answer from B")
+        try:
+            wait_for(lambda: first_b() is not None, 120, "an answer from B")
+        except AssertionError as exc:
+            lines = [x for x in svc.log_text().splitlines() if x.startswith("20") and "swc_service.access" not in x]
+            raise AssertionError(
+                f"{exc}; the service's log (no access lines) ends:\n" + "\n".join(lines[-20:])
+            ) from None
         swapped = first_b()
         wait_for(lambda: sum(1 for s, *_ in list(results) if s > swapped) >= 4 * CLIENTS, 120, "answers after the swap")
     finally:

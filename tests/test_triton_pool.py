@@ -64,7 +64,7 @@ class FakeEndpoint:
             raise self.fail.pop(0)
         return fake_model(self.seed, batch)
 
-    async def ready(self, timeout_s: float = 1.0) -> bool:
+    async def ready(self, timeout_s: float = 1.0, *, model_version: str | None = "") -> bool:
         return self.healthy
 
     async def close(self) -> None:

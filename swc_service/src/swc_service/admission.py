@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from .callers import ANONYMOUS as DEFAULT_CALLER
-from .errors import DeadlineExceeded, Overloaded, Unavailable
+from .errors import DeadlineExceeded, Overloaded
 
 # Why a call was shed (the ``reason`` label of the metrics, Overloaded.reason).
 DEADLINE_UNMEETABLE = "deadline_unmeetable"  # refused: the queue ahead + service time pass the deadline
@@ -208,14 +208,16 @@ class AdmissionController:
     async def admit(self, caller: str = DEFAULT_CALLER, deadline: float | None = None) -> AsyncIterator[Slot]:
         """``async with controller.admit(caller, deadline) as slot:`` around the work to bound.
 
-        A body that raises DeadlineExceeded or Unavailable counts as a drop (the limit backs
-        off); any other exception still releases the slot but gives no latency sample.
+        A body that raises DeadlineExceeded counts as a drop (the limit backs off: work took too
+        long). Any other exception, Unavailable included, still releases the slot but gives no
+        latency sample: a backend that is down or refuses says nothing about how much work is
+        too much, and backing off on it would leave the limit at its minimum once it returns.
         """
         slot = await self.acquire(caller, deadline)
         ok: bool | None = True
         try:
             yield slot
-        except (DeadlineExceeded, Unavailable):
+        except DeadlineExceeded:
             ok = False
             raise
         except asyncio.CancelledError:  # at its deadline (the caller's timer): a drop, too

@@ -28,8 +28,8 @@ class Inference(Protocol):
         self, batch: np.ndarray, timeout_s: float | None = None, *, model_version: str = ""
     ) -> tuple[np.ndarray, np.ndarray]: ...
 
-    async def ready(self, timeout_s: float = 1.0) -> bool:
-        """The model can be called now; never raises (for health)."""
+    async def ready(self, timeout_s: float = 1.0, *, model_version: str | None = "") -> bool:
+        """The model (that exact version, when given) can be called now; never raises (for health)."""
         ...
 
     async def close(self) -> None: ...

@@ -73,13 +73,16 @@ class TritonInference:
             raise InferenceFailed(f"Triton error {status}: {exc.message()}") from exc
         return result.as_numpy(OUTPUT_PROBS), result.as_numpy(OUTPUT_EMBEDDING)
 
-    async def ready(self, timeout_s: float = 1.0) -> bool:
-        """Server live and the model ready (for grpc health); never raises."""
+    async def ready(self, timeout_s: float = 1.0, *, model_version: str | None = "") -> bool:
+        """Server ready and the model (that exact version, when given) ready, for health; never
+        raises. ``model_version=None``: the server live only (Triton's server readiness is strict:
+        false while any model reloads; see TritonPool's health check)."""
         try:
-            return bool(
-                await self._client.is_server_ready(client_timeout=timeout_s)
-                and await self._client.is_model_ready(self.model, client_timeout=timeout_s)
-            )
+            if model_version is None:
+                return bool(await self._client.is_server_live(client_timeout=timeout_s))
+            if not await self._client.is_server_ready(client_timeout=timeout_s):
+                return False
+            return bool(await self._client.is_model_ready(self.model, model_version, client_timeout=timeout_s))
         except InferenceServerException:
             return False
 

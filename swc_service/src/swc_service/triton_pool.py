@@ -39,6 +39,7 @@ import itertools
 import logging
 import socket
 import time
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -138,12 +139,14 @@ class Endpoint:
     outstanding: int = 0
     picked: int = -1  # when the pool last chose it (ties go to the least recent: round robin)
     leaving: bool = False  # gone from the target: no new batches, closed once idle
-    verdicts: dict[int, tuple[ServingState, ModelCheck]] = field(default_factory=dict)  # id(state) ->
+    # id(state) -> (a WEAK reference to the state, its verdict): a verdict must not keep a
+    # replaced bundle (and its memory maps) alive after a reload.
+    verdicts: dict[int, tuple[weakref.ref, ModelCheck]] = field(default_factory=dict)
     check_task: asyncio.Task | None = None
 
     def verdict(self, state: ServingState) -> ModelCheck | None:
         got = self.verdicts.get(id(state))
-        return got[1] if got is not None and got[0] is state else None
+        return got[1] if got is not None and got[0]() is state else None
 
     def usable(self, state: ServingState) -> bool:
         verdict = self.verdict(state)
@@ -260,7 +263,7 @@ class TritonPool:
         ep.ready = False
         metrics.ENDPOINT_READY.labels(ep.address).set(0)
 
-    async def ready(self, timeout_s: float = 1.0) -> bool:
+    async def ready(self, timeout_s: float = 1.0, *, model_version: str | None = "") -> bool:
         """Some endpoint is ready and passed the model check for the current state (no I/O)."""
         state = self.state
         return any(ep.usable(state) for ep in self.endpoints.values())
@@ -323,7 +326,14 @@ class TritonPool:
 
     async def _healthy(self, ep: Endpoint) -> bool:
         try:
-            return await asyncio.wait_for(ep.inference.ready(self.health_timeout_s), self.health_timeout_s + 1)
+            # An endpoint that passed the check for the current bundle stays in while its server is
+            # up: loading another version next to it (a rollout) reloads the model, and Triton
+            # reports the model not ready meanwhile though it keeps answering; a batch that fails
+            # takes the endpoint out (_lost) and it is checked again. Any other: the exact version.
+            state = self.state
+            version = None if ep.usable(state) else self._backend_model_version(state)
+            ready = ep.inference.ready(self.health_timeout_s, model_version=version)
+            return await asyncio.wait_for(ready, self.health_timeout_s + 1)
         except TimeoutError:
             return False
 
@@ -355,7 +365,7 @@ class TritonPool:
         ep.ready = True
         if ep.leaving:
             return
-        previous = next(iter(v for s, v in ep.verdicts.values() if s is state), None)
+        previous = ep.verdict(state)
         self._keep(ep, state, verdict)
         if previous is None or previous.result != verdict.result:
             (log.info if verdict.ok else log.error)("Triton endpoint %s: %s", ep.address, verdict.message)
@@ -363,8 +373,8 @@ class TritonPool:
 
     def _keep(self, ep: Endpoint, state: ServingState, verdict: ModelCheck) -> None:
         current = self.state
-        ep.verdicts = {k: v for k, v in ep.verdicts.items() if v[0] is current}  # the current one and ...
-        ep.verdicts[id(state)] = (state, verdict)  # ... the latest
+        ep.verdicts = {k: v for k, v in ep.verdicts.items() if v[0]() is current}  # the current one and ...
+        ep.verdicts[id(state)] = (weakref.ref(state), verdict)  # ... the latest
 
     async def _check(self, ep: Endpoint, state: ServingState) -> ModelCheck:
         version = self._backend_model_version(state)
