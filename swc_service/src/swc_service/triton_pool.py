@@ -329,9 +329,9 @@ class TritonPool:
             # An endpoint that passed the check for the current bundle stays in while its server is
             # up: loading another version next to it (a rollout) reloads the model, and Triton
             # reports the model not ready meanwhile though it keeps answering; a batch that fails
-            # takes the endpoint out (_lost) and it is checked again. Any other: the exact version.
-            state = self.state
-            version = None if ep.usable(state) else self._backend_model_version(state)
+            # takes the endpoint out (_lost) and it is checked again. Any other: server and model
+            # ready; the model check then asks for the exact version and says what is missing.
+            version = None if ep.usable(self.state) else ""
             ready = ep.inference.ready(self.health_timeout_s, model_version=version)
             return await asyncio.wait_for(ready, self.health_timeout_s + 1)
         except TimeoutError:
