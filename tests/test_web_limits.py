@@ -202,12 +202,32 @@ def test_out_of_range_options_get_400_naming_the_option(serve_stub, query, name)
     assert client.calls == []
 
 
-def test_every_exception_is_a_json_500_with_the_request_id_and_the_log_is_escaped(serve_stub, capfd):
+def test_every_exception_is_a_json_500_with_the_request_id_and_the_log_is_escaped(capfd):
     class Broken(StubClient):
         def locate(self, data, **options):
             raise RuntimeError("broken\x1b[2J\r\nvisloc-web 6.6.6.6 forged 200")
 
-    port = serve_stub(Broken(), WebConfig(**FAST))
+    server = start(WebApp(Broken(), WebConfig(**FAST)), "127.0.0.1", 0)
+    try:
+        port = server.server_address[1]
+        error = _attack_and_log(port)
+    finally:
+        # Shutting down waits for requests in progress, so every request's line is written
+        # (after its answer) before stderr is read: one read, no race with the writer thread.
+        server.shutdown(10)
+        server.server_close()
+    err = capfd.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("visloc-web ")]
+    assert not any(c in err for c in "\x1b\x08\x00\x07\r"), repr(err)
+    assert "6.6.6.6" not in {line.split()[1] for line in lines}  # no forged line
+    crash = next(line for line in lines if "error=RuntimeError" in line)
+    assert error["request_id"] in crash and "\\x1b[2J\\x0d\\x0avisloc-web 6.6.6.6 forged" in crash
+    assert any("host=evil\\x1b]0;pwned\\x07.example" in line for line in lines)
+
+
+def _attack_and_log(port: int) -> dict:
+    """A crash with control characters in its text, a raw request line with controls, and a
+    foreign Host with controls; returns the crash's JSON error."""
     status, headers, answer = _request(port, "POST", "/api/locate", JPEG)
     error = json.loads(answer)["error"]
     assert (status, error["code"]) == (500, "INTERNAL")
@@ -220,18 +240,7 @@ def test_every_exception_is_a_json_500_with_the_request_id_and_the_log_is_escape
     assert line == "HTTP/1.1 400 Bad Request"
     status, _, _ = _request(port, "GET", "/", headers={"Host": "evil\x1b]0;pwned\x07.example"})
     assert status == 421
-    err = ""
-    for _ in range(100):  # a request's line is written once its answer is out
-        err += capfd.readouterr().err
-        if "error=RuntimeError" in err and "host=" in err:
-            break
-        time.sleep(0.05)
-    lines = [line for line in err.splitlines() if line.startswith("visloc-web ")]
-    assert not any(c in err for c in "\x1b\x08\x00\x07\r"), repr(err)
-    assert "6.6.6.6" not in {line.split()[1] for line in lines}  # no forged line
-    crash = next(line for line in lines if "error=RuntimeError" in line)
-    assert error["request_id"] in crash and "\\x1b[2J\\x0d\\x0avisloc-web 6.6.6.6 forged" in crash
-    assert any("host=evil\\x1b]0;pwned\\x07.example" in line for line in lines)
+    return error
 
 
 def test_host_allowlist(serve_stub):
