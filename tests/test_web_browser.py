@@ -55,6 +55,7 @@ def _seed(client, localizable: bool) -> int:
             raise AssertionError(f"no sample photo of 64 is {'' if localizable else 'not '}localizable on the demo")
     return _SEEDS[localizable]
 
+
 pytestmark = [
     pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian chromium at /usr/bin/chromium (make web-browser)"),
     pytest.mark.timeout(300),
