@@ -8,7 +8,14 @@ Issue 17. On loopback, with its own local Triton and service on the demo bundle:
    policies do, then calls again; after each, the stack is left alone for one deadline and then
    called by 4 clients: the share of OK calls once the load stops;
 3. two callers: A offers 12x, B 0.5x (2 clients), each with its own token when the service takes a
-   callers file (``--callers-file``); B's share of OK calls.
+   callers file (``--callers-file``); B's share of OK calls;
+4. 12x again from raw gRPC stubs (no client-side throttling): the worst case, reported apart.
+
+The clients are those of production callers: each caller (a process) is one
+``visloc_client.AsyncLocatorClient`` shared by its concurrent calls, with the library's defaults,
+its adaptive throttle included (the Google SRE book's client-side throttling: once the service
+refuses most calls, the client refuses a share of them itself, without sending them, so that the
+service does not spend its capacity saying no). ``--clients grpc`` uses raw stubs throughout.
 
 Reported against the issue's targets: goodput at 12x >= 0.8 x capacity, median latency of refused
 calls <= 0.25 x the deadline, p99 of OK calls <= the deadline, 100 % OK once the load stops,
@@ -38,6 +45,7 @@ import grpc
 import numpy as np
 
 from bench.run import SHAPE, Service, locate_unary, log
+from visloc_client import AsyncLocatorClient, LocateError
 from visloc_client.v1 import locator_pb2 as pb
 from visloc_client.v1 import locator_pb2_grpc as pb_grpc
 from visloc_export import samples
@@ -65,41 +73,70 @@ class Group:
     token: str | None = None
 
 
-async def _client(stub, images: list[bytes], group: Group, deadline_s: float, stop_at: float,
-                  calls: list[Call], rng: random.Random, offset: int) -> None:  # fmt: skip
-    metadata = (("authorization", f"Bearer {group.token}"),) if group.token else None
+CLIENT_SIDE = "throttled client-side"  # how the library words a call its throttle kept back
+
+
+async def _client(call, images: list[bytes], group: Group, stop_at: float, calls: list[Call],
+                  rng: random.Random, offset: int) -> None:  # fmt: skip
+    """One closed-loop client: ``call(image)`` returns (code, detail)."""
     i = offset
     while time.perf_counter() < stop_at:
         t = time.perf_counter()
-        try:
-            await stub.Locate(pb.LocateRequest(image=images[i % len(images)]), timeout=deadline_s, metadata=metadata)
-            code, detail = "OK", ""
-        except grpc.aio.AioRpcError as exc:
-            code, detail = exc.code().name, (exc.details() or "")[:100]
+        code, detail = await call(images[i % len(images)])
         calls.append(Call(group.caller, t, time.perf_counter() - t, code, detail))
         i += 1
         if code in REFUSED:
             await asyncio.sleep(rng.uniform(*BACKOFF_S))
 
 
+def _library_caller(target: str, group: Group, deadline_s: float):
+    """A caller as production runs it: one library client (one channel, one throttle)."""
+    client = AsyncLocatorClient(target, token=group.token, timeout=deadline_s)
+
+    async def call(image: bytes) -> tuple[str, str]:
+        try:
+            await client.locate(image)
+            return "OK", ""
+        except LocateError as exc:
+            return exc.code.name, exc.reason[:100]
+
+    return call, client.close
+
+
+def _grpc_caller(target: str, group: Group, deadline_s: float):
+    """The worst case: raw stubs, nothing held back on the client's side."""
+    channel = grpc.aio.insecure_channel(target)
+    stub = pb_grpc.LocatorStub(channel)
+    metadata = (("authorization", f"Bearer {group.token}"),) if group.token else None
+
+    async def call(image: bytes) -> tuple[str, str]:
+        try:
+            await stub.Locate(pb.LocateRequest(image=image), timeout=deadline_s, metadata=metadata)
+            return "OK", ""
+        except grpc.aio.AioRpcError as exc:
+            return exc.code().name, (exc.details() or "")[:100]
+
+    return call, channel.close
+
+
 async def offer(target: str, images: list[bytes], groups: list[Group], seconds: float, deadline_s: float,
-                seed: int = 0) -> tuple[list[Call], float]:  # fmt: skip
+                seed: int = 0, clients: str = "visloc") -> tuple[list[Call], float]:  # fmt: skip
     """Run the groups' clients for ``seconds``; returns every call and the elapsed time (calls
     started before the end run to their deadline)."""
     calls: list[Call] = []
     rng = random.Random(seed)
     started = time.perf_counter()
     stop_at = started + seconds
-    channels = [grpc.aio.insecure_channel(target) for _ in groups]
+    make = _library_caller if clients == "visloc" else _grpc_caller
+    callers = [make(target, group, deadline_s) for group in groups]
     try:
         tasks = []
-        for group, channel in zip(groups, channels, strict=True):
-            stub = pb_grpc.LocatorStub(channel)
-            tasks += [_client(stub, images, group, deadline_s, stop_at, calls, rng, k) for k in range(group.clients)]
+        for group, (call, _) in zip(groups, callers, strict=True):
+            tasks += [_client(call, images, group, stop_at, calls, rng, k) for k in range(group.clients)]
         await asyncio.gather(*tasks)
     finally:
-        for channel in channels:
-            await channel.close()
+        for _, close in callers:
+            await close()
     return calls, time.perf_counter() - started
 
 
@@ -111,6 +148,7 @@ def summarize(calls: list[Call], elapsed: float, deadline_s: float) -> dict:
     pct = lambda xs, q: float(np.percentile(xs, q)) if len(xs) else None  # noqa: E731
     return {
         "calls": len(calls), "codes": dict(codes), "seconds": elapsed,
+        "throttled_client_side": sum(c.detail.startswith(CLIENT_SIDE) for c in calls),
         "goodput_per_s": len(ok) / elapsed if elapsed > 0 else 0.0,
         "ok_share": len(ok) / len(calls) if calls else None,
         "ok_p50_s": pct(ok, 50), "ok_p99_s": pct(ok, 99),
@@ -125,18 +163,20 @@ def by_caller(calls: list[Call], elapsed: float, deadline_s: float) -> dict[str,
     return {n: summarize([c for c in calls if c.caller == n], elapsed, deadline_s) for n in names}
 
 
-def overload_phase(target: str, images: list[bytes], groups: list[Group], args) -> dict:
+def overload_phase(target: str, images: list[bytes], groups: list[Group], args, clients_kind: str = "") -> dict:
+    kind = clients_kind or args.clients
     clients = sum(g.clients for g in groups)
-    log(f"offering {clients} clients ({', '.join(f'{g.caller}: {g.clients}' for g in groups)}) for "
+    log(f"offering {clients} {kind} clients ({', '.join(f'{g.caller}: {g.clients}' for g in groups)}) for "
         f"{args.seconds:.0f} s, {args.deadline:.1f} s deadlines")  # fmt: skip
-    calls, elapsed = asyncio.run(offer(target, images, groups, args.seconds, args.deadline))
-    row = summarize(calls, elapsed, args.deadline) | {"clients": clients}
+    calls, elapsed = asyncio.run(offer(target, images, groups, args.seconds, args.deadline, clients=kind))
+    row = summarize(calls, elapsed, args.deadline) | {"clients": clients, "client_kind": kind}
     if len(groups) > 1:
         row["callers"] = by_caller(calls, elapsed, args.deadline)
-    log(f"   goodput {row['goodput_per_s']:.2f} img/s, codes {row['codes']}")
+    log(f"   goodput {row['goodput_per_s']:.2f} img/s, codes {row['codes']} "
+        f"({row['throttled_client_side']} kept back by the clients' throttles)")  # fmt: skip
     time.sleep(args.deadline)  # the load stopped: let callers' deadlines pass, then call again
     after_group = Group("after", BASE_CLIENTS, groups[0].token)  # as the flooding caller (auth may be on)
-    after, after_s = asyncio.run(offer(target, images, [after_group], args.recovery, args.deadline))
+    after, after_s = asyncio.run(offer(target, images, [after_group], args.recovery, args.deadline, clients=kind))
     row["after"] = summarize(after, after_s, args.deadline)
     log(f"   once the load stopped: {100 * (row['after']['ok_share'] or 0):.1f} % OK of {len(after)} calls")
     return row
@@ -199,6 +239,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--multiples", default="4,12", help="offered load, in multiples of the 4 capacity clients")
     p.add_argument("--threads", type=int, default=2, help="Triton's onnxruntime threads")
     p.add_argument("--skip-two-callers", action="store_true")
+    p.add_argument(
+        "--clients",
+        choices=("visloc", "grpc"),
+        default="visloc",
+        help="visloc: the client library, as production callers (default); grpc: raw stubs",
+    )
+    p.add_argument("--skip-raw", action="store_true", help="skip the extra 12x phase from raw gRPC stubs")
     p.add_argument("--out", default="bench/results/overload.json")
     p.add_argument("--no-report", action="store_true", help="do not rewrite docs/BENCHMARKS.md")
     p.add_argument("--note", default="", help="a sentence for the report (e.g. which service version ran)")
@@ -214,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     tokens = {"A": "overload-caller-a-" + os.urandom(8).hex(), "B": "overload-caller-b-" + os.urandom(8).hex()}
     results: dict = {
         "when": time.strftime("%Y-%m-%d %H:%M:%S"), "cpus": os.cpu_count(), "bundle": str(bundle),
-        "deadline_s": args.deadline, "seconds": args.seconds, "backoff_s": list(BACKOFF_S),
+        "deadline_s": args.deadline, "seconds": args.seconds, "backoff_s": list(BACKOFF_S), "clients": args.clients,
         "named_callers": named, "note": args.note, "loadavg_before": os.getloadavg()[0], "phases": {},
     }  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp, LocalTriton(bundle, threads=args.threads) as triton:
@@ -241,6 +288,9 @@ def main(argv: list[str] | None = None) -> int:
             if not args.skip_two_callers:
                 groups = [Group("A", 12 * BASE_CLIENTS, tokens["A"]), Group("B", BASE_CLIENTS // 2, tokens["B"])]
                 results["two_callers"] = overload_phase(svc.target, images, groups, args)
+            if not args.skip_raw and args.clients != "grpc":
+                group = Group("A", 12 * BASE_CLIENTS, tokens["A"])
+                results["raw_grpc_12x"] = overload_phase(svc.target, images, [group], args, "grpc")
         finally:
             svc.stop()
     results["loadavg_after"] = os.getloadavg()[0]

@@ -4,6 +4,7 @@ every outcome; no real time passes between a cause and its checked effect."""
 from __future__ import annotations
 
 import asyncio
+import math
 
 import grpc
 import pytest
@@ -16,7 +17,7 @@ from swc_service.admission import (
     QUEUE_TIMEOUT,
     AdmissionConfig,
     AdmissionController,
-    GradientLimit,
+    DeliveryLimit,
 )
 from swc_service.errors import DeadlineExceeded, Overloaded, Unavailable
 
@@ -312,6 +313,62 @@ def test_standing_queue_turns_lifo_and_times_out_old_calls():
     run(go())
 
 
+def test_standing_queue_refuses_at_once_what_would_outwait_the_target():
+    """Under a standing queue a call whose estimated wait passes the CoDel target is refused on
+    arrival (fast, for the caller) instead of after waiting it out; one that would be served in
+    time (a caller next in the round) still queues."""
+
+    async def go():
+        clock = Clock()
+        ac = AdmissionController(fixed(1, codel_interval_s=0.1, codel_target_s=0.5), clock=clock)
+        slot = await ac.acquire("a")
+        clock.t += 0.3
+        ac.release(slot)  # the service time: 0.3 s
+        held = await ac.acquire("a")
+        queued = [asyncio.create_task(ac.acquire("a")) for _ in range(2)]
+        await steps()
+        clock.t += 0.2
+        assert ac.stats().standing
+        with pytest.raises(Overloaded) as refused:
+            await ac.acquire("a")  # 0.1 s left of the call in flight + 2 x 0.3 s ahead of it
+        assert refused.value.reason == QUEUE_TIMEOUT
+        other = asyncio.create_task(ac.acquire("b"))  # first in the round: ~0.1 s
+        await steps()
+        assert not other.done() and ac.stats().queued == 3
+        ac.release(held)
+        await steps()
+        assert other.done() and other.exception() is None  # round-robin: b before a's queue
+        assert ac.stats().shed == {QUEUE_TIMEOUT: 1}
+        for task in queued:
+            task.cancel()
+        ac.release(other.result())
+
+    run(go())
+
+
+def test_codel_sheds_the_flooding_callers_old_calls_not_a_caller_within_its_share():
+    async def go():
+        clock = Clock()
+        ac = AdmissionController(fixed(2, codel_interval_s=0.1, codel_target_s=0.5), clock=clock)
+        held = [await ac.acquire("a"), await ac.acquire("a")]
+        a_old = [asyncio.create_task(ac.acquire("a")) for _ in range(3)]
+        b_call = asyncio.create_task(ac.acquire("b"))  # b holds 1 of its share of 2 // 2 callers
+        await steps()
+        clock.t += 0.6  # everything queued has waited past the target under a standing queue
+        ac.sweep()
+        await steps()
+        assert all(isinstance(t.exception(), Overloaded) for t in a_old)
+        assert {t.exception().reason for t in a_old} == {QUEUE_TIMEOUT}
+        assert not b_call.done()  # still queued: next in the round
+        ac.release(held[0])
+        await steps()
+        assert b_call.done() and b_call.exception() is None
+        ac.release(held[1])
+        ac.release(b_call.result())
+
+    run(go())
+
+
 def test_drained_queue_returns_to_fifo():
     async def go():
         clock = Clock()
@@ -368,19 +425,25 @@ def test_admit_context_manager_releases_and_reports_drops():
         ac = AdmissionController(cfg, clock=clock)
         async with ac.admit("a", clock.t + 5) as slot:
             assert slot.caller == "a" and ac.stats().in_flight == 1
+            clock.t += 0.1
         assert ac.stats().in_flight == 0
+        assert ac.stats().service_s == pytest.approx(0.1)
         with pytest.raises(DeadlineExceeded):
             async with ac.admit("a"):
+                clock.t += 1.0
                 raise DeadlineExceeded("too slow")
-        assert ac.limit == 9  # a drop backs the limit off (10 x 0.9)
+        slower = ac.stats().service_s
+        assert slower > 0.1  # a drop is a sample: the service got slower
         with pytest.raises(Unavailable):
             async with ac.admit("a"):
+                clock.t += 5.0
                 raise Unavailable("triton down")
-        assert ac.limit == 9  # a backend that is down is not a congestion signal: no back-off
+        # A backend that is down says nothing about its speed: no sample.
+        assert ac.stats().service_s == slower
         with pytest.raises(ValueError):
             async with ac.admit("a"):
                 raise ValueError("bad input")
-        assert ac.limit == 9 and ac.stats().in_flight == 0
+        assert ac.stats().service_s == slower and ac.stats().in_flight == 0
 
     run(go())
 
@@ -434,57 +497,98 @@ def test_bad_config_is_refused(kw):
 # ---------------------------------------------------------------- the adaptive limit
 
 
-def test_gradient_limit_grows_while_latency_is_flat_and_saturated():
-    lim = GradientLimit(4, 1, 64)
-    for _ in range(50):
-        lim.sample(0.1, in_flight=int(lim.value))
-    assert lim.value > 10
+def _saturate(lim: DeliveryLimit, t: float, seconds: float, base_s: float, rate: float) -> float:
+    """Drive ``lim`` as a closed loop always at its limit would: a backend whose one call alone
+    takes ``base_s`` and that completes at most ``rate`` calls/s (with L in flight a call takes
+    max(base_s, L / rate)). Returns the clock at the end."""
+    end = t + seconds
+    while t < end:
+        n = int(lim.value)
+        for k in range(n):  # n calls granted together
+            lim.in_flight(t, k + 1)
+        rtt = max(base_s, n / rate)
+        t += rtt
+        for k in range(n):
+            lim.in_flight(t, n - k - 1)
+            lim.sample(t, rtt, most_in_flight=n)
+    return t
 
 
-def test_gradient_limit_does_not_grow_when_app_limited():
-    lim = GradientLimit(16, 1, 64)
-    for _ in range(50):
-        lim.sample(0.1, in_flight=2)
-    assert lim.value == 16
+def test_delivery_limit_grows_to_gain_times_the_bandwidth_delay_product_and_no_further():
+    lim = DeliveryLimit(1, 1, 256, gain=2.0)
+    t = _saturate(lim, 0.0, 0.1, base_s=0.1, rate=150.0)  # one call alone: 0.1 s
+    assert lim.value == 2 and lim.min_rtt == pytest.approx(0.1)
+    values = []
+    for _ in range(10):
+        t = _saturate(lim, t, 0.5, base_s=0.1, rate=150.0)  # 15 calls fill the pipe
+        values.append(lim.value)
+    assert values[-3:] == [30, 30, 30]  # ceil(2 x 150/s x 0.1 s): latency twice the unloaded one
+    assert lim.rate == pytest.approx(150.0)
 
 
-def test_gradient_limit_shrinks_when_latency_rises_and_on_drops():
-    lim = GradientLimit(32, 2, 64)
-    for _ in range(20):
-        lim.sample(0.1, in_flight=32)
-    high = lim.value
-    for _ in range(20):
-        lim.sample(1.0, in_flight=int(lim.value))  # 10x the baseline latency
-    assert lim.value < high / 2
-    before = lim.value
-    lim.drop()
-    assert lim.value == pytest.approx(max(2, before * 0.9))
-    for _ in range(200):
-        lim.drop()
-    assert lim.value == 2  # never below min
+def test_delivery_limit_on_a_slow_backend_stays_small():
+    """The CPU demo stack: 76 ms alone, ~15 calls/s at most -> 5 in flight (the default gain, 4:
+    latency up to ~0.3 s), where a latency gradient settled at 8-13 (~1 s)."""
+    lim = DeliveryLimit(8, 1, 32)
+    _saturate(lim, 0.0, 8.0, base_s=0.076, rate=15.0)
+    assert lim.value == math.ceil(lim.gain * 15.0 * 0.076) == 5
 
 
-def test_controller_limit_follows_latency_on_the_fake_clock():
+def test_delivery_limit_follows_a_slower_backend():
+    lim = DeliveryLimit(1, 1, 256, gain=2.0, window_s=10.0)
+    t = _saturate(lim, 0.0, 5.0, base_s=0.1, rate=150.0)
+    assert lim.value == 30
+    _saturate(lim, t, 3.0, base_s=0.1, rate=50.0)  # one of three backends gone
+    assert lim.value == 10
+
+
+def test_delivery_limit_probes_the_unloaded_latency_once_a_window():
+    lim = DeliveryLimit(1, 1, 256, gain=2.0, window_s=10.0)
+    t = _saturate(lim, 0.0, 2.0, base_s=0.1, rate=150.0)
+    assert lim.value == 30
+    # The backend got slower for every call (0.2 s alone): no sample lowers the old minimum.
+    lim.sample(t + 10.5, 0.4, most_in_flight=30)
+    assert lim.probing and lim.value == 1  # drain to one call in flight
+    lim.sample(t + 10.8, 0.3, most_in_flight=30)  # still draining
+    assert lim.probing and lim.value == 1
+    lim.sample(t + 11.0, 0.2, most_in_flight=1)  # alone: the new unloaded latency
+    assert not lim.probing and lim.min_rtt == 0.2 and lim.value == 30  # back where it was
+    _saturate(lim, t + 11.0, 3.0, base_s=0.2, rate=150.0)
+    assert lim.value == 60  # ceil(2 x 150/s x 0.2 s)
+
+
+def test_delivery_limit_stays_within_its_bounds_and_halves_at_most_per_round():
+    lim = DeliveryLimit(4, 3, 8, window_s=100.0)
+    t = _saturate(lim, 0.0, 2.0, base_s=0.1, rate=1000.0)
+    assert lim.value == 8  # ceil(2 x 1000/s x 0.1 s) = 200, capped
+    values = []
+    for _ in range(4):  # the backend all but stops: 8 s a call at 8 in flight
+        t = _saturate(lim, t, 0.01, base_s=0.1, rate=1.0)
+        values.append(lim.value)
+    # Halved, then the floor; at the floor calls run with at most 3 in flight, so their latency
+    # becomes the unloaded one and the limit grows back to what that allows.
+    assert values[:2] == [4, 3] and all(3 <= v <= 8 for v in values)
+
+
+def test_controller_limit_follows_what_the_backend_delivers_on_the_fake_clock():
     async def go():
         clock = Clock()
-        cfg = AdmissionConfig(initial_limit=4, min_limit=2, max_limit=32, timers=False)
+        cfg = AdmissionConfig(initial_limit=4, min_limit=1, max_limit=64, timers=False)
         rec = Recorder()
         ac = AdmissionController(cfg, clock=clock, observer=rec)
 
-        async def round_(latency: float) -> None:
+        async def round_(base_s: float, rate: float) -> None:
+            """As many calls as the limit, granted together; the backend takes them as
+            DeliveryLimit's tests' backend does."""
             slots = [await ac.acquire("a") for _ in range(ac.limit)]
-            clock.t += latency
+            clock.t += max(base_s, len(slots) / rate)
             for s in slots:
                 ac.release(s)
 
-        for _ in range(10):
-            await round_(0.1)
-        grown = ac.limit
-        assert grown > 4
-        for _ in range(2):
-            await round_(2.0)
-        assert ac.limit < grown
-        assert ("limit", ac.limit) in rec.events
+        for _ in range(30):
+            await round_(0.1, 100.0)
+        assert ac.limit == 40  # ceil(4 x 100/s x 0.1 s), the default gain
+        assert ("limit", 40) in rec.events
 
     run(go())
 

@@ -15,35 +15,40 @@ from visloc_client.v1 import locator_pb2_grpc as pb_grpc
 
 
 class Scripted(pb_grpc.LocatorServicer):
-    """Refuses every second call; records the callers' tokens."""
+    """Refuses every ``every``-th call; records the callers' tokens."""
 
-    def __init__(self) -> None:
+    def __init__(self, every: int = 2) -> None:
         self.n = 0
+        self.every = every
         self.tokens: list[str] = []
 
     async def Locate(self, request, context):  # noqa: N802 - the gRPC method name
         self.n += 1
         self.tokens.append(dict(context.invocation_metadata()).get("authorization", ""))
-        if self.n % 2 == 0:
+        if self.n % self.every == 0:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "overloaded")
         return pb.LocateResponse()
 
 
-def test_offer_counts_codes_backs_off_and_sends_tokens():
+def _offer(servicer: Scripted, groups: list[Group], seconds: float, clients: str):
     async def go():
         server = grpc.aio.server()
-        servicer = Scripted()
         pb_grpc.add_LocatorServicer_to_server(servicer, server)
         port = server.add_insecure_port("127.0.0.1:0")
         await server.start()
         try:
-            groups = [Group("A", 2, "token-a"), Group("B", 1, None)]
-            return servicer, await offer(f"127.0.0.1:{port}", [b"x"], groups, 0.5, 2.0)
+            return await offer(f"127.0.0.1:{port}", [b"x"], groups, seconds, 2.0, clients=clients)
         finally:
             await server.stop(None)
 
-    servicer, (calls, elapsed) = asyncio.run(go())
-    assert calls and len(calls) == servicer.n
+    return asyncio.run(go())
+
+
+@pytest.mark.parametrize("clients", ["visloc", "grpc"])
+def test_offer_counts_codes_backs_off_and_sends_tokens(clients):
+    servicer = Scripted()
+    calls, elapsed = _offer(servicer, [Group("A", 2, "token-a"), Group("B", 1, None)], 0.5, clients)
+    assert calls and len(calls) == servicer.n  # half refused: the library's throttle keeps nothing back
     assert {c.caller for c in calls} == {"A", "B"}
     assert {c.code for c in calls} == {"OK", "RESOURCE_EXHAUSTED"}
     assert set(servicer.tokens) == {"Bearer token-a", ""}
@@ -52,6 +57,16 @@ def test_offer_counts_codes_backs_off_and_sends_tokens():
     assert refused <= 3 * (0.5 / BACKOFF_S[0] + 1)
     row = summarize(calls, elapsed, 2.0)
     assert row["calls"] == len(calls) and row["codes"]["RESOURCE_EXHAUSTED"] == refused
+
+
+def test_library_clients_keep_calls_back_when_the_service_refuses_nearly_all():
+    """Production callers' clients (the library's adaptive throttle): once the service refuses
+    nearly every call, a share of the calls is refused on the client and never sent."""
+    servicer = Scripted(every=1)  # refuses everything
+    calls, elapsed = _offer(servicer, [Group("A", 4, "token-a")], 1.5, "visloc")
+    row = summarize(calls, elapsed, 2.0)
+    assert row["codes"] == {"RESOURCE_EXHAUSTED": len(calls)}
+    assert row["throttled_client_side"] > 0 and servicer.n == len(calls) - row["throttled_client_side"]
 
 
 def test_summary_verdicts_and_report_section(tmp_path):

@@ -4,8 +4,9 @@ Why: offered ten times its capacity, a service that accepts everything finishes 
 late (issue 17). Following the Google SRE book ("Handling Overload"), Netflix's
 concurrency-limits and Facebook's adaptive LIFO + CoDel queues:
 
-* at most ``limit`` calls are in flight; ``limit`` adapts to the measured latency (a gradient
-  limit in the style of Netflix's Gradient2) or is fixed;
+* at most ``limit`` calls are in flight; ``limit`` adapts to what the backend delivers (twice
+  its delivery rate x its unloaded latency, as TCP BBR's window; :class:`DeliveryLimit`) or is
+  fixed;
 * the rest wait in a queue that knows every call's deadline. A call whose deadline cannot be met
   given the measured service time and the queue ahead of it is refused at once
   (:class:`~swc_service.errors.Overloaded`, RESOURCE_EXHAUSTED); one that expires while queued is
@@ -85,41 +86,83 @@ class AdmissionConfig:
             raise ValueError(f"service_alpha must be in (0, 1], got {self.service_alpha}")
 
 
-class GradientLimit:
-    """Netflix Gradient2-style concurrency limit from observed latencies.
+class DeliveryLimit:
+    """The in-flight limit from what the backend delivers: ``gain`` x its delivery rate x its
+    unloaded latency (TCP BBR's window, twice the bandwidth-delay product).
 
-    The long-term latency (slow EWMA) is the baseline; while a sample stays within ``tolerance``
-    times it the limit grows by ~sqrt(limit) (smoothed), and when latency grows beyond it the
-    limit shrinks in proportion (never below half per step). Drops (timeouts, Triton
-    unavailable) shrink it by ``backoff``. No growth while the limit is not the bottleneck.
+    Why not a latency gradient (Netflix Gradient2): its baseline is an average of the latencies
+    it causes, so under sustained saturation it drifts up with them; on the 2-core demo stack it
+    settled at 8-13 calls in flight where 2-3 already give the full rate (one call alone: 76 ms,
+    12.5 img/s; 3 in flight: 15.3 img/s; 8: 595 ms, 13.1 img/s).
+
+    Once per round trip (as many completions as the limit) the delivery rate is taken by Little's
+    law, the time-averaged calls in flight over the round / their mean latency (a count of
+    completions would jump with every batch), and the limit becomes ``gain`` x rate x the
+    unloaded latency, at most doubling or halving. While the backend has room the limit doubles
+    every round; once it is saturated latency grows instead of the rate, and the limit settles
+    where latency is about ``gain`` x the unloaded latency, on any hardware (one CPU, a GPU with
+    large batches, several Triton pods). Slow calls and drops lengthen the mean: the limit falls.
+
+    The unloaded latency is that of the last call that ran with at most ``min`` in flight, or any
+    lower latency seen since. Under sustained load no call runs alone: when none has refreshed it
+    for ``window_s``, the limit drops to ``min`` until one has (BBR's ProbeRTT: one round trip at
+    low concurrency every ``window_s``).
     """
 
-    def __init__(self, initial: int, min_limit: int, max_limit: int, *, smoothing: float = 0.2,
-                 tolerance: float = 1.5, long_window: int = 600, backoff: float = 0.9) -> None:  # fmt: skip
+    def __init__(self, initial: int, min_limit: int, max_limit: int, *, gain: float = 4.0,
+                 window_s: float = 30.0, clock_start: float = 0.0) -> None:  # fmt: skip
         self.value = float(initial)
         self.min, self.max = min_limit, max_limit
-        self.smoothing, self.tolerance, self.backoff = smoothing, tolerance, backoff
-        self._long_alpha = 2.0 / (long_window + 1)
-        self.long_rtt: float | None = None
+        self.gain, self.window_s = gain, window_s
+        self.min_rtt: float | None = None
+        self._min_rtt_at = 0.0
+        self.probing = False
+        self._resume = self.value  # the limit to return to after a probe
+        self.rate: float | None = None  # calls/s over the last round
+        self._in_flight, self._changed_at = 0, clock_start
+        self._reset_round(clock_start)
 
-    def sample(self, rtt: float, in_flight: int) -> float:
+    def _reset_round(self, now: float) -> None:
+        self._round_start, self._area, self._rtt_sum, self._samples = now, 0.0, 0.0, 0
+
+    def in_flight(self, now: float, n: int) -> None:
+        """The number of calls in flight changed to ``n`` (grant or release)."""
+        self._area += self._in_flight * max(0.0, now - self._changed_at)
+        self._in_flight, self._changed_at = n, now
+
+    def sample(self, now: float, rtt: float, most_in_flight: int) -> float:
+        """One completed call took ``rtt``; at most ``most_in_flight`` calls (itself included)
+        were in flight during it."""
         if rtt <= 0:
             return self.value
-        if self.long_rtt is None:
-            self.long_rtt = rtt
-        else:
-            self.long_rtt += self._long_alpha * (rtt - self.long_rtt)
-            if self.long_rtt / rtt > 2:  # latency fell for good: let the baseline follow faster
-                self.long_rtt *= 0.95
-        if in_flight < self.value / 2:  # app-limited: the samples say nothing about the limit
+        quiet = most_in_flight <= self.min
+        # Unknown (the first calls may all have come at once) or not refreshed for a window.
+        expired = self.min_rtt is None or now - self._min_rtt_at > self.window_s
+        # A call that ran alone measures the unloaded latency as it is now (it rises when other
+        # work shares the CPU, e.g. a flood of refusals); a lower latency anywhere is lower still.
+        if quiet or (self.min_rtt is not None and rtt <= self.min_rtt):
+            self.min_rtt, self._min_rtt_at = rtt, now
+            if self.probing:  # probed: back to where it was, a fresh round
+                self.probing, self.value = False, self._resume
+                self._reset_round(now)
+                return self.value
+        elif expired and not self.probing:
+            self.probing, self._resume, self.value = True, self.value, float(self.min)
+            return self.value  # let the calls in flight drain to one
+        if self.probing:
             return self.value
-        gradient = max(0.5, min(1.0, self.tolerance * self.long_rtt / rtt))
-        target = self.value * gradient + math.sqrt(self.value)
-        self.value = self._clamp((1 - self.smoothing) * self.value + self.smoothing * target)
-        return self.value
-
-    def drop(self) -> float:
-        self.value = self._clamp(self.value * self.backoff)
+        self._rtt_sum += rtt
+        self._samples += 1
+        if self._samples >= self.value:
+            self.in_flight(now, self._in_flight)  # the area up to now
+            elapsed = now - self._round_start
+            mean_rtt = self._rtt_sum / self._samples
+            if elapsed > 0:
+                self.rate = self._area / elapsed / mean_rtt  # Little's law: L = rate x latency
+                window = self.gain * self.rate * self.min_rtt
+                target = math.ceil(window - 1e-9)  # 20.000000000000004 is 20
+                self.value = self._clamp(min(2 * self.value, max(math.ceil(self.value / 2), target)))
+            self._reset_round(now)
         return self.value
 
     def _clamp(self, v: float) -> float:
@@ -135,6 +178,8 @@ class Slot:
     enqueued_at: float
     granted_at: float = math.nan
     released: bool = False
+    in_flight_at_grant: int = 0  # calls in flight when it began, itself included
+    admitted_at_grant: int = 0  # the controller's count of granted calls then, itself included
 
     @property
     def queue_wait_s(self) -> float:
@@ -182,7 +227,9 @@ class AdmissionController:
         self._clock = clock
         self._observer = observer
         c = self.config
-        self._limiter = GradientLimit(c.initial_limit, c.min_limit, c.max_limit) if c.adaptive else None
+        self._limiter = (
+            DeliveryLimit(c.initial_limit, c.min_limit, c.max_limit, clock_start=clock()) if c.adaptive else None
+        )
         self._limit = c.initial_limit
         self._callers: OrderedDict[str, _Caller] = OrderedDict()  # round-robin order: next first
         self._in_flight = 0
@@ -208,10 +255,11 @@ class AdmissionController:
     async def admit(self, caller: str = DEFAULT_CALLER, deadline: float | None = None) -> AsyncIterator[Slot]:
         """``async with controller.admit(caller, deadline) as slot:`` around the work to bound.
 
-        A body that raises DeadlineExceeded counts as a drop (the limit backs off: work took too
-        long). Any other exception, Unavailable included, still releases the slot but gives no
-        latency sample: a backend that is down or refuses says nothing about how much work is
-        too much, and backing off on it would leave the limit at its minimum once it returns.
+        A body that raises DeadlineExceeded counts as a drop (work took too long: its latency is
+        a sample, as a completed call's). Any other exception, Unavailable included, still
+        releases the slot but gives no sample: a backend that is down or refuses says nothing
+        about how fast it delivers, and counting it would leave the limit at its minimum once it
+        returns.
         """
         slot = await self.acquire(caller, deadline)
         ok: bool | None = True
@@ -250,7 +298,7 @@ class AdmissionController:
         # late; with nothing in flight it is always taken (a probe: the measurement cannot go
         # stale and lock every call out).
         free = self._in_flight < self._limit and not state.queue and (cap is None or state.in_flight < cap)
-        if free and (self._in_flight == 0 or self._meetable(deadline, now, first=state.in_flight == 0)):
+        if free and (self._in_flight == 0 or self._meetable(deadline, now, first=self._within_share(state))):
             self._grant(slot, now)
             return slot
         self._check_admissible(slot, state, now)
@@ -274,30 +322,30 @@ class AdmissionController:
             raise
 
     def release(self, slot: Slot, ok: bool | None = True) -> None:
-        """Hand a slot back. ok=True: a latency sample; False: a drop (the limit backs off);
-        None: neither (e.g. the caller's own error or cancellation)."""
+        """Hand a slot back. ok=True: completed; False: a drop (it took too long); both are
+        samples of the backend's rate and latency. None: no sample (e.g. the caller's own error,
+        its cancellation, or the backend refusing)."""
         if slot.released:
             raise RuntimeError("slot released twice")
         slot.released = True
         now = self._clock()
         state = self._callers[slot.caller]
-        in_flight = self._in_flight
         self._in_flight -= 1
+        if self._limiter is not None:
+            self._limiter.in_flight(now, self._in_flight)
         self._granted.discard(slot)
         state.in_flight -= 1
         self._completed += 1
         if self._observer is not None:
             self._observer.in_flight(slot.caller, -1)
         rtt = max(0.0, now - slot.granted_at)
-        if ok is True:
-            self._sample_service(rtt)
-            if self._limiter is not None:
-                self._set_limit(self._limiter.sample(rtt, in_flight))
-        elif ok is False:
-            if self._service_s is None or rtt > self._service_s:
+        if ok is not None:  # completed, or took too long: both say how fast the backend delivers
+            if ok or self._service_s is None or rtt > self._service_s:
                 self._sample_service(rtt)  # a drop took at least this long: a slowdown must show
             if self._limiter is not None:
-                self._set_limit(self._limiter.drop())
+                # Those in flight when it began and all granted since: at most this many shared the backend.
+                most = slot.in_flight_at_grant + self._admitted - slot.admitted_at_grant
+                self._set_limit(self._limiter.sample(now, rtt, most))
         self._dispatch()
 
     def sweep(self) -> None:
@@ -345,10 +393,21 @@ class AdmissionController:
 
     def _meetable(self, deadline: float | None, now: float, *, first: bool = False) -> bool:
         """Whether a call starting now ends by ``deadline``: pessimistically (mean + 2 deviations),
-        or by the mean for a caller's first call (nothing of it in flight or queued: fairness
-        needs each caller's first call to get its turn) and for calls already queued."""
+        or by the mean for a caller within its fair share (fairness needs each caller's share
+        to get its turn) and for calls already queued."""
         bound = self._service_s if first else self._service_bound()
         return deadline is None or bound is None or now + bound <= deadline
+
+    def _within_share(self, state: _Caller, *, queued: bool = False) -> bool:
+        """Whether a caller holds (in flight and queued) less than its fair share of the limit,
+        split evenly between the callers with work: its calls are judged by the mean service
+        time and never refused for the queue's length, so a small caller keeps being served
+        while a flooding one is refused. ``queued``: asked for a call already in its queue."""
+        active = sum(1 for other in self._callers.values() if other.in_flight or other.queue)
+        if not (state.in_flight or state.queue):
+            active += 1
+        held = state.in_flight + len(state.queue) - (1 if queued else 0)
+        return held < max(1, self._limit // max(1, active))
 
     def _expired(self, slot: Slot) -> bool:
         return slot.deadline is not None and slot.deadline - self._clock() <= _EXPIRY_SLACK_S
@@ -388,21 +447,27 @@ class AdmissionController:
             self._refuse(slot, CALLER_LIMIT)
         if self._queued >= c.max_queue:
             self._refuse(slot, QUEUE_FULL)
-        if slot.deadline is not None:
-            wait = self._wait_estimate(state)
-            if wait is not None and not self._meetable(
-                slot.deadline, now + wait, first=not (state.in_flight or state.queue)
-            ):
-                self._refuse(slot, DEADLINE_UNMEETABLE)
+        wait = self._wait_estimate(state)
+        if wait is None:
+            return
+        if slot.deadline is not None and not self._meetable(slot.deadline, now + wait, first=self._within_share(state)):
+            self._refuse(slot, DEADLINE_UNMEETABLE)
+        if (c.codel_target_s is not None and self._standing(now) and wait > c.codel_target_s
+                and not self._within_share(state)):  # fmt: skip
+            # It would outwait the target and be refused then: refuse it now, while that is cheap.
+            self._refuse(slot, QUEUE_TIMEOUT)
 
-    def _stale(self, slot: Slot, now: float) -> str | None:
+    def _stale(self, slot: Slot, now: float, *, in_queue: bool = True) -> str | None:
         if slot.deadline is not None and slot.deadline <= now:
             return EXPIRED_IN_QUEUE
         if slot.deadline is not None and not self._meetable(slot.deadline, now, first=True):
             return DEADLINE_UNMEETABLE  # it would finish too late: refuse now, while it can retry
         target = self.config.codel_target_s
         if target is not None and self._standing(now) and now - slot.enqueued_at > target:
-            return QUEUE_TIMEOUT
+            # CoDel sheds the excess of a standing queue; a caller within its share is not excess.
+            state = self._callers.get(slot.caller)
+            if state is None or not self._within_share(state, queued=in_queue):
+                return QUEUE_TIMEOUT
         return None
 
     def _arm(self, waiter: _Waiter, now: float) -> None:
@@ -452,7 +517,9 @@ class AdmissionController:
             state = self._callers[picked]
             waiter = state.queue.pop() if lifo else state.queue.popleft()
             self._dequeued(waiter, now)
-            reason = self._stale(waiter.slot, now)
+            if waiter.future.done():  # its caller was cancelled this very loop step: gone
+                continue
+            reason = self._stale(waiter.slot, now, in_queue=False)
             if reason is not None:
                 self._fail(waiter, reason, now)
                 continue
@@ -469,8 +536,12 @@ class AdmissionController:
         self._granted.add(slot)
         self._callers.move_to_end(slot.caller)  # served: last in the round
         self._in_flight += 1
+        if self._limiter is not None:
+            self._limiter.in_flight(now, self._in_flight)
+        slot.in_flight_at_grant = self._in_flight
         self._callers[slot.caller].in_flight += 1
         self._admitted += 1
+        slot.admitted_at_grant = self._admitted
         if self._observer is not None:
             self._observer.in_flight(slot.caller, +1)
 
