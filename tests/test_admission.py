@@ -565,9 +565,25 @@ def test_delivery_limit_stays_within_its_bounds_and_halves_at_most_per_round():
     for _ in range(4):  # the backend all but stops: 8 s a call at 8 in flight
         t = _saturate(lim, t, 0.01, base_s=0.1, rate=1.0)
         values.append(lim.value)
-    # Halved, then the floor; at the floor calls run with at most 3 in flight, so their latency
-    # becomes the unloaded one and the limit grows back to what that allows.
+    # Halved, then the floor, and never below it.
     assert values[:2] == [4, 3] and all(3 <= v <= 8 for v in values)
+
+
+def test_delivery_limit_floored_at_the_max_batch_keeps_it_and_probes_alone():
+    """The service floors the limit at the batcher's max batch: on the CPU demo stack (where 5
+    would do) it stays 8, so 8 concurrent calls still form one batch; the probe of the unloaded
+    latency still goes down to one call in flight, and only a call alone counts as unloaded."""
+    lim = DeliveryLimit(8, 8, 32, window_s=10.0)
+    t = _saturate(lim, 0.0, 8.0, base_s=0.076, rate=15.0)
+    assert lim.value == 8
+    lim.sample(t, 0.05, most_in_flight=8)  # fast but not alone: lowers the minimum (any lower is)
+    assert lim.min_rtt == 0.05
+    lim.sample(t + 10.5, 0.6, most_in_flight=8)  # 10 s without a call alone or a lower latency
+    assert lim.probing and lim.value == 1
+    lim.sample(t + 10.6, 0.5, most_in_flight=2)  # two in flight: not the unloaded latency
+    assert lim.probing and lim.value == 1
+    lim.sample(t + 10.7, 0.08, most_in_flight=1)
+    assert not lim.probing and lim.min_rtt == 0.08 and lim.value == 8
 
 
 def test_controller_limit_follows_what_the_backend_delivers_on_the_fake_clock():

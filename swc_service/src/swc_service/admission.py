@@ -103,10 +103,14 @@ class DeliveryLimit:
     where latency is about ``gain`` x the unloaded latency, on any hardware (one CPU, a GPU with
     large batches, several Triton pods). Slow calls and drops lengthen the mean: the limit falls.
 
-    The unloaded latency is that of the last call that ran with at most ``min`` in flight, or any
-    lower latency seen since. Under sustained load no call runs alone: when none has refreshed it
-    for ``window_s``, the limit drops to ``min`` until one has (BBR's ProbeRTT: one round trip at
-    low concurrency every ``window_s``).
+    The limit stays within [``min_limit``, ``max_limit``]; the service floors it at the
+    batcher's max batch (a smaller limit would cap Triton's batches, which is where a GPU gets
+    its throughput).
+
+    The unloaded latency is that of the last call that ran alone, or any lower latency seen
+    since. Under sustained load no call runs alone: when none has refreshed it for ``window_s``,
+    the limit drops to one call, below the floor, until one has (BBR's ProbeRTT: one round trip
+    alone every ``window_s``).
     """
 
     def __init__(self, initial: int, min_limit: int, max_limit: int, *, gain: float = 4.0,
@@ -135,7 +139,7 @@ class DeliveryLimit:
         were in flight during it."""
         if rtt <= 0:
             return self.value
-        quiet = most_in_flight <= self.min
+        quiet = most_in_flight <= 1
         # Unknown (the first calls may all have come at once) or not refreshed for a window.
         expired = self.min_rtt is None or now - self._min_rtt_at > self.window_s
         # A call that ran alone measures the unloaded latency as it is now (it rises when other
@@ -147,7 +151,7 @@ class DeliveryLimit:
                 self._reset_round(now)
                 return self.value
         elif expired and not self.probing:
-            self.probing, self._resume, self.value = True, self.value, float(self.min)
+            self.probing, self._resume, self.value = True, self.value, 1.0
             return self.value  # let the calls in flight drain to one
         if self.probing:
             return self.value
@@ -581,7 +585,7 @@ class AdmissionController:
             self._observer.shed(caller, reason)
 
     def _set_limit(self, value: float) -> None:
-        new = max(self.config.min_limit, int(value))
+        new = max(1, int(value))  # the limiter keeps it >= min_limit, except for its one-call probe
         if new != self._limit:
             self._limit = new
             if self._observer is not None:
