@@ -32,6 +32,13 @@ class SoakReport:
     rate_per_s: float
     start: ProcStat
     end: ProcStat
+    mid: ProcStat | None = None  # halfway: first-touch allocations (arenas, buffers) have settled
+
+    @property
+    def late_anon_growth(self) -> float:
+        """Growth over the second half: a leak keeps growing, a warm-up allocation does not."""
+        base = self.mid or self.start
+        return self.end.rss_anon_kb / max(1, base.rss_anon_kb) - 1
 
     @property
     def errors(self) -> int:
@@ -46,7 +53,8 @@ class SoakReport:
         return self.end.rss_kb / max(1, self.start.rss_kb) - 1
 
     def as_dict(self) -> dict:
-        return asdict(self) | {"errors": self.errors, "anon_growth": self.anon_growth, "rss_growth": self.rss_growth}
+        return asdict(self) | {"errors": self.errors, "anon_growth": self.anon_growth, "rss_growth": self.rss_growth,
+                               "late_anon_growth": self.late_anon_growth}  # fmt: skip
 
 
 def soak(target: str, pid: int, seconds: float, concurrency: int = 8, warmup_s: float = 3.0,
@@ -83,8 +91,13 @@ def soak(target: str, pid: int, seconds: float, concurrency: int = 8, warmup_s: 
     measuring.set()
     began = time.monotonic()
     stop_at[0] = began + seconds
+    half_at, mid = began + seconds / 2, None
     while time.monotonic() < stop_at[0]:
-        time.sleep(min(5.0, max(0.0, stop_at[0] - time.monotonic())))
+        now = time.monotonic()
+        wake = half_at if mid is None and half_at > now else stop_at[0]
+        time.sleep(min(5.0, max(0.0, wake - now)))
+        if mid is None and time.monotonic() >= half_at:
+            mid = proc_stat(pid)
         if progress:
             done = time.monotonic() - began
             print(f"soak {done:6.0f}/{seconds:.0f} s  calls {sum(codes.values())}  errors "
@@ -94,7 +107,7 @@ def soak(target: str, pid: int, seconds: float, concurrency: int = 8, warmup_s: 
     elapsed = time.monotonic() - began
     end = proc_stat(pid)
     calls = sum(codes.values())
-    return SoakReport(elapsed, concurrency, calls, dict(codes), calls / elapsed, start, end)
+    return SoakReport(elapsed, concurrency, calls, dict(codes), calls / elapsed, start, end, mid)
 
 
 def main(argv: list[str] | None = None) -> int:

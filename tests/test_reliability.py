@@ -89,5 +89,7 @@ def test_short_soak_has_no_errors_and_no_growth(live_service):
     print(report.as_dict())
     assert report.calls > 20
     assert report.errors == 0, report.codes
-    assert report.anon_growth < 0.05 and report.rss_growth < 0.05
+    # Allocations that settle once (malloc arenas of the decode threads, gRPC buffers) made the
+    # whole-run growth swing 1-7 % between runs; a leak keeps growing through the second half.
+    assert report.late_anon_growth < 0.05 and report.anon_growth < 0.15 and report.rss_growth < 0.15
     assert report.end.fds <= report.start.fds + 2
