@@ -291,11 +291,11 @@ def test_standing_queue_turns_lifo_and_times_out_old_calls():
         cfg = fixed(1, codel_interval_s=0.1, codel_target_s=0.5)
         ac = AdmissionController(cfg, clock=clock)
         held = await ac.acquire("a")
-        old = asyncio.create_task(ac.acquire("a"))
+        old = asyncio.create_task(ac.acquire("a", clock.t + 3.0))
         await steps()
         clock.t += 0.3
-        mid = asyncio.create_task(ac.acquire("a"))
-        new = asyncio.create_task(ac.acquire("a"))
+        mid = asyncio.create_task(ac.acquire("a", clock.t + 3.0))
+        new = asyncio.create_task(ac.acquire("a", clock.t + 3.0))
         await steps()
         assert ac.stats().standing  # non-empty for 0.3 s > 0.1 s
         ac.release(held)  # LIFO: the freshest call is served first
@@ -325,14 +325,14 @@ def test_standing_queue_refuses_at_once_what_would_outwait_the_target():
         clock.t += 0.3
         ac.release(slot)  # the service time: 0.3 s
         held = await ac.acquire("a")
-        queued = [asyncio.create_task(ac.acquire("a")) for _ in range(2)]
+        queued = [asyncio.create_task(ac.acquire("a", clock.t + 3.0)) for _ in range(2)]
         await steps()
         clock.t += 0.2
         assert ac.stats().standing
         with pytest.raises(Overloaded) as refused:
-            await ac.acquire("a")  # 0.1 s left of the call in flight + 2 x 0.3 s ahead of it
+            await ac.acquire("a", clock.t + 3.0)  # 0.1 s left of the call in flight + 2 x 0.3 s ahead of it
         assert refused.value.reason == QUEUE_TIMEOUT
-        other = asyncio.create_task(ac.acquire("b"))  # first in the round: ~0.1 s
+        other = asyncio.create_task(ac.acquire("b", clock.t + 3.0))  # first in the round: ~0.1 s
         await steps()
         assert not other.done() and ac.stats().queued == 3
         ac.release(held)
@@ -346,13 +346,44 @@ def test_standing_queue_refuses_at_once_what_would_outwait_the_target():
     run(go())
 
 
+def test_batch_work_stays_fifo_and_is_not_shed_by_codel():
+    """Calls with a long deadline (the client library's 30 s default) or none are batch work:
+    under a standing queue they keep their order and outwait the CoDel target; a closed loop
+    of them above the limit is slower, not failed. Interactive calls are still shed."""
+
+    async def go():
+        clock = Clock()
+        ac = AdmissionController(fixed(1, codel_interval_s=0.1, codel_target_s=0.5), clock=clock)
+        slot = await ac.acquire("a")
+        clock.t += 0.3
+        ac.release(slot)  # the service time: 0.3 s
+        held = await ac.acquire("a")
+        batch = [asyncio.create_task(ac.acquire("a", clock.t + 30.0)), asyncio.create_task(ac.acquire("a"))]
+        await steps()
+        clock.t += 2.0  # standing, and both waited 4 x the target
+        ac.sweep()
+        await steps()
+        assert not any(t.done() for t in batch)
+        with pytest.raises(Overloaded) as refused:  # interactive: 2 x 0.3 s ahead > the target
+            await ac.acquire("a", clock.t + 2.0)
+        assert refused.value.reason == QUEUE_TIMEOUT and ac.stats().shed == {QUEUE_TIMEOUT: 1}
+        for first in batch:  # first in, first out
+            ac.release(held)
+            await steps()
+            assert first.done() and first.exception() is None
+            held = first.result()
+        ac.release(held)
+
+    run(go())
+
+
 def test_codel_sheds_the_flooding_callers_old_calls_not_a_caller_within_its_share():
     async def go():
         clock = Clock()
         ac = AdmissionController(fixed(2, codel_interval_s=0.1, codel_target_s=0.5), clock=clock)
         held = [await ac.acquire("a"), await ac.acquire("a")]
-        a_old = [asyncio.create_task(ac.acquire("a")) for _ in range(3)]
-        b_call = asyncio.create_task(ac.acquire("b"))  # b holds 1 of its share of 2 // 2 callers
+        a_old = [asyncio.create_task(ac.acquire("a", clock.t + 3.0)) for _ in range(3)]
+        b_call = asyncio.create_task(ac.acquire("b", clock.t + 3.0))  # b holds 1 of its share of 2 // 2 callers
         await steps()
         clock.t += 0.6  # everything queued has waited past the target under a standing queue
         ac.sweep()

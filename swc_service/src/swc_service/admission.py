@@ -12,8 +12,12 @@ concurrency-limits and Facebook's adaptive LIFO + CoDel queues:
   (:class:`~swc_service.errors.Overloaded`, RESOURCE_EXHAUSTED); one that expires while queued is
   dropped (:class:`~swc_service.errors.DeadlineExceeded`) and never reaches Triton;
 * the queue is FIFO while it drains; once it has stood non-empty for ``codel_interval_s`` it
-  turns LIFO (fresh calls first, they still have time) and refuses calls that waited longer
-  than ``codel_target_s``;
+  turns LIFO for interactive calls (fresh calls first, they still have time) and refuses
+  interactive calls that waited longer than ``codel_target_s``. Interactive: a deadline at most
+  ``interactive_budget_s`` away. Batch work (a longer deadline, e.g. the client library's 30 s
+  default, or none) has said it can wait: it stays FIFO and is refused only when its deadline
+  cannot be met, so an evaluation at a concurrency above the limit is slower, not failed (under
+  LIFO the oldest calls of a closed loop would never be served);
 * callers are named: each has a cap on calls in flight and queued, and free slots go round-robin
   to the callers with queued work, so one caller's burst cannot starve the others.
 
@@ -68,6 +72,7 @@ class AdmissionConfig:
     caller_max_queued: int | None = None  # per caller; None: max_queue
     codel_interval_s: float = 0.1  # a queue non-empty this long is "standing": LIFO + codel_target_s
     codel_target_s: float | None = 0.5  # under a standing queue, max wait before refusal; None: off
+    interactive_budget_s: float = 5.0  # LIFO + CoDel for calls with a deadline at most this far
     service_alpha: float = 0.2  # EWMA weight of a new service-time sample
     timers: bool = True  # expire queued calls by loop timers (tests call sweep() instead)
 
@@ -82,6 +87,8 @@ class AdmissionConfig:
                 raise ValueError(f"{name} must be positive, got {v}")
         if self.codel_interval_s < 0 or (self.codel_target_s is not None and self.codel_target_s < 0):
             raise ValueError("codel_interval_s and codel_target_s must be >= 0")
+        if self.interactive_budget_s < 0:
+            raise ValueError(f"interactive_budget_s must be >= 0, got {self.interactive_budget_s}")
         if not 0 < self.service_alpha <= 1:
             raise ValueError(f"service_alpha must be in (0, 1], got {self.service_alpha}")
 
@@ -125,6 +132,11 @@ class DeliveryLimit:
         self.rate: float | None = None  # calls/s over the last round
         self._in_flight, self._changed_at = 0, clock_start
         self._reset_round(clock_start)
+
+    @property
+    def steady(self) -> float:
+        """The limit outside a probe (a probe lasts one call alone: waits are not 1-call long)."""
+        return self._resume if self.probing else self.value
 
     def _reset_round(self, now: float) -> None:
         self._round_start, self._area, self._rtt_sum, self._samples = now, 0.0, 0.0, 0
@@ -411,10 +423,19 @@ class AdmissionController:
         if not (state.in_flight or state.queue):
             active += 1
         held = state.in_flight + len(state.queue) - (1 if queued else 0)
-        return held < max(1, self._limit // max(1, active))
+        return held < max(1, self._steady_limit() // max(1, active))
+
+    def _steady_limit(self) -> int:
+        """The limit for estimates: during the adaptive limit's one-call probe (a fraction of a
+        second every 30 s), the limit it returns to, so that no call is refused for the probe."""
+        return self._limit if self._limiter is None else max(self._limit, int(self._limiter.steady))
 
     def _expired(self, slot: Slot) -> bool:
         return slot.deadline is not None and slot.deadline - self._clock() <= _EXPIRY_SLACK_S
+
+    def _interactive(self, slot: Slot) -> bool:
+        """A call with a short deadline: LIFO and CoDel apply to it (see the module docstring)."""
+        return slot.deadline is not None and slot.deadline - slot.enqueued_at <= self.config.interactive_budget_s
 
     def _standing(self, now: float) -> bool:
         return self._nonempty_since is not None and now - self._nonempty_since > self.config.codel_interval_s
@@ -438,11 +459,12 @@ class AdmissionController:
                 before = False
             else:  # a caller before this one in the round is served once more than it
                 ahead += min(len(other.queue), own + (1 if before else 0))
-        first = self._service_s / self._limit
+        limit = self._steady_limit()
+        first = self._service_s / limit
         if self._granted and self._in_flight >= self._limit:
             oldest = min(slot.granted_at for slot in self._granted)
             first = min(first, max(0.0, self._service_s - (self._clock() - oldest)))
-        return first + ahead * self._service_s / self._limit
+        return first + ahead * self._service_s / limit
 
     def _check_admissible(self, slot: Slot, state: _Caller, now: float) -> None:
         c = self.config
@@ -456,8 +478,8 @@ class AdmissionController:
             return
         if slot.deadline is not None and not self._meetable(slot.deadline, now + wait, first=self._within_share(state)):
             self._refuse(slot, DEADLINE_UNMEETABLE)
-        if (c.codel_target_s is not None and self._standing(now) and wait > c.codel_target_s
-                and not self._within_share(state)):  # fmt: skip
+        if (c.codel_target_s is not None and self._interactive(slot) and self._standing(now)
+                and wait > c.codel_target_s and not self._within_share(state)):  # fmt: skip
             # It would outwait the target and be refused then: refuse it now, while that is cheap.
             self._refuse(slot, QUEUE_TIMEOUT)
 
@@ -467,7 +489,7 @@ class AdmissionController:
         if slot.deadline is not None and not self._meetable(slot.deadline, now, first=True):
             return DEADLINE_UNMEETABLE  # it would finish too late: refuse now, while it can retry
         target = self.config.codel_target_s
-        if target is not None and self._standing(now) and now - slot.enqueued_at > target:
+        if target is not None and self._interactive(slot) and self._standing(now) and now - slot.enqueued_at > target:
             # CoDel sheds the excess of a standing queue; a caller within its share is not excess.
             state = self._callers.get(slot.caller)
             if state is None or not self._within_share(state, queued=in_queue):
@@ -519,7 +541,7 @@ class AdmissionController:
             if picked is None:
                 return
             state = self._callers[picked]
-            waiter = state.queue.pop() if lifo else state.queue.popleft()
+            waiter = state.queue.pop() if lifo and self._interactive(state.queue[-1].slot) else state.queue.popleft()
             self._dequeued(waiter, now)
             if waiter.future.done():  # its caller was cancelled this very loop step: gone
                 continue

@@ -81,6 +81,7 @@ class Settings:
     admission_caller_max_queued: int = 0  # per caller; 0: half of admission_max_queue
     admission_codel_target_ms: float = 500.0  # under a standing queue, the longest wait; 0: off
     admission_codel_interval_ms: float = 100.0  # a queue non-empty this long is standing (LIFO)
+    admission_interactive_budget_ms: float = 5000.0  # LIFO + CoDel only for deadlines this close
 
     def validate(self) -> Settings:
         if self.conf_scale_km not in self.pd_scales_km:
@@ -129,6 +130,7 @@ class Settings:
             caller_max_queued=self.admission_caller_max_queued or max(1, self.admission_max_queue // 2),
             codel_interval_s=self.admission_codel_interval_ms / 1000.0,
             codel_target_s=self.admission_codel_target_ms / 1000.0 if self.admission_codel_target_ms > 0 else None,
+            interactive_budget_s=self.admission_interactive_budget_ms / 1000.0,
         )
 
     def token(self) -> str | None:
