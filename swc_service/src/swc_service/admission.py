@@ -117,11 +117,13 @@ class DeliveryLimit:
     The unloaded latency is that of the last call that ran alone, or any lower latency seen
     since. Under sustained load no call runs alone: when none has refreshed it for ``window_s``,
     the limit drops to one call, below the floor, until one has (BBR's ProbeRTT: one round trip
-    alone every ``window_s``).
+    alone every ``window_s``). BBR probes every 10 s, but a probe here drains a pipeline of
+    batches (about a second at reduced rate on the CPU demo stack), and a stale unloaded latency
+    only errs low (a smaller limit, never below the floor): every 5 minutes.
     """
 
     def __init__(self, initial: int, min_limit: int, max_limit: int, *, gain: float = 4.0,
-                 window_s: float = 30.0, clock_start: float = 0.0) -> None:  # fmt: skip
+                 window_s: float = 300.0, clock_start: float = 0.0) -> None:  # fmt: skip
         self.value = float(initial)
         self.min, self.max = min_limit, max_limit
         self.gain, self.window_s = gain, window_s
@@ -426,8 +428,9 @@ class AdmissionController:
         return held < max(1, self._steady_limit() // max(1, active))
 
     def _steady_limit(self) -> int:
-        """The limit for estimates: during the adaptive limit's one-call probe (a fraction of a
-        second every 30 s), the limit it returns to, so that no call is refused for the probe."""
+        """The limit outside the adaptive limit's one-call probe (about a second every few
+        minutes): a caller's fair share does not shrink for the probe. (Waits are estimated with
+        the limit as it is: a call queued during the probe does wait for it.)"""
         return self._limit if self._limiter is None else max(self._limit, int(self._limiter.steady))
 
     def _expired(self, slot: Slot) -> bool:
@@ -459,7 +462,7 @@ class AdmissionController:
                 before = False
             else:  # a caller before this one in the round is served once more than it
                 ahead += min(len(other.queue), own + (1 if before else 0))
-        limit = self._steady_limit()
+        limit = self._limit
         first = self._service_s / limit
         if self._granted and self._in_flight >= self._limit:
             oldest = min(slot.granted_at for slot in self._granted)
