@@ -601,9 +601,9 @@ def test_delivery_limit_stays_within_its_bounds_and_halves_at_most_per_round():
 
 
 def test_delivery_limit_floored_at_the_max_batch_keeps_it_and_probes_alone():
-    """The service floors the limit at the batcher's max batch: on the CPU demo stack (where 5
-    would do) it stays 8, so 8 concurrent calls still form one batch; the probe of the unloaded
-    latency still goes down to one call in flight, and only a call alone counts as unloaded."""
+    """A floor (``--admission-min-limit``, e.g. the batcher's max batch to keep batches whole):
+    on the CPU demo stack, where 5 would do, it stays 8; the probe of the unloaded latency still
+    goes down to one call in flight, and only a call alone counts as unloaded."""
     lim = DeliveryLimit(8, 8, 32, window_s=10.0)
     t = _saturate(lim, 0.0, 8.0, base_s=0.076, rate=15.0)
     assert lim.value == 8

@@ -47,10 +47,8 @@ def test_admission_limits_derive_from_the_batcher_and_callers_from_the_file(tmp_
     env = {"VISLOC_ADMISSION_CODEL_TARGET_MS": "0", "VISLOC_AUTH_TOKEN": "shared-token-0123456"}
     s = load_settings(["--bundle", "b", "--max-batch", "8", "--callers-file", str(callers)], env=env)
     cfg = s.admission_config()
-    assert (cfg.initial_limit, cfg.min_limit, cfg.max_limit) == (8, 8, 32)
-    assert (cfg.caller_max_queued, cfg.codel_target_s) == (128, None)
-    low = load_settings(["--bundle", "b", "--max-batch", "8", "--admission-initial-limit", "2"], env={})
-    assert low.admission_config().min_limit == 2  # the floor never above the start
+    assert (cfg.initial_limit, cfg.min_limit, cfg.max_limit) == (8, 1, 32)
+    assert (cfg.caller_max_queued, cfg.codel_target_s, cfg.interactive_budget_s) == (128, None, 5.0)
     assert s.callers() == {"0123456789abcdef0123": "mapper", "shared-token-0123456": "default"}
     assert load_settings(["--bundle", "b"], env={}).callers() is None  # auth off: every call "anonymous"
     with pytest.raises(ValueError, match="min_limit"):

@@ -73,7 +73,7 @@ class Settings:
     # Admission control and named callers (issue 17; swc_service.admission, swc_service.callers).
     callers_file: str = ""  # 'name:token' lines: named callers (the shared token stays caller "default")
     admission_initial_limit: int = 0  # calls in flight to Triton to start with; 0: max_batch
-    admission_min_limit: int = 0  # the adaptive limit's floor; 0: max_batch (batches stay whole)
+    admission_min_limit: int = 1  # the adaptive limit's floor
     admission_max_limit: int = 0  # 0: 4 x max_batch
     admission_adaptive: bool = True  # False: the limit stays admission_initial_limit
     admission_max_queue: int = 256  # calls waiting for a slot, all callers together
@@ -115,14 +115,11 @@ class Settings:
         """The admission controller's limits; 0 means derived from the batcher's max batch."""
         initial = self.admission_initial_limit or self.max_batch
         maximum = self.admission_max_limit or max(4 * self.max_batch, initial)
-        # The floor: the batcher's max batch (the adaptive limit finds the best concurrency on
-        # one CPU at 2-3 calls, but Triton's batches, a GPU's throughput, need max_batch).
-        minimum = self.admission_min_limit or min(self.max_batch, initial)
         if self.admission_caller_max_in_flight < 0 or self.admission_caller_max_queued < 0:
             raise ValueError("admission_caller_max_in_flight and admission_caller_max_queued must be >= 0")
         return AdmissionConfig(
             initial_limit=initial,
-            min_limit=minimum,
+            min_limit=self.admission_min_limit,
             max_limit=maximum,
             adaptive=self.admission_adaptive,
             max_queue=self.admission_max_queue,
