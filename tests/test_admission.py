@@ -291,11 +291,11 @@ def test_standing_queue_turns_lifo_and_times_out_old_calls():
         cfg = fixed(1, codel_interval_s=0.1, codel_target_s=0.5)
         ac = AdmissionController(cfg, clock=clock)
         held = await ac.acquire("a")
-        old = asyncio.create_task(ac.acquire("a", clock.t + 3.0))
+        old = asyncio.create_task(ac.acquire("a", clock.t + 1.0))
         await steps()
         clock.t += 0.3
-        mid = asyncio.create_task(ac.acquire("a", clock.t + 3.0))
-        new = asyncio.create_task(ac.acquire("a", clock.t + 3.0))
+        mid = asyncio.create_task(ac.acquire("a", clock.t + 1.0))
+        new = asyncio.create_task(ac.acquire("a", clock.t + 1.0))
         await steps()
         assert ac.stats().standing  # non-empty for 0.3 s > 0.1 s
         ac.release(held)  # LIFO: the freshest call is served first
@@ -325,14 +325,14 @@ def test_standing_queue_refuses_at_once_what_would_outwait_the_target():
         clock.t += 0.3
         ac.release(slot)  # the service time: 0.3 s
         held = await ac.acquire("a")
-        queued = [asyncio.create_task(ac.acquire("a", clock.t + 3.0)) for _ in range(2)]
+        queued = [asyncio.create_task(ac.acquire("a", clock.t + 1.2)) for _ in range(2)]
         await steps()
         clock.t += 0.2
         assert ac.stats().standing
         with pytest.raises(Overloaded) as refused:
-            await ac.acquire("a", clock.t + 3.0)  # 0.1 s left of the call in flight + 2 x 0.3 s ahead of it
+            await ac.acquire("a", clock.t + 1.2)  # 0.1 s left of the call in flight + 2 x 0.3 s ahead of it
         assert refused.value.reason == QUEUE_TIMEOUT
-        other = asyncio.create_task(ac.acquire("b", clock.t + 3.0))  # first in the round: ~0.1 s
+        other = asyncio.create_task(ac.acquire("b", clock.t + 1.2))  # first in the round: ~0.1 s
         await steps()
         assert not other.done() and ac.stats().queued == 3
         ac.release(held)
@@ -365,7 +365,7 @@ def test_batch_work_stays_fifo_and_is_not_shed_by_codel():
         await steps()
         assert not any(t.done() for t in batch)
         with pytest.raises(Overloaded) as refused:  # interactive: 2 x 0.3 s ahead > the target
-            await ac.acquire("a", clock.t + 2.0)
+            await ac.acquire("a", clock.t + 1.0)
         assert refused.value.reason == QUEUE_TIMEOUT and ac.stats().shed == {QUEUE_TIMEOUT: 1}
         for first in batch:  # first in, first out
             ac.release(held)
@@ -377,13 +377,40 @@ def test_batch_work_stays_fifo_and_is_not_shed_by_codel():
     run(go())
 
 
+def test_codel_lets_an_interactive_call_wait_half_its_budget():
+    """Under a standing queue a call with a 2 s deadline may wait 1 s (half its budget), one
+    with a 0.6 s deadline the configured target, 0.5 s."""
+
+    async def go():
+        clock = Clock()
+        ac = AdmissionController(fixed(1, codel_interval_s=0.1, codel_target_s=0.5), clock=clock)
+        held = await ac.acquire("a")
+        long_, short = (asyncio.create_task(ac.acquire("a", clock.t + d)) for d in (2.0, 0.6))
+        await steps()
+        clock.t += 0.55
+        ac.sweep()
+        await steps()
+        assert isinstance(short.exception(), Overloaded) and short.exception().reason == QUEUE_TIMEOUT
+        assert not long_.done()
+        clock.t += 0.5  # 1.05 s > half of 2 s
+        ac.sweep()
+        await steps()
+        assert isinstance(long_.exception(), Overloaded) and long_.exception().reason == QUEUE_TIMEOUT
+        ac.release(held)
+
+    run(go())
+
+
 def test_codel_sheds_the_flooding_callers_old_calls_not_a_caller_within_its_share():
     async def go():
         clock = Clock()
         ac = AdmissionController(fixed(2, codel_interval_s=0.1, codel_target_s=0.5), clock=clock)
+        s = await ac.acquire("a")
+        clock.t += 0.1
+        ac.release(s)  # the service time: 0.1 s
         held = [await ac.acquire("a"), await ac.acquire("a")]
-        a_old = [asyncio.create_task(ac.acquire("a", clock.t + 3.0)) for _ in range(3)]
-        b_call = asyncio.create_task(ac.acquire("b", clock.t + 3.0))  # b holds 1 of its share of 2 // 2 callers
+        a_old = [asyncio.create_task(ac.acquire("a", clock.t + 1.0)) for _ in range(3)]
+        b_call = asyncio.create_task(ac.acquire("b", clock.t + 1.0))  # b holds 1 of its share of 2 // 2 callers
         await steps()
         clock.t += 0.6  # everything queued has waited past the target under a standing queue
         ac.sweep()

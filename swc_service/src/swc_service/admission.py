@@ -13,7 +13,8 @@ concurrency-limits and Facebook's adaptive LIFO + CoDel queues:
   dropped (:class:`~swc_service.errors.DeadlineExceeded`) and never reaches Triton;
 * the queue is FIFO while it drains; once it has stood non-empty for ``codel_interval_s`` it
   turns LIFO for interactive calls (fresh calls first, they still have time) and refuses
-  interactive calls that waited longer than ``codel_target_s``. Interactive: a deadline at most
+  interactive calls that waited longer than ``codel_target_s`` or half their deadline budget,
+  whichever is longer. Interactive: a deadline at most
   ``interactive_budget_s`` away. Batch work (a longer deadline, e.g. the client library's 30 s
   default, or none) has said it can wait: it stays FIFO and is refused only when its deadline
   cannot be met, so an evaluation at a concurrency above the limit is slower, not failed (under
@@ -440,6 +441,16 @@ class AdmissionController:
         """A call with a short deadline: LIFO and CoDel apply to it (see the module docstring)."""
         return slot.deadline is not None and slot.deadline - slot.enqueued_at <= self.config.interactive_budget_s
 
+    def _codel_target(self, slot: Slot) -> float | None:
+        """The longest an interactive call may wait under a standing queue: ``codel_target_s``,
+        or half its deadline budget if that is longer (a 2 s call may wait 1 s and still have
+        time to be served; a shorter target only turns away work the service had time for).
+        None: CoDel does not apply (off, or batch work)."""
+        if self.config.codel_target_s is None or not self._interactive(slot):
+            return None
+        assert slot.deadline is not None  # interactive
+        return max(self.config.codel_target_s, (slot.deadline - slot.enqueued_at) / 2)
+
     def _standing(self, now: float) -> bool:
         return self._nonempty_since is not None and now - self._nonempty_since > self.config.codel_interval_s
 
@@ -481,8 +492,8 @@ class AdmissionController:
             return
         if slot.deadline is not None and not self._meetable(slot.deadline, now + wait, first=self._within_share(state)):
             self._refuse(slot, DEADLINE_UNMEETABLE)
-        if (c.codel_target_s is not None and self._interactive(slot) and self._standing(now)
-                and wait > c.codel_target_s and not self._within_share(state)):  # fmt: skip
+        target = self._codel_target(slot)
+        if target is not None and self._standing(now) and wait > target and not self._within_share(state):
             # It would outwait the target and be refused then: refuse it now, while that is cheap.
             self._refuse(slot, QUEUE_TIMEOUT)
 
@@ -491,8 +502,8 @@ class AdmissionController:
             return EXPIRED_IN_QUEUE
         if slot.deadline is not None and not self._meetable(slot.deadline, now, first=True):
             return DEADLINE_UNMEETABLE  # it would finish too late: refuse now, while it can retry
-        target = self.config.codel_target_s
-        if target is not None and self._interactive(slot) and self._standing(now) and now - slot.enqueued_at > target:
+        target = self._codel_target(slot)
+        if target is not None and self._standing(now) and now - slot.enqueued_at > target:
             # CoDel sheds the excess of a standing queue; a caller within its share is not excess.
             state = self._callers.get(slot.caller)
             if state is None or not self._within_share(state, queued=in_queue):
