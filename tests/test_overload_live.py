@@ -87,3 +87,17 @@ def test_overload_is_refused_fast_not_hung_and_recovers(overloaded_service):
                if line.startswith("visloc_admission_shed_total{"))  # fmt: skip
     assert shed >= codes[grpc.StatusCode.RESOURCE_EXHAUSTED]
     assert 'caller="anonymous"' in text
+
+
+def test_batch_work_above_the_limit_is_slower_not_refused(overloaded_service):
+    """64 concurrent calls with the client library's default 30 s deadline (an evaluation run):
+    far more than the limit (a few calls in flight on this stack), so the queue stands for the
+    whole run, but such calls are batch work: served in order, none refused or shed."""
+
+    async def run() -> Counter:
+        async with grpc.aio.insecure_channel(overloaded_service.target) as channel:
+            stub = pb_grpc.LocatorStub(channel)
+            results = await asyncio.gather(*(call(stub, jpeg(i), 30.0) for i in range(64)))
+        return Counter(code for code, _ in results)
+
+    assert asyncio.run(run()) == Counter({grpc.StatusCode.OK: 64})

@@ -4,8 +4,8 @@ Why: offered ten times its capacity, a service that accepts everything finishes 
 late (issue 17). Following the Google SRE book ("Handling Overload"), Netflix's
 concurrency-limits and Facebook's adaptive LIFO + CoDel queues:
 
-* at most ``limit`` calls are in flight; ``limit`` adapts to what the backend delivers (twice
-  its delivery rate x its unloaded latency, as TCP BBR's window; :class:`DeliveryLimit`) or is
+* at most ``limit`` calls are in flight; ``limit`` adapts to what the backend delivers (4 x its
+  delivery rate x its unloaded latency, after TCP BBR's window; :class:`DeliveryLimit`) or is
   fixed;
 * the rest wait in a queue that knows every call's deadline. A call whose deadline cannot be met
   given the measured service time and the queue ahead of it is refused at once
@@ -14,11 +14,11 @@ concurrency-limits and Facebook's adaptive LIFO + CoDel queues:
 * the queue is FIFO while it drains; once it has stood non-empty for ``codel_interval_s`` it
   turns LIFO for interactive calls (fresh calls first, they still have time) and refuses
   interactive calls that waited longer than ``codel_target_s`` or half their deadline budget,
-  whichever is longer. Interactive: a deadline at most
-  ``interactive_budget_s`` away. Batch work (a longer deadline, e.g. the client library's 30 s
-  default, or none) has said it can wait: it stays FIFO and is refused only when its deadline
-  cannot be met, so an evaluation at a concurrency above the limit is slower, not failed (under
-  LIFO the oldest calls of a closed loop would never be served);
+  whichever is longer. Interactive: a deadline at most ``interactive_budget_s`` away. Batch
+  work (a longer deadline, e.g. the client library's 30 s default, or none) has said it can
+  wait: it stays FIFO and is refused only when its deadline cannot be met, so an evaluation at
+  a concurrency above the limit is slower, not failed (under LIFO the oldest calls of a closed
+  loop would never be served);
 * callers are named: each has a cap on calls in flight and queued, and free slots go round-robin
   to the callers with queued work, so one caller's burst cannot starve the others.
 
