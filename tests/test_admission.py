@@ -377,22 +377,22 @@ def test_batch_work_stays_fifo_and_is_not_shed_by_codel():
     run(go())
 
 
-def test_codel_lets_an_interactive_call_wait_half_its_budget():
-    """Under a standing queue a call with a 2 s deadline may wait 1 s (half its budget), one
-    with a 0.6 s deadline the configured target, 0.5 s."""
+def test_codel_lets_an_interactive_call_wait_a_quarter_of_its_budget():
+    """Under a standing queue a call with a 4 s deadline may wait 1 s (a quarter of its budget),
+    one with a 0.6 s deadline the configured target, 0.5 s."""
 
     async def go():
         clock = Clock()
         ac = AdmissionController(fixed(1, codel_interval_s=0.1, codel_target_s=0.5), clock=clock)
         held = await ac.acquire("a")
-        long_, short = (asyncio.create_task(ac.acquire("a", clock.t + d)) for d in (2.0, 0.6))
+        long_, short = (asyncio.create_task(ac.acquire("a", clock.t + d)) for d in (4.0, 0.6))
         await steps()
         clock.t += 0.55
         ac.sweep()
         await steps()
         assert isinstance(short.exception(), Overloaded) and short.exception().reason == QUEUE_TIMEOUT
         assert not long_.done()
-        clock.t += 0.5  # 1.05 s > half of 2 s
+        clock.t += 0.5  # 1.05 s > a quarter of 4 s
         ac.sweep()
         await steps()
         assert isinstance(long_.exception(), Overloaded) and long_.exception().reason == QUEUE_TIMEOUT

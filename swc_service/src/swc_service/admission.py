@@ -13,7 +13,7 @@ concurrency-limits and Facebook's adaptive LIFO + CoDel queues:
   dropped (:class:`~swc_service.errors.DeadlineExceeded`) and never reaches Triton;
 * the queue is FIFO while it drains; once it has stood non-empty for ``codel_interval_s`` it
   turns LIFO for interactive calls (fresh calls first, they still have time) and refuses
-  interactive calls that waited longer than ``codel_target_s`` or half their deadline budget,
+  interactive calls that waited longer than ``codel_target_s`` or a quarter of their deadline budget,
   whichever is longer. Interactive: a deadline at most ``interactive_budget_s`` away. Batch
   work (a longer deadline, e.g. the client library's 30 s default, or none) has said it can
   wait: it stays FIFO and is refused only when its deadline cannot be met, so an evaluation at
@@ -443,13 +443,13 @@ class AdmissionController:
 
     def _codel_target(self, slot: Slot) -> float | None:
         """The longest an interactive call may wait under a standing queue: ``codel_target_s``,
-        or half its deadline budget if that is longer (a 2 s call may wait 1 s and still have
-        time to be served; a shorter target only turns away work the service had time for).
-        None: CoDel does not apply (off, or batch work)."""
+        or a quarter of its deadline budget if that is longer (a refusal then still leaves the
+        caller three quarters of its time to go elsewhere; a 5 s call is not held to a target
+        made for 2 s ones). None: CoDel does not apply (off, or batch work)."""
         if self.config.codel_target_s is None or not self._interactive(slot):
             return None
         assert slot.deadline is not None  # interactive
-        return max(self.config.codel_target_s, (slot.deadline - slot.enqueued_at) / 2)
+        return max(self.config.codel_target_s, (slot.deadline - slot.enqueued_at) / 4)
 
     def _standing(self, now: float) -> bool:
         return self._nonempty_since is not None and now - self._nonempty_since > self.config.codel_interval_s
