@@ -401,6 +401,36 @@ def test_codel_lets_an_interactive_call_wait_a_quarter_of_its_budget():
     run(go())
 
 
+def test_a_queue_shorter_than_the_limit_is_not_refused_on_an_estimate():
+    """Fewer calls queued than in flight: the queue drains within about one service time, so a
+    new call is not refused on the estimated wait (after a load the measured service time is
+    stale); from a full round queued on, it is."""
+
+    async def go():
+        clock = Clock()
+        ac = AdmissionController(fixed(4, codel_interval_s=0.1, codel_target_s=0.5), clock=clock)
+        slot = await ac.acquire("a")
+        clock.t += 0.6
+        ac.release(slot)  # the service time: 0.6 s, so 0.15 s a slot
+        held = [await ac.acquire("a") for _ in range(4)]
+        queued = [asyncio.create_task(ac.acquire("a", clock.t + 2.0)) for _ in range(3)]
+        await steps()
+        clock.t += 0.2  # standing
+        queued.append(asyncio.create_task(ac.acquire("a", clock.t + 2.0)))  # waits ~0.6 s > 0.5 s
+        await steps()
+        assert not any(t.done() for t in queued) and ac.stats().queued == 4
+        with pytest.raises(Overloaded) as refused:  # 4 queued: a full round ahead
+            await ac.acquire("a", clock.t + 2.0)
+        assert refused.value.reason == QUEUE_TIMEOUT
+        for t in queued:
+            t.cancel()
+        await steps()
+        for s in held:
+            ac.release(s)
+
+    run(go())
+
+
 def test_codel_sheds_the_flooding_callers_old_calls_not_a_caller_within_its_share():
     async def go():
         clock = Clock()

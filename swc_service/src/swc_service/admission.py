@@ -493,8 +493,12 @@ class AdmissionController:
         if slot.deadline is not None and not self._meetable(slot.deadline, now + wait, first=self._within_share(state)):
             self._refuse(slot, DEADLINE_UNMEETABLE)
         target = self._codel_target(slot)
-        if target is not None and self._standing(now) and wait > target and not self._within_share(state):
+        if (target is not None and self._standing(now) and wait > target and self._queued >= self._limit
+                and not self._within_share(state)):  # fmt: skip
             # It would outwait the target and be refused then: refuse it now, while that is cheap.
+            # Not on an estimate alone while fewer calls wait than are in flight: such a queue
+            # drains within about one service time, and right after a load the service time
+            # measured under it is stale (it refused a few calls of a healthy 4-client loop).
             self._refuse(slot, QUEUE_TIMEOUT)
 
     def _stale(self, slot: Slot, now: float, *, in_queue: bool = True) -> str | None:
