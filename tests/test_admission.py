@@ -327,10 +327,10 @@ def test_standing_queue_refuses_at_once_what_would_outwait_the_target():
         held = await ac.acquire("a")
         queued = [asyncio.create_task(ac.acquire("a", clock.t + 1.2)) for _ in range(2)]
         await steps()
-        clock.t += 0.2
+        clock.t += 0.3  # the calls queued have waited 0.3 s: more than half the target
         assert ac.stats().standing
         with pytest.raises(Overloaded) as refused:
-            await ac.acquire("a", clock.t + 1.2)  # 0.1 s left of the call in flight + 2 x 0.3 s ahead of it
+            await ac.acquire("a", clock.t + 1.2)  # the call in flight due now + 2 x 0.3 s ahead
         assert refused.value.reason == QUEUE_TIMEOUT
         other = asyncio.create_task(ac.acquire("b", clock.t + 1.2))  # first in the round: ~0.1 s
         await steps()
@@ -415,7 +415,7 @@ def test_a_queue_shorter_than_the_limit_is_not_refused_on_an_estimate():
         held = [await ac.acquire("a") for _ in range(4)]
         queued = [asyncio.create_task(ac.acquire("a", clock.t + 2.0)) for _ in range(3)]
         await steps()
-        clock.t += 0.2  # standing
+        clock.t += 0.3  # standing, and the calls queued have waited more than half the target
         queued.append(asyncio.create_task(ac.acquire("a", clock.t + 2.0)))  # waits ~0.6 s > 0.5 s
         await steps()
         assert not any(t.done() for t in queued) and ac.stats().queued == 4
@@ -427,6 +427,32 @@ def test_a_queue_shorter_than_the_limit_is_not_refused_on_an_estimate():
         await steps()
         for s in held:
             ac.release(s)
+
+    run(go())
+
+
+def test_no_refusal_on_arrival_while_calls_are_not_seen_to_wait():
+    """The estimate says a new call would outwait the target, but the calls queued have waited
+    less than half of it so far (the measured service time is stale, e.g. from a past load):
+    the call queues; CoDel acts on waits it observes."""
+
+    async def go():
+        clock = Clock()
+        ac = AdmissionController(fixed(1, codel_interval_s=0.1, codel_target_s=0.5), clock=clock)
+        slot = await ac.acquire("a")
+        clock.t += 1.0
+        ac.release(slot)  # a slow call under a past load: 1 s
+        held = await ac.acquire("a")
+        queued = [asyncio.create_task(ac.acquire("a", clock.t + 4.0))]
+        await steps()
+        clock.t += 0.2  # standing; the queued call has waited 0.2 s, under half the target (1 s)
+        queued.append(asyncio.create_task(ac.acquire("a", clock.t + 4.0)))  # estimated wait 1.8 s > 1 s
+        await steps()
+        assert not any(t.done() for t in queued) and ac.stats().shed == {}
+        for t in queued:
+            t.cancel()
+        await steps()
+        ac.release(held)
 
     run(go())
 

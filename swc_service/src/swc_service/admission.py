@@ -451,6 +451,11 @@ class AdmissionController:
         assert slot.deadline is not None  # interactive
         return max(self.config.codel_target_s, (slot.deadline - slot.enqueued_at) / 4)
 
+    def _oldest_wait(self, now: float) -> float:
+        """How long the longest-waiting queued call has waited (0 with none queued)."""
+        starts = [state.queue[0].slot.enqueued_at for state in self._callers.values() if state.queue]
+        return now - min(starts) if starts else 0.0
+
     def _standing(self, now: float) -> bool:
         return self._nonempty_since is not None and now - self._nonempty_since > self.config.codel_interval_s
 
@@ -494,11 +499,12 @@ class AdmissionController:
             self._refuse(slot, DEADLINE_UNMEETABLE)
         target = self._codel_target(slot)
         if (target is not None and self._standing(now) and wait > target and self._queued >= self._limit
-                and not self._within_share(state)):  # fmt: skip
+                and self._oldest_wait(now) >= target / 2 and not self._within_share(state)):  # fmt: skip
             # It would outwait the target and be refused then: refuse it now, while that is cheap.
-            # Not on an estimate alone while fewer calls wait than are in flight: such a queue
-            # drains within about one service time, and right after a load the service time
-            # measured under it is stale (it refused a few calls of a healthy 4-client loop).
+            # Not on the estimate alone: only while calls are seen to wait (CoDel acts on
+            # sojourn times it observes) and at least a round of them (a shorter queue drains
+            # within about one service time). Right after a load the service time measured
+            # under it is stale, and the estimate alone refused calls of a healthy 4-client loop.
             self._refuse(slot, QUEUE_TIMEOUT)
 
     def _stale(self, slot: Slot, now: float, *, in_queue: bool = True) -> str | None:
