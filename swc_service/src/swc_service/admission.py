@@ -96,7 +96,7 @@ class AdmissionConfig:
 
 class DeliveryLimit:
     """The in-flight limit from what the backend delivers: ``gain`` x its delivery rate x its
-    unloaded latency (TCP BBR's window, twice the bandwidth-delay product).
+    unloaded latency (after TCP BBR's window, a multiple of the bandwidth-delay product).
 
     Why not a latency gradient (Netflix Gradient2): its baseline is an average of the latencies
     it causes, so under sustained saturation it drifts up with them; on the 2-core demo stack it
@@ -111,9 +111,8 @@ class DeliveryLimit:
     where latency is about ``gain`` x the unloaded latency, on any hardware (one CPU, a GPU with
     large batches, several Triton pods). Slow calls and drops lengthen the mean: the limit falls.
 
-    The limit stays within [``min_limit``, ``max_limit``]; the service floors it at the
-    batcher's max batch (a smaller limit would cap Triton's batches, which is where a GPU gets
-    its throughput).
+    The limit stays within [``min_limit``, ``max_limit``] (``--admission-min-limit``, e.g. the
+    batcher's max batch where Triton's batches must stay whole).
 
     The unloaded latency is that of the last call that ran alone, or any lower latency seen
     since. Under sustained load no call runs alone: when none has refreshed it for ``window_s``,
@@ -138,7 +137,7 @@ class DeliveryLimit:
 
     @property
     def steady(self) -> float:
-        """The limit outside a probe (a probe lasts one call alone: waits are not 1-call long)."""
+        """The limit outside a probe (a probe is one call alone for a round trip)."""
         return self._resume if self.probing else self.value
 
     def _reset_round(self, now: float) -> None:
@@ -199,6 +198,7 @@ class Slot:
     released: bool = False
     in_flight_at_grant: int = 0  # calls in flight when it began, itself included
     admitted_at_grant: int = 0  # the controller's count of granted calls then, itself included
+    interactive: bool = False  # a short deadline: LIFO and CoDel apply (see the module docstring)
 
     @property
     def queue_wait_s(self) -> float:
@@ -304,7 +304,8 @@ class AdmissionController:
         if not caller:
             raise ValueError("caller must be a non-empty name")
         now = self._clock()
-        slot = Slot(caller, deadline, now)
+        budget = self.config.interactive_budget_s
+        slot = Slot(caller, deadline, now, interactive=deadline is not None and deadline - now <= budget)
         if deadline is not None and deadline <= now:
             self._refuse(slot, EXPIRED_IN_QUEUE)
         state = self._callers.get(caller)
@@ -437,18 +438,13 @@ class AdmissionController:
     def _expired(self, slot: Slot) -> bool:
         return slot.deadline is not None and slot.deadline - self._clock() <= _EXPIRY_SLACK_S
 
-    def _interactive(self, slot: Slot) -> bool:
-        """A call with a short deadline: LIFO and CoDel apply to it (see the module docstring)."""
-        return slot.deadline is not None and slot.deadline - slot.enqueued_at <= self.config.interactive_budget_s
-
     def _codel_target(self, slot: Slot) -> float | None:
         """The longest an interactive call may wait under a standing queue: ``codel_target_s``,
         or a quarter of its deadline budget if that is longer (a refusal then still leaves the
         caller three quarters of its time to go elsewhere; a 5 s call is not held to a target
         made for 2 s ones). None: CoDel does not apply (off, or batch work)."""
-        if self.config.codel_target_s is None or not self._interactive(slot):
+        if self.config.codel_target_s is None or not slot.interactive or slot.deadline is None:
             return None
-        assert slot.deadline is not None  # interactive
         return max(self.config.codel_target_s, (slot.deadline - slot.enqueued_at) / 4)
 
     def _oldest_wait(self, now: float) -> float:
@@ -478,12 +474,11 @@ class AdmissionController:
                 before = False
             else:  # a caller before this one in the round is served once more than it
                 ahead += min(len(other.queue), own + (1 if before else 0))
-        limit = self._limit
-        first = self._service_s / limit
+        first = self._service_s / self._limit
         if self._granted and self._in_flight >= self._limit:
             oldest = min(slot.granted_at for slot in self._granted)
             first = min(first, max(0.0, self._service_s - (self._clock() - oldest)))
-        return first + ahead * self._service_s / limit
+        return first + ahead * self._service_s / self._limit
 
     def _check_admissible(self, slot: Slot, state: _Caller, now: float) -> None:
         c = self.config
@@ -565,7 +560,7 @@ class AdmissionController:
             if picked is None:
                 return
             state = self._callers[picked]
-            waiter = state.queue.pop() if lifo and self._interactive(state.queue[-1].slot) else state.queue.popleft()
+            waiter = state.queue.pop() if lifo and state.queue[-1].slot.interactive else state.queue.popleft()
             self._dequeued(waiter, now)
             if waiter.future.done():  # its caller was cancelled this very loop step: gone
                 continue
