@@ -58,6 +58,13 @@ async def steps(n: int = 5) -> None:
         await asyncio.sleep(0)
 
 
+async def serve_one(ac: AdmissionController, clock: Clock, seconds: float, caller: str = "a") -> None:
+    """One call alone that takes ``seconds``: the controller's measured service time."""
+    slot = await ac.acquire(caller)
+    clock.t += seconds
+    ac.release(slot)
+
+
 def run(coro):
     return asyncio.run(coro)
 
@@ -321,9 +328,7 @@ def test_standing_queue_refuses_at_once_what_would_outwait_the_target():
     async def go():
         clock = Clock()
         ac = AdmissionController(fixed(1, codel_interval_s=0.1, codel_target_s=0.5), clock=clock)
-        slot = await ac.acquire("a")
-        clock.t += 0.3
-        ac.release(slot)  # the service time: 0.3 s
+        await serve_one(ac, clock, 0.3)  # the service time: 0.3 s
         held = await ac.acquire("a")
         queued = [asyncio.create_task(ac.acquire("a", clock.t + 1.2)) for _ in range(2)]
         await steps()
@@ -354,9 +359,7 @@ def test_batch_work_stays_fifo_and_is_not_shed_by_codel():
     async def go():
         clock = Clock()
         ac = AdmissionController(fixed(1, codel_interval_s=0.1, codel_target_s=0.5), clock=clock)
-        slot = await ac.acquire("a")
-        clock.t += 0.3
-        ac.release(slot)  # the service time: 0.3 s
+        await serve_one(ac, clock, 0.3)  # the service time: 0.3 s
         held = await ac.acquire("a")
         batch = [asyncio.create_task(ac.acquire("a", clock.t + 30.0)), asyncio.create_task(ac.acquire("a"))]
         await steps()
@@ -409,9 +412,7 @@ def test_a_queue_shorter_than_the_limit_is_not_refused_on_an_estimate():
     async def go():
         clock = Clock()
         ac = AdmissionController(fixed(4, codel_interval_s=0.1, codel_target_s=0.5), clock=clock)
-        slot = await ac.acquire("a")
-        clock.t += 0.6
-        ac.release(slot)  # the service time: 0.6 s, so 0.15 s a slot
+        await serve_one(ac, clock, 0.6)  # the service time: 0.6 s, so 0.15 s a slot
         held = [await ac.acquire("a") for _ in range(4)]
         queued = [asyncio.create_task(ac.acquire("a", clock.t + 2.0)) for _ in range(3)]
         await steps()
@@ -439,9 +440,7 @@ def test_no_refusal_on_arrival_while_calls_are_not_seen_to_wait():
     async def go():
         clock = Clock()
         ac = AdmissionController(fixed(1, codel_interval_s=0.1, codel_target_s=0.5), clock=clock)
-        slot = await ac.acquire("a")
-        clock.t += 1.0
-        ac.release(slot)  # a slow call under a past load: 1 s
+        await serve_one(ac, clock, 1.0)  # a slow call under a past load: 1 s
         held = await ac.acquire("a")
         queued = [asyncio.create_task(ac.acquire("a", clock.t + 4.0))]
         await steps()
@@ -461,9 +460,7 @@ def test_codel_sheds_the_flooding_callers_old_calls_not_a_caller_within_its_shar
     async def go():
         clock = Clock()
         ac = AdmissionController(fixed(2, codel_interval_s=0.1, codel_target_s=0.5), clock=clock)
-        s = await ac.acquire("a")
-        clock.t += 0.1
-        ac.release(s)  # the service time: 0.1 s
+        await serve_one(ac, clock, 0.1)  # the service time: 0.1 s
         held = [await ac.acquire("a"), await ac.acquire("a")]
         a_old = [asyncio.create_task(ac.acquire("a", clock.t + 1.0)) for _ in range(3)]
         b_call = asyncio.create_task(ac.acquire("b", clock.t + 1.0))  # b holds 1 of its share of 2 // 2 callers
@@ -757,9 +754,7 @@ def test_a_queued_call_that_can_no_longer_finish_in_time_is_refused_when_dispatc
     async def go():
         clock = Clock()
         ac = AdmissionController(fixed(1, codel_target_s=None), clock=clock)
-        s = await ac.acquire("a")
-        clock.t += 1.0  # service time 1 s
-        ac.release(s)
+        await serve_one(ac, clock, 1.0)  # service time 1 s
         held = await ac.acquire("a")
         t = asyncio.create_task(ac.acquire("a", clock.t + 2.5))  # meetable on arrival (wait 1 + 1)
         await steps()
@@ -777,9 +772,7 @@ def test_standing_queue_still_refuses_what_it_cannot_serve_in_time_at_once():
     async def go():
         clock = Clock()
         ac = AdmissionController(fixed(1, codel_target_s=None), clock=clock)
-        s = await ac.acquire("a")
-        clock.t += 0.5
-        ac.release(s)
+        await serve_one(ac, clock, 0.5)
         held = await ac.acquire("a")
         queued = [asyncio.create_task(ac.acquire("a", clock.t + 100)) for _ in range(4)]
         await steps()
@@ -804,9 +797,7 @@ def test_a_free_slot_is_not_taken_by_a_call_that_would_finish_too_late_but_an_id
     async def go():
         clock = Clock()
         ac = AdmissionController(fixed(2), clock=clock)
-        s = await ac.acquire("a", None)
-        clock.t += 3.0  # a slow period: 3 s per call
-        ac.release(s)
+        await serve_one(ac, clock, 3.0)  # a slow period: 3 s per call
         probe = await ac.acquire("a", clock.t + 1.0)  # nothing in flight: admitted anyway
         with pytest.raises(Overloaded) as ei:
             await ac.acquire("b", clock.t + 1.0)  # a slot is free, but 3 s > 1 s
@@ -827,9 +818,7 @@ def test_a_caller_next_in_the_round_is_queued_where_the_flooding_one_is_refused(
     async def go():
         clock = Clock()
         ac = AdmissionController(fixed(1), clock=clock)
-        s = await ac.acquire("a", None)
-        clock.t += 1.0
-        ac.release(s)  # service time 1 s
+        await serve_one(ac, clock, 1.0)  # service time 1 s
         held = await ac.acquire("a", clock.t + 2)
         clock.t += 0.5
         a2 = asyncio.create_task(ac.acquire("a", clock.t + 2))
