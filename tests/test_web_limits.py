@@ -48,6 +48,9 @@ def _slow_upload(port: int, results: list, started: threading.Event) -> None:
         for _ in range(100):
             try:
                 chunk = s.recv(65536)
+            except ConnectionResetError:
+                answer = b"RESET after: " + answer  # fails below, showing what was read
+                break
             except TimeoutError:
                 try:
                     s.sendall(b"\xd8")
@@ -82,6 +85,41 @@ def test_a_slow_body_gets_408_and_does_not_block_other_uploads(serve_stub):
         assert headers["x-content-type-options"] == "nosniff"
         assert json.loads(answer.split(b"\r\n\r\n", 1)[1])["error"]["code"] == "TOO_SLOW"
     assert [data for data, _ in client.calls] == [JPEG]
+
+
+def _read_answer(s: socket.socket) -> bytes:
+    """One whole HTTP answer (headers and Content-Length body), without waiting for a close."""
+    answer = b""
+    while b"\r\n\r\n" not in answer or len(answer.split(b"\r\n\r\n", 1)[1]) < int(
+        _status_and_headers(answer)[1].get("content-length", "0")
+    ):
+        chunk = s.recv(65536)
+        assert chunk, answer
+        answer += chunk
+    return answer
+
+
+@pytest.mark.parametrize("refusal", ["slow body (the app's 408)", "connection cap (the protocol's 503)"])
+def test_a_client_still_sending_reads_its_answer_then_an_orderly_close(serve_stub, refusal):
+    """A browser refused mid-upload keeps sending for a moment. Were the socket closed at once,
+    the kernel would answer those bytes with a reset, which can reach the browser before it read
+    the answer ("connection reset" instead of the 408/503). The server shuts its side and drops
+    what still arrives: the client reads the answer, then end of stream, never a reset."""
+    cap = refusal.startswith("connection cap")
+    port = serve_stub(StubClient(), WebConfig(**{**FAST, "max_connections": 1} if cap else FAST))
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as holder:
+        holder.sendall(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n")  # holds the one connection if cap
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+            s.sendall(b"POST /api/locate HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 100000\r\n\r\n\xff")
+            answer = _read_answer(s)
+            assert _status_and_headers(answer)[0] == (
+                "HTTP/1.1 503 Service Unavailable" if cap else "HTTP/1.1 408 Request Timeout"
+            )
+            for _ in range(5):  # the rest of the upload, as a browser still sends it
+                s.sendall(b"\xd8" * 1000)
+                time.sleep(0.02)
+            time.sleep(0.2)  # a reset, if any, comes back over loopback in far less
+            assert s.recv(65536) == b""  # FIN; a reset raises ConnectionResetError here
 
 
 def test_slow_headers_get_408(serve_stub):

@@ -7,6 +7,8 @@ uvicorn`` header is off). What it lacks is added by a small subclass of its h11 
 - a connection cap: past ``max_connections`` a connection is answered 503 and closed at once;
 - a time limit on the request line and headers (slowloris), which also bounds how long a
   refused body is drained afterwards: 408 and close;
+- a gentle close: a connection refused while the client still sends is shut on our side and
+  drained, never closed under it (which the kernel turns into a reset that can hide the answer);
 - its own 400 for an unreadable request (bad request line, malformed HTTP version, control
   characters) carries the security headers and the JSON error shape, like every answer.
 
@@ -51,8 +53,11 @@ class LimitedH11Protocol(H11Protocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
+        self._socket = transport
+        self.transport = _GentleClose(transport, self)  # uvicorn's closes come here too
         self._deadline: asyncio.TimerHandle | None = None
-        self._refused = False
+        self._lingering = False
+        self._lost = False
         if len(self.connections) > self.web_config.max_connections:
             busy = error_body("BUSY", "The web app is busy", "Too many connections. Try again in a moment.")
             self._refuse(503, busy, "connection cap")
@@ -60,11 +65,12 @@ class LimitedH11Protocol(H11Protocol):
         self._arm()
 
     def data_received(self, data: bytes) -> None:
-        if self._refused:
+        if self._lingering:
             return  # answered already: what follows is dropped until the client closes
         super().data_received(data)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self._lost = True
         self._disarm()
         super().connection_lost(exc)
 
@@ -89,35 +95,68 @@ class LimitedH11Protocol(H11Protocol):
 
     def _expired(self) -> None:
         self._deadline = None
-        if self.transport.is_closing():
+        if self._socket.is_closing():
             return
-        if self._refused:
-            self.transport.close()
+        if self._lingering:
+            self._socket.close()  # the client neither closed nor stopped sending: cut it off
         elif self.cycle is not None and not self.cycle.response_complete:
             return  # the app holds this request; its own limits apply (it re-arms when done)
         elif self.conn.their_state is h11.IDLE and not self.conn.trailing_data[0]:
-            self.transport.close()  # idle: nothing was asked (keep-alive or a browser's preconnect)
+            self._socket.close()  # idle: nothing was asked (keep-alive or a browser's preconnect)
         elif self.conn.our_state is h11.IDLE and self.conn.their_state is h11.IDLE:
             slow = error_body("TOO_SLOW", "The request was too slow", "The request headers did not arrive in time.")
             self._refuse(408, slow, "headers too slow")
         else:  # the rest of a body already answered: stop reading it
-            self.transport.close()
+            self._socket.close()
 
     def _refuse(self, status: int, error: dict[str, str], why: str) -> None:
-        """Answer and end the connection: the answer, then our side shut (FIN), then what the
-        client still sends is read and dropped until it closes or the deadline passes, so
-        that it reads the answer instead of a reset."""
+        """Answer with ``status`` and end the connection gently (``_close``)."""
         client = self.client[0] if self.client else "-"
         log(client, "-", '"-"', status, why)
-        if self.transport.is_closing() or self._refused:
+        if self._socket.is_closing() or self._lingering:
             return
-        self._refused = True
         self.transport.write(raw_response(status, error, self.web_headers))
-        if self.transport.can_write_eof():
-            self.transport.write_eof()
+        self._close(linger=True)
+
+    # --- closing ---------------------------------------------------------------------------
+
+    def _close(self, *, linger: bool = False) -> None:
+        """End the connection without losing the answer just written.
+
+        Closing a socket while the client is still sending (the rest of a body we refused, a
+        request after a refusal at connect) makes the kernel answer with a reset, and a client
+        that gets the reset before reading the answer sees "connection reset" instead of the
+        408/413/503. So then (``linger``, or a request body not read to its end) our side is shut
+        (FIN), what still arrives is read and dropped until the client closes or the deadline
+        passes ("lingering close", as Apache and nginx do); otherwise the socket closes now."""
+        if self._lost or self._socket.is_closing() or self._lingering:
+            return
+        unread = self.conn.their_state in (h11.SEND_BODY, h11.ERROR)
+        if (linger or unread) and self._socket.can_write_eof():
+            self._lingering = True
+            self._socket.write_eof()
+            self._socket.resume_reading()  # uvicorn pauses reading a body the app does not take
             self._arm()
         else:
-            self.transport.close()
+            self._socket.close()
+
+
+class _GentleClose:
+    """The transport as uvicorn sees it: ``close`` is the protocol's gentle close, and a
+    lingering connection counts as closing, so nothing more is written to it."""
+
+    def __init__(self, transport: asyncio.Transport, protocol: LimitedH11Protocol) -> None:
+        self._transport = transport
+        self._protocol = protocol
+
+    def close(self) -> None:
+        self._protocol._close()
+
+    def is_closing(self) -> bool:
+        return self._transport.is_closing() or self._protocol._lingering
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
 
 
 class WebServer:
