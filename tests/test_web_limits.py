@@ -4,6 +4,7 @@ nothing waits long; outcomes are asserted, never durations."""
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import socket
@@ -120,6 +121,25 @@ def test_a_client_still_sending_reads_its_answer_then_an_orderly_close(serve_stu
                 time.sleep(0.02)
             time.sleep(0.2)  # a reset, if any, comes back over loopback in far less
             assert s.recv(65536) == b""  # FIN; a reset raises ConnectionResetError here
+
+
+def test_stopping_does_not_wait_for_a_connection_lingering_after_its_answer():
+    """A refused client that keeps its connection open (and keeps sending) has its answer; the
+    server stopping closes it rather than waiting out the drain deadline (60 s here) or the
+    grace for uploads in progress (30 s)."""
+    server = start(WebApp(StubClient(), WebConfig(**{**FAST, "header_timeout_s": 60.0})), "127.0.0.1", 0, grace_s=30)
+    try:
+        with socket.create_connection(server.server_address[:2], timeout=10) as s:
+            s.sendall(b"POST /api/locate HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 100000\r\n\r\n\xff")
+            assert _status_and_headers(_read_answer(s))[0] == "HTTP/1.1 408 Request Timeout"
+            s.sendall(b"\xd8" * 1000)
+            server.shutdown(10)
+            assert server._done.is_set()  # stopped, not still waiting for this connection
+            with contextlib.suppress(ConnectionResetError):  # closed with our bytes unread: fine here
+                assert s.recv(65536) == b""
+    finally:
+        server.shutdown(10)
+        server.server_close()
 
 
 def test_slow_headers_get_408(serve_stub):

@@ -74,6 +74,13 @@ class LimitedH11Protocol(H11Protocol):
         self._disarm()
         super().connection_lost(exc)
 
+    def shutdown(self) -> None:
+        """The server stops: a connection lingering after its answer is not waited for."""
+        if self._lingering:
+            self._socket.close()
+        else:
+            super().shutdown()
+
     def on_response_complete(self) -> None:
         super().on_response_complete()
         self._arm()  # the next request's headers, or the rest of a refused body, in time
