@@ -65,6 +65,13 @@ async def serve_one(ac: AdmissionController, clock: Clock, seconds: float, calle
     ac.release(slot)
 
 
+async def cancel(*tasks: asyncio.Task) -> None:
+    """Cancel waiting calls (as their callers going away) and let the controller see it."""
+    for t in tasks:
+        t.cancel()
+    await steps()
+
+
 def run(coro):
     return asyncio.run(coro)
 
@@ -129,9 +136,7 @@ def test_deadline_unmeetable_is_refused_at_once_with_resource_exhausted():
         await steps()
         assert not meetable.done()  # queued, not refused
         assert ac.stats().shed == {DEADLINE_UNMEETABLE: 1}
-        for t in [*queued, meetable]:
-            t.cancel()
-        await steps()
+        await cancel(*queued, meetable)
         ac.release(held)
         assert ac.stats().queued == 0
 
@@ -236,9 +241,7 @@ def test_queue_full_and_caller_queue_cap():
             await ac.acquire("c")
         assert ei.value.reason == QUEUE_FULL
         assert ac.stats().shed_by_caller == {("a", CALLER_LIMIT): 1, ("c", QUEUE_FULL): 1}
-        for t in [*ts, tb]:
-            t.cancel()
-        await steps()
+        await cancel(*ts, tb)
         assert ac.stats().queued == 0
         ac.release(held)
 
@@ -266,9 +269,7 @@ def test_round_robin_between_callers_keeps_a_small_caller_served():
             cur = done[0].result()
         assert small in order[:2]
         ac.release(cur)
-        for t in big:
-            t.cancel()
-        await steps()
+        await cancel(*big)
 
     run(go())
 
@@ -423,9 +424,7 @@ def test_a_queue_shorter_than_the_limit_is_not_refused_on_an_estimate():
         with pytest.raises(Overloaded) as refused:  # 4 queued: a full round ahead
             await ac.acquire("a", clock.t + 2.0)
         assert refused.value.reason == QUEUE_TIMEOUT
-        for t in queued:
-            t.cancel()
-        await steps()
+        await cancel(*queued)
         for s in held:
             ac.release(s)
 
@@ -448,9 +447,7 @@ def test_no_refusal_on_arrival_while_calls_are_not_seen_to_wait():
         queued.append(asyncio.create_task(ac.acquire("a", clock.t + 4.0)))  # estimated wait 1.8 s > 1 s
         await steps()
         assert not any(t.done() for t in queued) and ac.stats().shed == {}
-        for t in queued:
-            t.cancel()
-        await steps()
+        await cancel(*queued)
         ac.release(held)
 
     run(go())
@@ -781,9 +778,7 @@ def test_standing_queue_still_refuses_what_it_cannot_serve_in_time_at_once():
         with pytest.raises(Overloaded) as ei:
             await ac.acquire("a", clock.t + 2.0)  # (4 + 1) x 0.5 s + 0.5 s > 2 s
         assert ei.value.reason == DEADLINE_UNMEETABLE
-        for t in queued:
-            t.cancel()
-        await steps()
+        await cancel(*queued)
         ac.release(held)
 
     run(go())

@@ -318,7 +318,7 @@ class AdmissionController:
         # late; with nothing in flight it is always taken (a probe: the measurement cannot go
         # stale and lock every call out).
         free = self._in_flight < self._limit and not state.queue and (cap is None or state.in_flight < cap)
-        if free and (self._in_flight == 0 or self._meetable(deadline, now, first=self._within_share(state))):
+        if free and (self._in_flight == 0 or self._meetable(deadline, now, by_mean=self._within_share(state))):
             self._grant(slot, now)
             return slot
         self._check_admissible(slot, state, now)
@@ -411,11 +411,11 @@ class AdmissionController:
         call whose deadline is only met by the mean would miss it about half the time)."""
         return None if self._service_s is None else self._service_s + 2.0 * self._service_dev
 
-    def _meetable(self, deadline: float | None, now: float, *, first: bool = False) -> bool:
+    def _meetable(self, deadline: float | None, now: float, *, by_mean: bool = False) -> bool:
         """Whether a call starting now ends by ``deadline``: pessimistically (mean + 2 deviations),
-        or by the mean for a caller within its fair share (fairness needs each caller's share
-        to get its turn) and for calls already queued."""
-        bound = self._service_s if first else self._service_bound()
+        or ``by_mean`` for a caller within its fair share (fairness needs each caller's share to
+        get its turn) and for calls already queued."""
+        bound = self._service_s if by_mean else self._service_bound()
         return deadline is None or bound is None or now + bound <= deadline
 
     def _within_share(self, state: _Caller, *, queued: bool = False) -> bool:
@@ -490,7 +490,9 @@ class AdmissionController:
         wait = self._wait_estimate(state)
         if wait is None:
             return
-        if slot.deadline is not None and not self._meetable(slot.deadline, now + wait, first=self._within_share(state)):
+        if slot.deadline is not None and not self._meetable(
+            slot.deadline, now + wait, by_mean=self._within_share(state)
+        ):
             self._refuse(slot, DEADLINE_UNMEETABLE)
         target = self._codel_target(slot)
         if (target is not None and self._standing(now) and wait > target and self._queued >= self._limit
@@ -505,7 +507,7 @@ class AdmissionController:
     def _stale(self, slot: Slot, now: float, *, in_queue: bool = True) -> str | None:
         if slot.deadline is not None and slot.deadline <= now:
             return EXPIRED_IN_QUEUE
-        if slot.deadline is not None and not self._meetable(slot.deadline, now, first=True):
+        if slot.deadline is not None and not self._meetable(slot.deadline, now, by_mean=True):
             return DEADLINE_UNMEETABLE  # it would finish too late: refuse now, while it can retry
         target = self._codel_target(slot)
         if target is not None and self._standing(now) and now - slot.enqueued_at > target:
