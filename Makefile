@@ -18,6 +18,7 @@ help:
 	@echo "make demo BUNDLE=DIR   serve another bundle (e.g. imported with visloc-export upstream)"
 	@echo "make upstream  fetch the published model (~6 GB), import, verify, serve (UPSTREAM_URL=mirror)"
 	@echo "make bench     benchmarks -> bench/results, docs/BENCHMARKS.md"
+	@echo "make gate-seeds  the parity gate on 20 demo seeds, wrong models' margins -> bench/results, docs/BENCHMARKS.md"
 	@echo "make capacity  10x spike through the prod HPAs -> bench/results/capacity.json, docs/img (docs/capacity.md)"
 
 $(STAMP): pyproject.toml client/pyproject.toml swc_service/pyproject.toml swc_service/setup.py export/pyproject.toml requirements-dev.txt
@@ -37,15 +38,19 @@ $(KERNELS): $(STAMP) swc_service/src/swc_service/_kernels.c swc_service/setup.py
 
 setup: $(KERNELS)
 
-# A demo bundle built before bundles carried probes gets them from its own model (the service
-# refuses a bundle it cannot check against Triton's model).
+# A demo bundle built before bundles carried probes with their float64 reference gets them
+# (rebuilt from its seed; the service refuses a bundle it cannot check against Triton's model);
+# one whose network can no longer be rebuilt is built again.
+DEMO_READY := $(DEMO_BUNDLE)/probes/reference_cell_probs.npy
+
 $(DEMO_BUNDLE)/manifest.json: | $(KERNELS)
 	$(VENV)/bin/visloc-export demo --out $(DEMO_BUNDLE)
 
-$(DEMO_BUNDLE)/probes: $(DEMO_BUNDLE)/manifest.json
-	@test -d $@ || $(VENV)/bin/visloc-export add-probes $(DEMO_BUNDLE)
+$(DEMO_READY): $(DEMO_BUNDLE)/manifest.json
+	@test -f $@ || $(VENV)/bin/visloc-export add-probes $(DEMO_BUNDLE) \
+		|| $(VENV)/bin/visloc-export demo --out $(DEMO_BUNDLE) --overwrite
 
-demo: $(KERNELS) $(if $(BUNDLE),,$(DEMO_BUNDLE)/probes)
+demo: $(KERNELS) $(if $(BUNDLE),,$(DEMO_READY))
 	$(PY) -m devtools.demo --bundle $(if $(BUNDLE),$(BUNDLE),$(DEMO_BUNDLE))
 
 # The real model: fetch the published files (resumable, verified against SOURCES.json), import
@@ -88,14 +93,20 @@ proto: $(STAMP)
 bench: $(KERNELS)
 	$(PY) -m bench.run
 
-# Overload (issue 17): capacity, then 4x and 12x the clients with 2 s deadlines, and two callers;
+# The parity gate on 20 demo seeds, and the margins of wrong models (~35 min on 2 cores)
+# -> bench/results/gate_seeds.json and the "Parity gate" section of docs/BENCHMARKS.md.
+.PHONY: gate-seeds
+gate-seeds: $(KERNELS)
+	$(PY) -m bench.gate_seeds
+
+# Overload: capacity, then 4x and 12x the clients with 2 s deadlines, and two callers;
 # -> bench/results/overload.json and the Overload section of docs/BENCHMARKS.md (bounded, ~4 min).
 .PHONY: overload
-overload: $(KERNELS) $(DEMO_BUNDLE)/probes
+overload: $(KERNELS) $(DEMO_READY)
 	$(PY) -m bench.overload --bundle $(DEMO_BUNDLE)
 
 # A bounded soak at saturation on loopback (SOAK_SECONDS, default 600): 0 errors, no growth.
-soak: $(KERNELS) $(DEMO_BUNDLE)/probes
+soak: $(KERNELS) $(DEMO_READY)
 	$(PY) -m bench.soak --bundle $(DEMO_BUNDLE)
 
 # The 10x spike simulation (docs/capacity.md): measured costs through the prod overlay's HPAs.

@@ -353,6 +353,10 @@ def memory_and_startup(bundle_dir: Path, bundle, triton_url: str, hdf5: Path, im
 
 def ensure_bundle(path: Path, cells: int, background: int) -> None:
     if (path / "manifest.json").exists():
+        probes = load_bundle(path).probes
+        if probes is None or probes.reference is None:  # built before the float64 reference: add it
+            log(f"adding the float64 reference to the probes of {path}")
+            subprocess.run([sys.executable, "-m", "visloc_export.cli", "add-probes", str(path)], check=True)
         return
     log(f"building the benchmark bundle M={cells} N={background} at {path} (once)")
     subprocess.run([sys.executable, "-m", "visloc_export.cli", "demo", "--out", str(path), "--cells", str(cells),

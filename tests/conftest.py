@@ -76,6 +76,16 @@ def demo_bundle(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def demo_bundle_b(tmp_path_factory) -> Path:
+    """Another demo model (seed 1) of the demo bundle's shapes: a second bundle whose model differs."""
+    from visloc_export.build import build_demo
+
+    out = tmp_path_factory.mktemp("bundles") / "demo-b"
+    build_demo(out, cells=2000, background=20_000, seed=1)
+    return out
+
+
 class ServiceProcess:
     """``swc-service`` as a real subprocess on loopback; always stopped by the fixture."""
 

@@ -133,3 +133,62 @@ def test_add_probes_refuses_outputs_of_another_shape_and_leaves_the_bundle_as_it
         B.add_probes(old.path, images, np.ones((3, 7), np.float32), emb, info)
     assert (old.path / B.MANIFEST).read_text() == manifest and not (old.path / B.PROBES_DIR).exists()
     assert B.load_bundle(old.path).probes is None
+
+
+def _reference(probes, envelope=None):
+    _, probs, emb, _ = probes
+    env = {"fp32": {"cell_probs": 1e-5, "pd": 1e-6, "embedding": 2e-6}} if envelope is None else envelope
+    return B.ProbeReference(probs.astype(np.float64), emb.astype(np.float64), env, {"cpu": "test"})
+
+
+def test_the_float64_reference_round_trips_and_is_covered_by_the_manifest(tmp_path):
+    probes = _probes()
+    b = _write(tmp_path / "b", (*probes, _reference(probes)))
+    ref = b.probes.reference
+    assert ref is not None and ref.cell_probs.dtype == np.float64
+    np.testing.assert_array_equal(ref.cell_probs, probes[1].astype(np.float64))
+    assert ref.envelope == {"fp32": {"cell_probs": 1e-5, "pd": 1e-6, "embedding": 2e-6}} and ref.info == {"cpu": "test"}
+    assert {B.REFERENCE_PROBS, B.REFERENCE_EMBEDDINGS} <= set(b.manifest["files"]) and b.verify_checksums() == []
+    assert b.bundle_id == _write(tmp_path / "plain").bundle_id
+
+    tampered = tmp_path / "tampered"
+    _editable_copy(b.path, tampered)
+    np.save(tampered / B.REFERENCE_PROBS, np.zeros((3, M)))
+    with pytest.raises(B.BundleError, match="reference file probes/reference_cell_probs.npy does not match"):
+        B.load_bundle(tampered)
+
+
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        ({"fp32": {"cell_probs": float("nan"), "pd": 0.0, "embedding": 0.0}}, "finite distances"),
+        ({"fp32": {"cell_probs": -1.0, "pd": 0.0, "embedding": 0.0}}, "finite distances"),
+        ({}, "map arithmetics"),
+    ],
+)
+def test_a_bad_envelope_or_reference_is_refused_when_written(tmp_path, bad, match):
+    probes = _probes()
+    with pytest.raises(B.BundleError, match=match):
+        _write(tmp_path / "b", (*probes, _reference(probes, bad)))
+    wrong = B.ProbeReference(probes[1], probes[2], _reference(probes).envelope, {})  # float32, not float64
+    with pytest.raises(B.BundleError, match="must be float64"):
+        _write(tmp_path / "c", (*probes, wrong))
+
+
+def test_add_reference_to_probes_written_before_it(tmp_path):
+    probes = _probes()
+    old = _write(tmp_path / "old", probes)
+    assert old.probes.reference is None
+    with pytest.raises(B.BundleError, match="no probes"):
+        B.add_reference(_write(tmp_path / "none").path, _reference(probes))
+    before = {rel: meta["sha256"] for rel, meta in old.manifest["files"].items()}
+    new = B.add_reference(old.path, _reference(probes))
+    assert new.bundle_id == old.bundle_id and new.verify_checksums() == []
+    assert {rel: new.manifest["files"][rel]["sha256"] for rel in before} == before  # nothing else changed
+    np.testing.assert_array_equal(new.probes.reference.embeddings, probes[2].astype(np.float64))
+    with pytest.raises(B.BundleError, match="already have a float64 reference"):
+        B.add_reference(old.path, _reference(probes))
+    with pytest.raises(B.BundleError, match="must be float64"):
+        B.add_reference(_write(tmp_path / "other", probes).path, B.ProbeReference(probes[1], probes[2], {}, {}))
+    assert B.load_bundle(tmp_path / "other").probes.reference is None
+    assert not (tmp_path / "other" / B.REFERENCE_PROBS).exists()

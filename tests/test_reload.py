@@ -40,35 +40,9 @@ SIZES = ((400, 300), (300, 400), (400, 300))
 
 
 @pytest.fixture(scope="module")
-def bundle_b(demo_bundle, tmp_path_factory) -> Path:
-    """A second bundle with the demo bundle's shapes and background and ANOTHER model: the demo
-    model's cell and embedding heads re-drawn from a seeded RNG (the same ONNX graph, other
-    weights; a fresh demo build would take minutes here), with probes recorded from it."""
-    import onnx
-    from onnx import numpy_helper
-
-    from visloc_export.probes import record_probes
-
-    a = B.load_bundle(demo_bundle)
-    model = onnx.load(str(a.model_path))
-    rng = np.random.default_rng(1)
-    heads = 0
-    for init in model.graph.initializer:
-        w = numpy_helper.to_array(init)
-        if w.dtype == np.float32 and {a.num_cells, B.EMBEDDING_DIM} & set(w.shape[-1:]):
-            init.CopyFrom(numpy_helper.from_array(w + rng.normal(0, 3 * (w.std() + 1e-3), w.shape).astype(w.dtype),
-                                                  init.name))  # fmt: skip
-            heads += 1
-    assert heads
-    out = tmp_path_factory.mktemp("bundles") / "demo-b"
-    with B.BundleWriter(out) as w:
-        onnx.save(model, str(w.path(B.MODEL)))
-        for rel, array in ((B.CELLS, a.centres), (B.OFFSETS, a.offsets), (B.FEATURES, a.features),
-                           (B.LABELS, a.labels), (B.ROW_IDS, a.row_ids)):  # fmt: skip
-            w.save(rel, np.asarray(array))
-        record_probes(w, a.centres)
-        w.commit(source="demo", tool="tests/test_reload.py", extra={"warning": "TEST BUNDLE: re-drawn demo heads"})
-    return out
+def bundle_b(demo_bundle_b) -> Path:
+    """A second bundle with the demo bundle's shapes and ANOTHER model (demo seed 1)."""
+    return demo_bundle_b
 
 
 @pytest.fixture(scope="module")

@@ -17,14 +17,18 @@ from swc_service.triton_pool import TritonPool, parse_target, read_endpoint_file
 M, D = 6, 4
 
 
-def fake_model(seed: int, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """A deterministic 'model': outputs are a function of (seed, image content)."""
+def fake_model(seed: int, batch: np.ndarray, dtype=np.float32) -> tuple[np.ndarray, np.ndarray]:
+    """A deterministic 'model': outputs are a function of (seed, image content); float64 is its reference."""
     probs, emb = [], []
     for image in batch:
         rng = np.random.default_rng([seed, int(image.astype(np.int64).sum())])
-        probs.append(rng.dirichlet(np.ones(M)).astype(np.float32))
-        emb.append(rng.standard_normal(D).astype(np.float32))
+        probs.append(rng.dirichlet(np.ones(M)).astype(dtype))
+        emb.append(rng.standard_normal(D).astype(dtype))
     return np.stack(probs), np.stack(emb)
+
+
+# Its float32 outputs are its float64 ones rounded: a float32 envelope of rounding's size.
+ENVELOPE = {a: {"cell_probs": 1e-7, "pd": 1e-7, "embedding": 1e-6} for a in ("fp32", "tf32", "onnx", "fp16")}
 
 
 def make_bundle(out, seed: int, probes: bool = True) -> B.Bundle:
@@ -34,7 +38,11 @@ def make_bundle(out, seed: int, probes: bool = True) -> B.Bundle:
         if probes:
             images = [rng.integers(0, 256, shape, dtype=np.uint8) for shape in ((5, 7, 3), (5, 7, 3), (6, 4, 3))]
             got = [fake_model(seed, image[None]) for image in images]
-            w.add_probes(images, np.concatenate([p for p, _ in got]), np.concatenate([e for _, e in got]), {"t": 1})
+            ref = [fake_model(seed, image[None], np.float64) for image in images]
+            reference = B.ProbeReference(np.concatenate([p for p, _ in ref]), np.concatenate([e for _, e in ref]),
+                                         ENVELOPE, {"t": 1})  # fmt: skip
+            w.add_probes(images, np.concatenate([p for p, _ in got]), np.concatenate([e for _, e in got]), {"t": 1},
+                         reference)  # fmt: skip
         w.save(B.CELLS, np.column_stack([np.linspace(-50, 50, M), np.linspace(-100, 100, M)]))
         w.save(B.OFFSETS, np.array([0, 1, 2, 3, 4, 5, 6], dtype=np.int64))
         w.save(B.FEATURES, np.ones((M, D), dtype=np.float16))
@@ -228,7 +236,7 @@ def test_an_endpoint_serving_another_model_gets_no_traffic_and_the_refusal_names
     (n1, n2, refused), message, (ready, (confirmed, warning)) = asyncio.run(run())
     assert (n1, n2, refused) == (4, 0, ["e2:2"])
     assert a.model_version in message and "Triton model 'visloc' version (default) at e2:2" in message
-    assert "model check FAILED" in message and "min cos=" in message  # the measured deviation
+    assert "model check FAILED" in message and "worst ratio" in message  # the measured deviation
     assert "e1:1: not ready" in message
     assert not ready and not confirmed and a.model_version in warning
     assert checks("mismatch", "e2:2") == before + 1  # checked once, not at every refresh
@@ -265,7 +273,7 @@ def test_fp16_backend_and_bundles_without_probes(bundles):
         return out
 
     ready, _, verdict = asyncio.run(run(a, precision="fp16"))
-    assert ready and verdict.result == "ok" and verdict.precision == "fp16" and "min cos=" in verdict.message
+    assert ready and verdict.result == "ok" and verdict.precision == "fp16" and "worst ratio" in verdict.message
     ready, (confirmed, warning), verdict = asyncio.run(run(old))
     assert not ready and not confirmed and verdict.result == "no_probes" and "add-probes" in verdict.message
     ready, (confirmed, warning), verdict = asyncio.run(run(old, allow_without_probes=True))

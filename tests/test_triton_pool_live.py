@@ -186,3 +186,25 @@ def test_triton_restarted_with_another_bundles_model_stops_the_service(small_bun
     finally:
         svc.stop()
         triton.stop()
+
+
+def test_a_triton_with_max_batch_size_1_is_checked_and_served(small_bundles):
+    """The model check sends its probes (two of one shape) one by one, and the data plane splits
+    its shape groups (up to the service's --max-batch 16) to fit the endpoint's max_batch_size."""
+    a, _ = small_bundles
+    triton = LocalTriton(a.path, threads=1, max_batch_size=1).start()
+    svc = ServiceProcess(a.path, triton.grpc_url)
+    try:
+        wait_serving(svc.target, timeout=120, proc=svc.proc)
+        same_shape = [samples.photo_bytes(i) for i in range(6)]  # one shape: grouped into batches > 1
+        with grpc.insecure_channel(svc.target) as ch:
+            stub = pb_grpc.LocatorStub(ch)
+            got = list(stub.LocateStream(iter(pb.LocateRequest(image=d) for d in same_shape), timeout=120))
+        assert [r.WhichOneof("outcome") for r in got] == ["result"] * len(same_shape), got
+        assert {r.result.model_version for r in got} == {a.model_version}
+        assert "model check passed" in svc.log_text()
+        checks = samples_of(f"http://127.0.0.1:{svc.metrics_port}/metrics", "visloc_model_check_total")
+        assert checks[(("endpoint", triton.grpc_url), ("result", "ok"))] >= 1.0
+    finally:
+        svc.stop()
+        triton.stop()

@@ -11,20 +11,16 @@ import numpy as np
 from tqdm import tqdm
 
 from swc_service import bundle as B
-from swc_service.preprocessing import prepare_image, preprocess
 from visloc_client import safe_pickle
-from visloc_export import samples
 
-from . import __version__, demo
+from . import __version__, demo, probes
 from .model import VislocNet, load_upstream
 from .onnx_export import export_onnx
-from .parity import check_parity
-from .parity import onnx_session as onnx_session  # re-exported: probes and tests open sessions here
-from .probes import record_probes
+from .parity import check_parity, parity_batches
+from .reference import ReferenceModel, TorchReference
 
 TOOL = f"visloc-export {__version__}"
 DEMO_WARNING = "DEMO BUNDLE: random weights, synthetic background. Not a geolocation model."
-VERIFY_SHAPES = ((300, 300), (400, 300), (300, 400), (533, 300))  # (width, height)
 
 
 def _progress(**kw) -> tqdm:
@@ -34,34 +30,28 @@ def _progress(**kw) -> tqdm:
 # --------------------------------------------------------------------------- parity
 
 
-def parity_batches(images: list[bytes] | None = None) -> list[np.ndarray]:
-    """Batches of 1 and 4 at each verify shape, or the given images one by one."""
-    if images:
-        return [preprocess(data).array[None] for data in images]
-    batches = []
-    for i, size in enumerate(VERIFY_SHAPES):
-        four = np.stack([prepare_image(samples.photo(100 * i + j, size)) for j in range(4)])
-        batches += [four[:1], four]
-    return batches
-
-
-def gate(w: B.BundleWriter, net: VislocNet, *, accept_failure: bool = False) -> dict:
-    """Run the parity gate on the written ONNX, put parity.json in the bundle and print it.
+def gate(w: B.BundleWriter, model: ReferenceModel, centres: np.ndarray, *, accept_failure: bool = False) -> dict:
+    """Run the parity gate on the written ONNX against ``model`` (the network it was exported
+    from, e.g. a :class:`~visloc_export.reference.TorchReference`), record the probes with their
+    float64 reference, put parity.json in the bundle and print it.
 
     Returns the manifest entries; raises unless the gate passed or ``accept_failure``.
     """
-    report = check_parity(net, w.path(B.MODEL), parity_batches())
+    images, sources = probes.choose(model)
+    report, measurement = check_parity(model, w.path(B.MODEL), centres, parity_batches(), extra_photos=images)
     record = report.as_dict()
     w.path(B.PARITY).write_text(json.dumps(record, indent=2) + "\n")
     print(json.dumps({k: v for k, v in record.items() if k != "cases"}, indent=2), file=sys.stderr)
     print("\n".join([report.summary(), *(f"  {f}" for f in report.failures)]), file=sys.stderr)
-    if report.ok:
-        return {"parity": record}
-    if not accept_failure:
+    if not report.ok and not accept_failure:
         raise RuntimeError(
             f"ONNX parity check failed ({len(report.failures)} failures, first: {report.failures[0]}); "
             "nothing written. --accept-parity-failure imports anyway, marked in the manifest"
         )
+    reference = measurement.reference([measurement.index(image) for image in images])
+    probes.record(w, centres, images, sources, reference)
+    if report.ok:
+        return {"parity": record}
     return {
         "parity": record,
         "parity_failure_accepted": True,
@@ -100,8 +90,7 @@ def build_demo(
         net, record = demo.build_demo_net(cells, centres, seed)
         print("demo: exporting ONNX", file=sys.stderr)
         export_onnx(net, w.path(B.MODEL))
-        parity = gate(w, net, accept_failure=accept_parity_failure)
-        record_probes(w, centres)
+        parity = gate(w, TorchReference(net), centres, accept_failure=accept_parity_failure)
         print(f"demo: background N={background} over M={cells} cells", file=sys.stderr)
         offsets, labels, row_ids = demo.write_background(w, centres, background, rng, features_dtype)
         extra = parity | {
@@ -187,8 +176,7 @@ def import_upstream(
         with B.BundleWriter(out, overwrite=overwrite) as w:
             print("upstream: exporting ONNX", file=sys.stderr)
             export_onnx(net, w.path(B.MODEL))
-            parity = gate(w, net, accept_failure=accept_parity_failure)
-            record_probes(w, centres)
+            parity = gate(w, TorchReference(net), centres, accept_failure=accept_parity_failure)
             feats = w.open_array(B.FEATURES, np.dtype(features_dtype), (n, B.EMBEDDING_DIM))
             labels = np.empty((n, 2), dtype=np.float64)
             with _progress(total=n, unit="rows", desc="background") as bar:

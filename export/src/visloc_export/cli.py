@@ -42,18 +42,35 @@ def _cmd_upstream(args: argparse.Namespace) -> int:
     return _written("upstream", import_upstream(args.out, **_options(args, *names)))
 
 
-def _cmd_verify(args: argparse.Namespace) -> int:
-    from .build import demo_net_for, parity_batches
+def _network(args: argparse.Namespace, bundle, command: str):
+    """The network a bundle's model.onnx was exported from, as a float64-capable reference:
+    rebuilt from its seed (demo bundles) or loaded from the upstream checkpoints."""
+    from .build import demo_net_for
     from .model import load_upstream
-    from .parity import check_parity
+    from .reference import TorchReference
 
-    b = load_bundle(args.bundle)
     ckpts = (args.backbone, args.mvmf, args.rrm)
     if any(ckpts) and not all(ckpts):
-        raise SystemExit("verify: give all of --backbone, --mvmf and --rrm, or none (demo bundles)")
-    net = load_upstream(*ckpts) if all(ckpts) else demo_net_for(b)
+        raise SystemExit(f"{command}: give all of --backbone, --mvmf and --rrm, or none (demo bundles)")
+    if not all(ckpts) and bundle.source != "demo":
+        raise ValueError(
+            f"{command}: bundle {bundle.path} is a {bundle.source} bundle: pass the checkpoints its model was "
+            f"exported from (--backbone, --mvmf, --rrm)"
+        )
+    return TorchReference(load_upstream(*ckpts) if all(ckpts) else demo_net_for(bundle))
+
+
+def _cmd_verify(args: argparse.Namespace) -> int:
+    from .parity import check_parity, parity_batches
+
+    b = load_bundle(args.bundle)
+    model = _network(args, b, "verify")
+    if model.net.num_cells != b.num_cells:
+        print(f"parity FAILED: the network has M={model.net.num_cells} cells, bundle {b.bundle_id}'s model "
+              f"M={b.num_cells}: not the same model")  # fmt: skip
+        return 1
     images = [Path(p).read_bytes() for p in args.images] if args.images else None
-    report = check_parity(net, b.model_path, parity_batches(images))
+    report, _ = check_parity(model, b.model_path, b.centres, parity_batches(images), arithmetics=("fp32",))
     if args.checksums:
         bad = b.verify_checksums()
         print(json.dumps({"checksums_ok": not bad, "mismatched": bad}))
@@ -110,13 +127,14 @@ def _cmd_add_probes(args: argparse.Namespace) -> int:
     from .probes import add_to_bundle
 
     before = load_bundle(args.bundle)
-    if before.probes is not None:
-        print(f"{before.path} already has probes (recorded by {before.probes.info.get('tool', '?')}); nothing to do")
+    if before.probes is not None and before.probes.reference is not None:
+        print(f"{before.path} already has probes with a float64 reference; nothing to do")
         return 0
-    b = add_to_bundle(args.bundle)
+    b = add_to_bundle(args.bundle, _network(args, before, "add-probes"))
     shapes = ", ".join(f"{a.shape[1]}x{a.shape[0]}" for a in b.probes.images)
+    what = "the float64 reference of its" if before.probes is not None else "probes with the float64 reference of"
     print(
-        f"added {len(b.probes.images)} probes ({shapes}) to {b.path}: outputs of its model {b.model_version}; "
+        f"added {what} {len(b.probes.images)} probes ({shapes}) to {b.path}, model {b.model_version}; "
         f"bundle {b.bundle_id} unchanged otherwise"
     )
     return 0
@@ -128,6 +146,13 @@ def _cmd_place(args: argparse.Namespace) -> int:
     dest = place_model(args.bundle, args.repository)
     print(f"placed {dest} (config sized for the bundle's cells)")
     return 0
+
+
+def _checkpoint_args(parser: argparse.ArgumentParser, what: str) -> None:
+    group = parser.add_argument_group("network", what)
+    group.add_argument("--backbone", help="efficientnet_backbone.pt")
+    group.add_argument("--mvmf", help="mvmf_head.pt")
+    group.add_argument("--rrm", help="rrm_head.pt")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -165,11 +190,12 @@ def build_parser() -> argparse.ArgumentParser:
             "GetInfo's bundle warning says so)",
         )
 
-    v = sub.add_parser("verify", help="PyTorch vs ONNX parity on a bundle; non-zero exit above tolerance")
+    v = sub.add_parser(
+        "verify",
+        help="the parity gate again: the bundle's ONNX against its network in float64; non-zero exit on failure",
+    )
     v.add_argument("--bundle", required=True)
-    v.add_argument("--backbone")
-    v.add_argument("--mvmf")
-    v.add_argument("--rrm")
+    _checkpoint_args(v, "upstream bundles: the checkpoint files (demo bundles: rebuilt from their seed)")
     v.add_argument("--images", nargs="*", help="image files (default: generated images of 4 shapes)")
     v.add_argument("--checksums", action="store_true", help="also check every file's sha256")
     v.set_defaults(func=_cmd_verify)
@@ -199,9 +225,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     a = sub.add_parser(
         "add-probes",
-        help="record probe images and the outputs of the bundle's own model.onnx (bundles written before probes)",
+        help="record probe images, the outputs of the bundle's own model.onnx and the network's float64 "
+        "reference (bundles written before probes or before the reference); the gate runs first",
     )
     a.add_argument("bundle")
+    _checkpoint_args(a, "upstream bundles: the checkpoint files its model was exported from")
     a.set_defaults(func=_cmd_add_probes)
 
     f = sub.add_parser(

@@ -40,7 +40,6 @@ from visloc_client.exif import GPSError, gps_from_bytes
 from . import __version__
 from .index_embed import EmbedError, OnnxEmbedder, TritonEmbedder
 from .index_sources import Skip, Source, digest, read_list, walk_photos
-from .probes import record_probes
 
 TOOL = f"visloc-export {__version__} index"
 REPORT = "index-report.json"
@@ -266,14 +265,15 @@ def _link_or_copy(src: Path, dest: Path) -> None:
 
 
 def _carry_probes(base: B.Bundle, w: B.BundleWriter) -> None:
-    """Same model, same probes: copied from the base (computed from its model.onnx if it has none),
-    so the service can check its backend against the new bundle too."""
+    """Same model, same probes and float64 reference: copied from the base, so the service can
+    check its backend against the new bundle too. A base written before them passes that on
+    (``visloc-export add-probes`` adds them to either bundle)."""
     if base.probes is None:
-        record_probes(w, base.centres)
+        print(f"index: base {base.path} has no probes; add them with `visloc-export add-probes`", file=sys.stderr)
         return
-    own = ("images", "shapes", "cell_probs", "embeddings", "model_sha256")
+    own = ("images", "shapes", "cell_probs", "embeddings", "model_sha256", "reference")
     info = {k: v for k, v in base.probes.info.items() if k not in own} | {"copied_from_bundle": base.bundle_id}
-    w.add_probes(list(base.probes.images), base.probes.cell_probs, base.probes.embeddings, info)
+    w.add_probes(list(base.probes.images), base.probes.cell_probs, base.probes.embeddings, info, base.probes.reference)
 
 
 def assemble(

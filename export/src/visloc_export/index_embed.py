@@ -29,7 +29,7 @@ class OnnxEmbedder:
     name = "onnxruntime"
 
     def __init__(self, model_path: str | os.PathLike[str], threads: int = 0):
-        from .build import onnx_session
+        from .parity import onnx_session
 
         self.session = onnx_session(model_path, threads)
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="onnx")

@@ -93,7 +93,8 @@ class Normalize(nn.Module):
         self.register_buffer("std", torch.tensor(STD, dtype=torch.float32).view(1, 3, 1, 1))
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
-        x = image.permute(0, 3, 1, 2).to(torch.float32) / 255.0
+        # The buffers' dtype: float32 as exported, float64 for the reference (``net.double()``).
+        x = image.permute(0, 3, 1, 2).to(self.mean.dtype) / 255.0
         return (x - self.mean) / self.std
 
 

@@ -1,26 +1,31 @@
-"""The exporter's parity gate: PyTorch against its ONNX export, on what the service serves.
+"""The exporter's parity gate: the ONNX export against the network in float64.
 
-Both models run on the same uint8 batches; the outputs are compared by the one comparison,
-:func:`swc_service.parity.compare_outputs`, under its ``export`` rules (top 5 cells, relative
-probabilities on cells >= 1e-6, PD at every served scale from the service's own PD code,
-embeddings; NaN or infinity anywhere fails and says where).
+onnxruntime runs the written ``model.onnx`` on the gate's photos (batches of 1 and 4 at four
+shapes); its outputs' distance from the network's float64 outputs must be within the
+``export`` class's allowance: a multiple of PyTorch float32's own distance on the same photos
+on this machine (:mod:`swc_service.parity`). The same measurement gives the envelopes of the
+other arithmetics that the bundle records for the service's model check.
 """
 
 from __future__ import annotations
 
+import math
 import os
+from collections.abc import Sequence
 
 import numpy as np
 import onnxruntime as ort
-import torch
 
 from swc_service import bundle as B
 from swc_service.method import DEFAULT_SCALES_KM
-from swc_service.parity import ParityReport, compare_outputs
+from swc_service.parity import ARITHMETICS, EXPORTED, QUANTITIES, ParityReport, compare_outputs
+from swc_service.preprocessing import prepare_image, preprocess
+from visloc_export import samples
 
-from .model import VislocNet
+from .reference import Measurement, ReferenceModel, distinct, measure
 
 PRECISION = "export"
+VERIFY_SHAPES = ((300, 300), (400, 300), (300, 400), (533, 300))  # (width, height)
 
 
 def onnx_session(path: str | os.PathLike[str], threads: int = 0) -> ort.InferenceSession:
@@ -30,26 +35,52 @@ def onnx_session(path: str | os.PathLike[str], threads: int = 0) -> ort.Inferenc
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
-@torch.no_grad()
+def parity_batches(images: list[bytes] | None = None) -> list[np.ndarray]:
+    """Batches of 1 and 4 at each verify shape (16 photos), or the given images one by one."""
+    if images:
+        return [preprocess(data).array[None] for data in images]
+    batches = []
+    for i, size in enumerate(VERIFY_SHAPES):
+        four = np.stack([prepare_image(samples.photo(100 * i + j, size)) for j in range(4)])
+        batches += [four[:1], four]
+    return batches
+
+
 def check_parity(
-    net: VislocNet,
+    model: ReferenceModel,
     onnx_path: str | os.PathLike[str],
+    centres: np.ndarray,
     batches: list[np.ndarray],
-    scales_km: tuple[float, ...] = DEFAULT_SCALES_KM,
-) -> ParityReport:
-    """PyTorch vs onnxruntime on the same uint8 batches, every image compared."""
-    net = net.eval()
-    sess = onnx_session(onnx_path)
-    refs, gots, names = [], [], []
+    *,
+    extra_photos: Sequence[np.ndarray] = (),
+    arithmetics: Sequence[str] = ARITHMETICS,
+    measurement: Measurement | None = None,
+    threads: int = 0,
+    scales_km: Sequence[float] = DEFAULT_SCALES_KM,
+    progress: bool = True,
+) -> tuple[ParityReport, Measurement]:
+    """onnxruntime on ``batches`` against ``model`` in float64, every image compared.
+
+    The envelopes are measured on the batches' photos and ``extra_photos`` (the probes), or
+    taken from ``measurement``; returned with the report (and onnxruntime's own distances as
+    the ``onnx`` envelope) so the bundle can record them.
+    """
+    if measurement is None:
+        photos = distinct([*(image for batch in batches for image in batch), *extra_photos])
+        measurement = measure(model, photos, centres, arithmetics=arithmetics, scales_km=scales_km, progress=progress)
+    sess = onnx_session(onnx_path, threads)
+    rows, probs, embs, names = [], [], [], []
     for batch in batches:
-        refs.append(tuple(t.numpy() for t in net(torch.from_numpy(batch))))
-        gots.append(tuple(sess.run([B.OUTPUT_PROBS, B.OUTPUT_EMBEDDING], {B.INPUT_NAME: batch})))
+        p, e = sess.run([B.OUTPUT_PROBS, B.OUTPUT_EMBEDDING], {B.INPUT_NAME: batch})
+        probs.append(p)
+        embs.append(e)
+        rows += [measurement.index(image) for image in batch]
         names += [f"batch {batch.shape[0]} {batch.shape[2]}x{batch.shape[1]} image {i}" for i in range(batch.shape[0])]
-    return compare_outputs(
-        *(np.concatenate([r[k] for r in refs]) for k in (0, 1)),
-        *(np.concatenate([g[k] for g in gots]) for k in (0, 1)),
-        net.cell_head.centres.numpy().astype(np.float64),
-        scales_km,
-        precision=PRECISION,
-        names=names,
-    )
+    report = compare_outputs(
+        measurement.reference(rows), np.concatenate(probs), np.concatenate(embs), centres, scales_km,
+        precision=PRECISION, names=names,
+    )  # fmt: skip
+    if all(math.isfinite(report.distance[q]) for q in QUANTITIES):
+        # What the export itself computes: the model check accepts it on any machine.
+        measurement.envelope[EXPORTED] = dict(report.distance)
+    return report, measurement

@@ -12,11 +12,15 @@ Layout (format version 1)::
     probes/image_<i>.npy           uint8 [H, W, 3] probe image i, preprocessed (the model's input)
     probes/cell_probs.npy          float32 [P, M] the model's cell_probs for the P probes
     probes/embeddings.npy          float32 [P, D] the model's embeddings for the P probes
+    probes/reference_cell_probs.npy  float64 [P, M] the network's float64 cell_probs for the probes
+    probes/reference_embeddings.npy  float64 [P, D] the network's float64 embeddings for the probes
     parity.json                    (optional) the exporter's ONNX-vs-PyTorch parity report
 
 The probes (optional: bundles written before them have none) prove which model a backend
-serves: the service sends them through Triton and compares the answers with the recorded
-outputs (``swc_service.model_check``). They are derived from ``model.onnx``, so they do not
+serves: the service sends them through Triton and measures the answers' distance from the
+network's float64 outputs, against the float32 noise envelope measured at export
+(``swc_service.parity``, ``swc_service.model_check``). Bundles written before the float64
+reference existed have probes without it. Probes are derived from the model, so they do not
 enter ``bundle_id``; like every file they are listed with their sha256 in the manifest,
 under ``files``, and described under ``probes``.
 
@@ -32,6 +36,7 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import json
+import math
 import mmap as _mmap_module
 import os
 import shutil
@@ -55,6 +60,8 @@ ARRAY_FILES = (CELLS, OFFSETS, FEATURES, LABELS, ROW_IDS)
 PROBES_DIR = "probes"
 PROBE_PROBS = "probes/cell_probs.npy"
 PROBE_EMBEDDINGS = "probes/embeddings.npy"
+REFERENCE_PROBS = "probes/reference_cell_probs.npy"
+REFERENCE_EMBEDDINGS = "probes/reference_embeddings.npy"
 PARITY = "parity.json"  # optional, derived from the model like the probes: listed, not in bundle_id
 
 # The model contract shared by the exporter, Triton configs and the service.
@@ -81,13 +88,29 @@ def probe_image_file(index: int) -> str:
 
 
 @dataclass(frozen=True)
+class ProbeReference:
+    """The bundle's network in float64 on the probes, and how far known arithmetics land from it.
+
+    ``envelope[arithmetic][quantity]`` is the largest distance from float64 (as
+    :mod:`swc_service.parity` measures it) that the arithmetic showed on the photos measured
+    at export: ``fp32`` (PyTorch float32 there), ``tf32``, ``fp16`` (emulated).
+    """
+
+    cell_probs: np.ndarray  # float64 [P, M]
+    embeddings: np.ndarray  # float64 [P, D]
+    envelope: dict[str, dict[str, float]]
+    info: dict[str, Any]  # how it was measured: runtime, photos, CPU, threads
+
+
+@dataclass(frozen=True)
 class Probes:
     """Probe images and the outputs the bundle's own model gave for them at export."""
 
     images: tuple[np.ndarray, ...]  # uint8 [H, W, 3] each, preprocessed: sent to the model as is
-    cell_probs: np.ndarray  # float32 [P, M]
+    cell_probs: np.ndarray  # float32 [P, M] (onnxruntime at export)
     embeddings: np.ndarray  # float32 [P, D]
     info: dict[str, Any]  # the manifest's "probes" entry
+    reference: ProbeReference | None = None  # None: probes recorded before the float64 reference
 
     @property
     def names(self) -> list[str]:
@@ -273,7 +296,46 @@ def _load_probes(root: Path, manifest: dict[str, Any]) -> Probes:
         arrays.append(array)
     *images, probs, emb = arrays
     check_probes(images, probs, emb, int(manifest["num_cells"]), int(manifest["embedding_dim"]))
-    return Probes(tuple(images), probs, emb, info)
+    reference = _load_reference(root, info["reference"], files, probs.shape, emb.shape) if "reference" in info else None
+    return Probes(tuple(images), probs, emb, info, reference)
+
+
+def _load_reference(
+    root: Path, entry: Any, files: dict[str, Any], probs_shape: tuple[int, ...], emb_shape: tuple[int, ...]
+) -> ProbeReference:
+    try:
+        rels = (entry["cell_probs"], entry["embeddings"])
+        envelope, measured = entry["envelope"], entry["measured"]
+    except (KeyError, TypeError) as exc:
+        raise BundleError(f"{root / MANIFEST}: the probes' reference entry is incomplete ({exc!r} missing)") from exc
+    arrays = []
+    for rel in rels:
+        if rel not in files:
+            raise BundleError(f"bundle {root}: reference file {rel} is not listed in the manifest's files")
+        if sha256_file(root / rel) != files[rel]["sha256"]:
+            raise BundleError(f"bundle {root}: reference file {rel} does not match its sha256 in the manifest")
+        arrays.append(_load_array(root, rel, mmap=False))
+    reference = ProbeReference(arrays[0], arrays[1], envelope, measured)
+    check_reference(reference, probs_shape, emb_shape)
+    return reference
+
+
+def check_reference(reference: ProbeReference, probs_shape: tuple[int, ...], emb_shape: tuple[int, ...]) -> None:
+    """float64 arrays of the probes' shapes, and an envelope of finite non-negative distances."""
+    for rel, array, shape in (
+        (REFERENCE_PROBS, reference.cell_probs, probs_shape),
+        (REFERENCE_EMBEDDINGS, reference.embeddings, emb_shape),
+    ):
+        if array.dtype != np.float64 or array.shape != tuple(shape):
+            raise BundleError(f"{rel} must be float64 {list(shape)}, got {array.dtype} {list(array.shape)}")
+    env = reference.envelope
+    if not isinstance(env, dict) or not env:
+        raise BundleError(f"the probes' envelope must map arithmetics to distances, got {env!r}")
+    for arithmetic, quantities in env.items():
+        if not isinstance(quantities, dict) or not all(
+            isinstance(v, (int, float)) and math.isfinite(v) and v >= 0 for v in quantities.values()
+        ):
+            raise BundleError(f"the probes' {arithmetic} envelope must hold finite distances >= 0, got {quantities!r}")
 
 
 def check_probes(images, cell_probs, embeddings, num_cells: int, embedding_dim: int) -> None:
@@ -355,14 +417,20 @@ class BundleWriter:
         return np.lib.format.open_memmap(self.tmp / rel, mode="w+", dtype=dtype, shape=shape)
 
     def add_probes(
-        self, images: list[np.ndarray], cell_probs: np.ndarray, embeddings: np.ndarray, info: dict[str, Any]
+        self,
+        images: list[np.ndarray],
+        cell_probs: np.ndarray,
+        embeddings: np.ndarray,
+        info: dict[str, Any],
+        reference: ProbeReference | None = None,
     ) -> None:
         """Record probe images and the outputs that the bundle's ``model.onnx`` (already written)
-        gave for them; ``info`` says how they were made (tool, runtime, image sources)."""
+        gave for them, with the network's float64 ``reference``; ``info`` says how they were made
+        (tool, runtime, image sources)."""
         if not (self.tmp / MODEL).is_file():
             raise BundleError(f"write {MODEL} before its probes: they are its outputs")
         model_sha = sha256_file(self.tmp / MODEL)
-        self._probes = _write_probe_files(self.tmp, images, cell_probs, embeddings, info, model_sha)
+        self._probes = _write_probe_files(self.tmp, images, cell_probs, embeddings, info, model_sha, reference)
 
     def commit(self, *, source: str, tool: str, extra: dict[str, Any] | None = None) -> Bundle:
         """Check the arrays, hash every file, write the manifest and move the bundle into place."""
@@ -424,6 +492,7 @@ def _write_probe_files(
     embeddings: np.ndarray,
     info: dict[str, Any],
     model_sha256: str,
+    reference: ProbeReference | None = None,
 ) -> dict[str, Any]:
     """Save the probes under ``root/probes``; returns their manifest entry (without hashes)."""
     images = [np.ascontiguousarray(a) for a in images]
@@ -433,7 +502,7 @@ def _write_probe_files(
     rels = [probe_image_file(i) for i in range(len(images))]
     for rel, array in zip((*rels, PROBE_PROBS, PROBE_EMBEDDINGS), (*images, cell_probs, embeddings), strict=True):
         np.save(root / rel, np.ascontiguousarray(array), allow_pickle=False)
-    return {
+    entry = {
         **info,
         "images": rels,
         "shapes": [[int(a.shape[0]), int(a.shape[1])] for a in images],
@@ -441,6 +510,31 @@ def _write_probe_files(
         "embeddings": PROBE_EMBEDDINGS,
         "model_sha256": model_sha256,
     }
+    if reference is not None:
+        entry["reference"] = _write_reference(root, reference, cell_probs.shape, embeddings.shape)
+    return entry
+
+
+def _write_reference(
+    root: Path, reference: ProbeReference, probs_shape: tuple[int, ...], emb_shape: tuple[int, ...]
+) -> dict[str, Any]:
+    """Save the float64 reference next to the probes; returns its manifest entry (without hashes)."""
+    check_reference(reference, probs_shape, emb_shape)
+    for rel, array in ((REFERENCE_PROBS, reference.cell_probs), (REFERENCE_EMBEDDINGS, reference.embeddings)):
+        np.save(root / rel, np.ascontiguousarray(array), allow_pickle=False)
+    return {
+        "cell_probs": REFERENCE_PROBS,
+        "embeddings": REFERENCE_EMBEDDINGS,
+        "envelope": {a: {q: float(v) for q, v in d.items()} for a, d in reference.envelope.items()},
+        "measured": dict(reference.info),
+    }
+
+
+def _entry_files(entry: dict[str, Any]) -> list[str]:
+    """Every file a probes entry names (images, outputs, the reference's arrays)."""
+    ref = entry.get("reference")
+    own = [*entry["images"], entry["cell_probs"], entry["embeddings"]]
+    return own + ([ref["cell_probs"], ref["embeddings"]] if ref else [])
 
 
 def _checked_probes(
@@ -452,8 +546,12 @@ def _checked_probes(
     probs = np.load(root / entry["cell_probs"])
     emb = np.load(root / entry["embeddings"])
     check_probes([np.load(root / rel) for rel in entry["images"]], probs, emb, num_cells, embedding_dim)
+    if "reference" in entry:
+        ref = entry["reference"]
+        arrays = (np.load(root / ref["cell_probs"]), np.load(root / ref["embeddings"]))
+        check_reference(ProbeReference(*arrays, ref["envelope"], ref["measured"]), probs.shape, emb.shape)
     probe_files = {}
-    for rel in (*entry["images"], entry["cell_probs"], entry["embeddings"]):
+    for rel in _entry_files(entry):
         p = root / rel
         probe_files[rel] = {"sha256": sha256_file(p), "bytes": p.stat().st_size}
     return entry, probe_files
@@ -465,6 +563,7 @@ def add_probes(
     cell_probs: np.ndarray,
     embeddings: np.ndarray,
     info: dict[str, Any],
+    reference: ProbeReference | None = None,
 ) -> Bundle:
     """Add probes to a bundle written without them; its other files and ``bundle_id`` stay.
 
@@ -476,22 +575,57 @@ def add_probes(
     root = bundle.path
     if bundle.probes is not None:
         raise BundleError(f"bundle {root} already has probes")
-    model_sha = sha256_file(root / MODEL)
-    if model_sha != bundle.manifest["files"][MODEL]["sha256"]:
-        raise BundleError(f"bundle {root}: {MODEL} does not match its sha256 in the manifest")
+    model_sha = _checked_model(bundle)
     leftover = root / PROBES_DIR
     if leftover.exists():  # an interrupted earlier run: not in the manifest, so nobody reads it
         shutil.rmtree(leftover)
     try:
-        entry = _write_probe_files(root, images, cell_probs, embeddings, info, model_sha)
+        entry = _write_probe_files(root, images, cell_probs, embeddings, info, model_sha, reference)
         files = dict(bundle.manifest["files"])
         entry, probe_files = _checked_probes(root, entry, files, bundle.num_cells, bundle.features.shape[1])
     except BaseException:
         shutil.rmtree(leftover, ignore_errors=True)
         raise
-    manifest = {**bundle.manifest, "files": files | probe_files, "probes": entry}
     for p in leftover.rglob("*"):
         p.chmod(0o444)
+    return _replace_manifest(root, {**bundle.manifest, "files": files | probe_files, "probes": entry})
+
+
+def add_reference(path: str | os.PathLike[str], reference: ProbeReference) -> Bundle:
+    """Give the probes of a bundle written before the float64 reference existed their reference
+    (of the same probe images); every other file and ``bundle_id`` stay. Manifest last, in one rename."""
+    bundle = load_bundle(path)
+    root = bundle.path
+    if bundle.probes is None:
+        raise BundleError(f"bundle {root} has no probes to add a reference to")
+    if bundle.probes.reference is not None:
+        raise BundleError(f"bundle {root}: its probes already have a float64 reference")
+    _checked_model(bundle)
+    for rel in (REFERENCE_PROBS, REFERENCE_EMBEDDINGS):  # left by an interrupted run: nobody reads them
+        (root / rel).unlink(missing_ok=True)
+    try:
+        entry = _write_reference(root, reference, bundle.probes.cell_probs.shape, bundle.probes.embeddings.shape)
+        files = {}
+        for rel in (entry["cell_probs"], entry["embeddings"]):
+            files[rel] = {"sha256": sha256_file(root / rel), "bytes": (root / rel).stat().st_size}
+            (root / rel).chmod(0o444)
+    except BaseException:
+        for rel in (REFERENCE_PROBS, REFERENCE_EMBEDDINGS):
+            (root / rel).unlink(missing_ok=True)
+        raise
+    manifest = bundle.manifest
+    probes = {**manifest["probes"], "reference": entry}
+    return _replace_manifest(root, {**manifest, "files": manifest["files"] | files, "probes": probes})
+
+
+def _checked_model(bundle: Bundle) -> str:
+    model_sha = sha256_file(bundle.path / MODEL)
+    if model_sha != bundle.manifest["files"][MODEL]["sha256"]:
+        raise BundleError(f"bundle {bundle.path}: {MODEL} does not match its sha256 in the manifest")
+    return model_sha
+
+
+def _replace_manifest(root: Path, manifest: dict[str, Any]) -> Bundle:
     fd, tmp = tempfile.mkstemp(prefix=f".{MANIFEST}.", dir=root)
     with os.fdopen(fd, "w") as f:
         f.write(json.dumps(manifest, indent=2) + "\n")

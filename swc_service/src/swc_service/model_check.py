@@ -1,15 +1,17 @@
-"""Does the backend compute this bundle's model? Send the bundle's probes and compare.
+"""Does the backend compute this bundle's model? Send the bundle's probes and measure.
 
 Output shapes alone do not tell two models apart: a Triton serving bundle B's model behind a
 service on bundle A answers every call, labelled A, with B's numbers. The bundle records probe
-images and its own model's outputs for them (``swc_service.bundle.Probes``); this check sends
-them through the backend, one batch per shape, and holds the answers to the parity rules of
-:mod:`swc_service.parity` (fp32, or the reduced-precision rules for a declared fp16 backend).
+images, its network's float64 outputs for them and the float32 noise envelopes measured at
+export (``swc_service.bundle.ProbeReference``); this check sends the probes through the
+backend, one batch per shape and at most the backend's max batch per call, and holds the
+answers' distance from float64 to the declared precision class of :mod:`swc_service.parity`
+(``fp32``: any fp32 implementation, TF32 included; ``fp16``: also a TensorRT FP16 engine).
 
-Bundles written before probes existed cannot be checked. They are refused by default (an
-unproven model can give wrong locations labelled as right); ``allow_without_probes`` serves
-them with a loud warning, for an operator who has decided to take that risk (only the output
-shapes are checked then, with one black image).
+Bundles written before probes, or before the float64 reference, existed cannot be checked.
+They are refused by default (an unproven model can give wrong locations labelled as right);
+``allow_without_probes`` serves them with a loud warning, for an operator who has decided to
+take that risk (only the output shapes are checked then, with one black image).
 """
 
 from __future__ import annotations
@@ -21,16 +23,17 @@ from typing import Any
 
 import numpy as np
 
-from .bundle import Bundle
+from .bundle import Bundle, ProbeReference
 from .errors import LocateFailure
 from .method import DEFAULT_SCALES_KM
-from .parity import ParityReport, compare_outputs, tolerances
+from .parity import ParityReport, compare_outputs
 
 # The service's inference protocol: (uint8 [B, H, W, 3], timeout s) -> (cell_probs [B, M], embedding [B, D]).
 Infer = Callable[[np.ndarray, float], Awaitable[tuple[np.ndarray, np.ndarray]]]
 
 RESULTS = ("ok", "mismatch", "no_probes", "error")  # the values of ModelCheck.result (a metric label)
 ALLOW_FLAG = "--allow-bundle-without-probes"
+CHECK_PRECISIONS = ("fp32", "fp16")  # the classes a backend can declare (``export`` is the exporter's)
 SHAPE_PROBE = (1, 300, 300, 3)  # bundles without probes: one black image, its output shapes compared
 
 
@@ -59,18 +62,24 @@ class ModelCheck:
 
 
 def no_probes_message(bundle: Bundle, *, allowed: bool) -> str:
-    """What the operator reads when the bundle has no probes (refused, or served if allowed)."""
-    add = f"visloc-export add-probes {bundle.path}"
+    """What the operator reads when the bundle cannot be checked (refused, or served if allowed)."""
+    checkpoints = "" if bundle.source == "demo" else " --backbone ... --mvmf ... --rrm ..."
+    add = f"visloc-export add-probes {bundle.path}{checkpoints}"
+    what = (
+        "no probes"
+        if bundle.probes is None
+        else "probes recorded before the float64 reference, which the check measures against"
+    )
     if allowed:
         return (
-            f"WARNING: bundle {bundle.path} (model {bundle.model_version}) has no probes, and {ALLOW_FLAG} is set: "
+            f"WARNING: bundle {bundle.path} (model {bundle.model_version}) has {what}, and {ALLOW_FLAG} is set: "
             f"serving WITHOUT checking that the backend computes this bundle's model; answers may come from "
-            f"another model while labelled {bundle.model_version}. Add probes with `{add}`."
+            f"another model while labelled {bundle.model_version}. Add them with `{add}`."
         )
     return (
-        f"bundle {bundle.path} (model {bundle.model_version}) has no probes, so the service cannot check that the "
-        f"backend computes this bundle's model: refusing to serve. Add them from the bundle's own model.onnx with "
-        f"`{add}` (nothing else in the bundle changes), or start with {ALLOW_FLAG} to serve it unchecked."
+        f"bundle {bundle.path} (model {bundle.model_version}) has {what}, so the service cannot check that the "
+        f"backend computes this bundle's model: refusing to serve. Add them with `{add}` (nothing else in the "
+        f"bundle changes), or start with {ALLOW_FLAG} to serve it unchecked."
     )
 
 
@@ -85,14 +94,15 @@ async def check_model(
     allow_without_probes: bool = False,
     max_batch: int | None = None,
 ) -> ModelCheck:
-    """Send the bundle's probes through ``infer`` and compare with the recorded outputs.
+    """Send the bundle's probes through ``infer`` and measure the answers against the float64 reference.
 
     ``backend_version`` is what the backend says it serves (e.g. Triton's model name and
     version), named in the messages next to the bundle's model version. Failures of the
     backend itself (unreachable, timeout) give ``result="error"``: not a verdict on the model.
     Probes of one shape go in one call, at most ``max_batch`` (the backend's max batch size).
     """
-    tolerances(precision)  # an unknown precision is the caller's error: raise before any call
+    if precision not in CHECK_PRECISIONS:  # the caller's error: raise before any call
+        raise ValueError(f"precision must be one of {CHECK_PRECISIONS}, got {precision!r}")
     version = bundle.model_version
     backend = f"the backend's model {backend_version or '(version not reported)'}"
 
@@ -100,7 +110,7 @@ async def check_model(
         return ModelCheck(result, ok, message, version, backend_version, precision, report)
 
     probes = bundle.probes
-    if probes is None:
+    if probes is None or probes.reference is None:
         message = no_probes_message(bundle, allowed=allow_without_probes)
         if not allow_without_probes:
             return verdict("no_probes", False, message)
@@ -121,6 +131,7 @@ async def check_model(
             )
         return verdict("no_probes", True, message)
 
+    reference = probes.reference
     got_probs: list[np.ndarray | None] = [None] * len(probes.images)
     got_emb: list[np.ndarray | None] = [None] * len(probes.images)
     for idx, batch in probes.batches(max_batch):
@@ -135,7 +146,7 @@ async def check_model(
         probs, emb = np.asarray(probs), np.asarray(emb)
         if probs.shape != (len(idx), probes.cell_probs.shape[1]) or emb.shape != (len(idx), probes.embeddings.shape[1]):
             report = compare_outputs(
-                probes.cell_probs[idx], probes.embeddings[idx], probs, emb, bundle.centres, scales_km,
+                _subset(reference, idx), probs, emb, bundle.centres, scales_km,
                 precision=precision, names=[probes.names[i] for i in idx],
             )  # fmt: skip
             return verdict("mismatch", False, _mismatch(bundle, backend, report), report)
@@ -143,7 +154,7 @@ async def check_model(
             got_probs[i], got_emb[i] = probs[row], emb[row]
 
     report = compare_outputs(
-        probes.cell_probs, probes.embeddings, np.stack(got_probs), np.stack(got_emb), bundle.centres, scales_km,
+        reference, np.stack(got_probs), np.stack(got_emb), bundle.centres, scales_km,
         precision=precision, names=probes.names,
     )  # fmt: skip
     if not report.ok:
@@ -154,6 +165,10 @@ async def check_model(
         f"model check passed: {backend} computes bundle {bundle.bundle_id}'s model {version}; {report.summary()}",
         report,
     )
+
+
+def _subset(reference: ProbeReference, idx: list[int]) -> ProbeReference:
+    return ProbeReference(reference.cell_probs[idx], reference.embeddings[idx], reference.envelope, reference.info)
 
 
 def _mismatch(bundle: Bundle, backend: str, report: ParityReport) -> str:

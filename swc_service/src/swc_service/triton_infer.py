@@ -73,6 +73,18 @@ class TritonInference:
             raise InferenceFailed(f"Triton error {status}: {exc.message()}") from exc
         return result.as_numpy(OUTPUT_PROBS), result.as_numpy(OUTPUT_EMBEDDING)
 
+    async def max_batch(self, timeout_s: float = 5.0, *, model_version: str = "") -> int | None:
+        """The model config's ``max_batch_size`` (None: no limit, or Triton would not say): the
+        model check sends its probes in batches that fit it."""
+        try:
+            config = await self._client.get_model_config(
+                self.model, model_version, as_json=True, client_timeout=timeout_s
+            )
+        except InferenceServerException:
+            return None
+        size = int(config.get("config", config).get("max_batch_size", 0) or 0)
+        return size or None
+
     async def ready(self, timeout_s: float = 1.0, *, model_version: str | None = "") -> bool:
         """Server ready and the model (that exact version, when given) ready, for health; never
         raises. ``model_version=None``: the server live only (Triton's server readiness is strict:

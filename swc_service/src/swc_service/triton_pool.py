@@ -139,6 +139,7 @@ class Endpoint:
     outstanding: int = 0
     picked: int = -1  # when the pool last chose it (ties go to the least recent: round robin)
     leaving: bool = False  # gone from the target: no new batches, closed once idle
+    max_batch: int | None = None  # its model config's max_batch_size (read at each check): larger batches split
     # id(state) -> (a WEAK reference to the state, its verdict): a verdict must not keep a
     # replaced bundle (and its memory maps) alive after a reload.
     verdicts: dict[int, tuple[weakref.ref, ModelCheck]] = field(default_factory=dict)
@@ -247,7 +248,14 @@ class TritonPool:
         metrics.ENDPOINT_OUTSTANDING.labels(ep.address).inc()
         try:
             kw = {"model_version": model_version} if model_version else {}
-            return await ep.inference.infer(batch, max(0.001, timeout_s), **kw)
+            step = ep.max_batch or batch.shape[0]
+            if batch.shape[0] <= step:
+                return await ep.inference.infer(batch, max(0.001, timeout_s), **kw)
+            parts = await asyncio.gather(
+                *(ep.inference.infer(batch[a : a + step], max(0.001, timeout_s), **kw)
+                  for a in range(0, batch.shape[0], step))
+            )  # fmt: skip
+            return np.concatenate([p for p, _ in parts]), np.concatenate([e for _, e in parts])
         except LocateFailure:
             metrics.ENDPOINT_FAILURES.labels(ep.address).inc()
             raise
@@ -380,10 +388,12 @@ class TritonPool:
         version = self._backend_model_version(state)
         infer = functools.partial(ep.inference.infer, model_version=version) if version else ep.inference.infer
         backend = f"Triton model {self.model!r} version {version or '(default)'} at {ep.address}"
+        limit = getattr(ep.inference, "max_batch", None)  # the endpoint's max_batch_size, where it says
         try:
+            max_batch = ep.max_batch = await limit(model_version=version or "") if limit is not None else None
             verdict = await check_model(
                 infer, state.bundle, self.precision, scales_km=state.density.scales_km, timeout_s=self.timeout_s,
-                backend_version=backend, allow_without_probes=self.allow_without_probes,
+                backend_version=backend, allow_without_probes=self.allow_without_probes, max_batch=max_batch,
             )  # fmt: skip
         except LocateFailure as exc:  # a shape probe of an unchecked bundle failed in the backend
             verdict = ModelCheck("error", False, f"model check could not run: {exc}", state.model_version, backend,
