@@ -34,6 +34,8 @@ from visloc_export.onnx_export import export_onnx
 from visloc_export.parity import check_parity, parity_batches
 from visloc_export.reference import TorchReference, cpu_model, run
 
+from .report import GATE_JSON
+
 CELLS = 2000
 OTHER_SEED = 10_000  # the "other bundle" whose heads a wrong model carries
 LAYER = 16  # the block whose projection conv gets another seed's weights
@@ -122,40 +124,10 @@ def summarise(runs: list[dict]) -> dict:
     }
 
 
-def section(result: dict) -> list[str]:
-    s = result["summary"]
-    lines = [
-        "## Parity gate",
-        "",
-        f"`make gate-seeds`: {s['seeds']} demo seeds (M = {CELLS}), on {result['cpu']}. The export's largest "
-        f"distance from float64 as a fraction of the gate's allowance (8 x PyTorch float32's envelope + 1e-6): "
-        f"worst **{s['worst_ratio']:.3f}** over all seeds ({'every seed passes' if s['all_pass'] else 'FAILURES'}).",
-        "",
-        "Wrong models, the smallest margin over all seeds (distance / allowed: > 1 is refused):",
-        "",
-        "| wrong model | gate (`export`, 20 photos) | model check `fp32` (4 probes) | model check `fp16` (4 probes) |",
-        "| --- | --- | --- | --- |",
-    ]
-    for which, m in s["smallest_margin"].items():
-        lines.append(f"| {which.replace('_', ' ')} | {m['export']:.3g}x | {m['fp32']:.3g}x | {m['fp16']:.3g}x |")
-    lines += [
-        "",
-        "| seed | gate ratio | cell_probs | pd | embedding | decided top ranks |",
-        "| --- | --- | --- | --- | --- | --- |",
-    ]
-    for r in result["runs"]:
-        d = r["distance"]
-        lines.append(
-            f"| {r['seed']} | {r['ratio']:.3f} | {d['cell_probs']:.3g} | {d['pd']:.3g} | {d['embedding']:.3g} "
-            f"| {r['top_ranks_decided']} |"
-        )
-    return lines
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.gate_seeds", description=__doc__.split("\n\n")[0])
     p.add_argument("--seeds", type=int, default=20, help="seeds 0 .. N-1 (default 20)")
-    p.add_argument("--json", default="bench/results/gate_seeds.json")
+    p.add_argument("--json", default=str(GATE_JSON))
     p.add_argument("--markdown", default="docs/BENCHMARKS.md", help="'' to leave it")
     args = p.parse_args(argv)
     other, _ = demo.build_demo_net(CELLS, demo.cell_centres(CELLS, np.random.default_rng(OTHER_SEED)), OTHER_SEED)
@@ -173,13 +145,13 @@ def main(argv: list[str] | None = None) -> int:
                 file=sys.stderr,
                 flush=True,
             )
-    result = {"cpu": cpu_model(), "classes": CLASSES, "runs": runs, "summary": summarise(runs)}
+    result = {"cpu": cpu_model(), "cells": CELLS, "classes": CLASSES, "runs": runs, "summary": summarise(runs)}
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
     if args.markdown:
-        from bench.report import put_section
+        from bench.report import GATE_HEADING, gate_section, put_section
 
-        put_section(Path(args.markdown), "## Parity gate", section(result))
+        put_section(Path(args.markdown), GATE_HEADING, gate_section(result))
     print(json.dumps(result["summary"], indent=2))
     return 0 if result["summary"]["all_pass"] and result["summary"]["wrong_always_refused"] else 1
 

@@ -213,8 +213,50 @@ def write_report(r: dict, md_path: Path, img_dir: Path) -> None:
         lines += index_section(json.loads(INDEX_RESULTS.read_text()))
     if OVERLOAD_JSON.is_file():  # `make overload`'s section survives a `make bench`
         lines += overload_section(json.loads(OVERLOAD_JSON.read_text()))
+    if GATE_JSON.is_file():  # and so does `make gate-seeds`'s
+        lines += ["", *gate_section(json.loads(GATE_JSON.read_text()))]
     md_path.parent.mkdir(parents=True, exist_ok=True)
     md_path.write_text("\n".join(lines) + "\n")
+
+
+# --------------------------------------------------------------------------- make gate-seeds
+
+GATE_JSON = Path(__file__).resolve().parent / "results" / "gate_seeds.json"
+GATE_HEADING = "## Parity gate"
+
+
+def gate_section(result: dict) -> list[str]:
+    """`make gate-seeds`'s section (bench/gate_seeds.py)."""
+    s = result["summary"]
+    lines = [
+        GATE_HEADING,
+        "",
+        f"`make gate-seeds`: {s['seeds']} demo seeds (M = {result['cells']}), on {result['cpu']}. The export's largest "
+        f"distance from float64 as a fraction of the gate's allowance (8 x PyTorch float32's envelope + 1e-6): "
+        f"worst **{s['worst_ratio']:.3f}** over all seeds ({'every seed passes' if s['all_pass'] else 'FAILURES'}).",
+        "",
+        "Wrong models, the smallest margin over all seeds (distance / allowed: > 1 is refused):",
+        "",
+        "| wrong model | gate (`export`, 20 photos) | model check `fp32` (4 probes) | model check `fp16` (4 probes) |",
+        "| --- | --- | --- | --- |",
+    ]
+    for which, m in s["smallest_margin"].items():
+        label = {"bgr": "fed BGR", "another_bundles_heads": "another bundle's heads"}.get(
+            which, which.replace("_", " ")
+        )
+        lines.append(f"| {label} | {m['export']:.3g}x | {m['fp32']:.3g}x | {m['fp16']:.3g}x |")
+    lines += [
+        "",
+        "| seed | gate ratio | cell_probs | pd | embedding | decided top ranks |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in result["runs"]:
+        d = r["distance"]
+        lines.append(
+            f"| {r['seed']} | {r['ratio']:.3f} | {d['cell_probs']:.3g} | {d['pd']:.3g} | {d['embedding']:.3g} "
+            f"| {r['top_ranks_decided']} |"
+        )
+    return lines
 
 
 # --------------------------------------------------------------------------- make overload
