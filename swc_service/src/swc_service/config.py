@@ -21,6 +21,7 @@ from .method import (
     DEFAULT_TOP_K,
 )
 from .preprocessing import DEFAULT_MAX_PIXELS, DEFAULT_MAX_SIDE
+from .targets import parse_target
 
 PREPROCESSING_MODES = ("exact", "center_crop_300")
 MODEL_PRECISIONS = ("fp32", "fp16")
@@ -90,8 +91,6 @@ class Settings:
             raise ValueError(f"model_precision must be one of {MODEL_PRECISIONS}, not {self.model_precision!r}")
         if self.triton_resolve_interval_s <= 0:
             raise ValueError("triton_resolve_interval_s must be > 0")
-        from .triton_pool import parse_target
-
         parse_target(self.triton_url)  # a malformed target fails at start-up, naming itself
         if self.preprocessing not in PREPROCESSING_MODES:
             raise ValueError(f"preprocessing must be one of {PREPROCESSING_MODES}")

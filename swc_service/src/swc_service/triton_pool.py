@@ -42,7 +42,6 @@ import time
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
@@ -51,71 +50,11 @@ from .errors import LocateFailure, Unavailable
 from .inference import Inference
 from .model_check import ModelCheck, check_model
 from .prediction import ServingState
+from .targets import Target, join_address, parse_target, read_endpoint_file
 
 log = logging.getLogger("swc_service")
 
 RETRY_MARKERS = ("exiting", "shutting down")  # Triton draining (SIGTERM): the batch can go elsewhere
-
-
-# --------------------------------------------------------------------------- targets
-
-
-def _split(address: str) -> tuple[str, int]:
-    host, sep, port = address.strip().rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(f"not HOST:PORT: {address!r}")
-    return host.strip("[]"), int(port)
-
-
-def _join(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-@dataclass(frozen=True)
-class Target:
-    """What ``--triton-url`` names: ``kind`` static (fixed addresses), dns or file."""
-
-    kind: str
-    addresses: tuple[str, ...] = ()  # static
-    name: str = ""  # dns: the host name; file: the path
-    port: int = 0  # dns
-
-    @property
-    def dynamic(self) -> bool:
-        return self.kind != "static"
-
-
-def parse_target(text: str) -> Target:
-    """``HOST:PORT``, ``H:P,H:P``, ``dns:///NAME:PORT`` or ``file:///path``; ValueError otherwise."""
-    text = text.strip()
-    if text.startswith("dns:"):
-        rest = text.removeprefix("dns:").removeprefix("//")
-        if not rest.startswith("/"):
-            raise ValueError(f"dns target must be dns:///NAME:PORT (no DNS authority), got {text!r}")
-        host, port = _split(rest[1:])
-        return Target("dns", name=host, port=port)
-    if text.startswith("file:"):
-        path = text.removeprefix("file://")
-        if not path.startswith("/"):
-            raise ValueError(f"file target must be file:///absolute/path, got {text!r}")
-        return Target("file", name=path)
-    addresses = tuple(_join(*_split(a)) for a in text.split(",") if a.strip())
-    if not addresses:
-        raise ValueError("empty Triton target")
-    return Target("static", addresses=addresses)
-
-
-def read_endpoint_file(path: str) -> list[str]:
-    """``HOST:PORT`` per line; blank lines and ``#`` comments skipped; a bad line is an error."""
-    out = []
-    for n, line in enumerate(Path(path).read_text().splitlines(), 1):
-        line = line.split("#", 1)[0].strip()
-        if line:
-            try:
-                out.append(_join(*_split(line)))
-            except ValueError as exc:
-                raise ValueError(f"{path}:{n}: {exc}") from None
-    return out
 
 
 async def resolve(target: Target) -> list[str]:
@@ -125,7 +64,7 @@ async def resolve(target: Target) -> list[str]:
     if target.kind == "file":
         return sorted(set(read_endpoint_file(target.name)))
     infos = await asyncio.get_running_loop().getaddrinfo(target.name, target.port, type=socket.SOCK_STREAM)
-    return sorted({_join(info[4][0], target.port) for info in infos})
+    return sorted({join_address(info[4][0], target.port) for info in infos})
 
 
 # --------------------------------------------------------------------------- endpoints
