@@ -1,6 +1,6 @@
 """``make overload``: the local stack offered 4x and 12x its capacity, as production callers would.
 
-Issue 17. On loopback, with its own local Triton and service on the demo bundle:
+Overload. On loopback, with its own local Triton and service on the demo bundle:
 
 1. capacity: 4 clients, no deadline (bench.run.locate_unary), images/s;
 2. 4x and 12x the clients (16, 48), every call with a 2 s deadline, for a bounded time; a client
@@ -201,7 +201,7 @@ def warm_up(target: str, image: bytes, metadata, budget_s: float = 180.0) -> int
 
 
 def service_takes_callers() -> bool:
-    """Whether this swc-service has the ``--callers-file`` option (issue 17's named callers)."""
+    """Whether this swc-service has the ``--callers-file`` option (named callers)."""
     out = subprocess.run([sys.executable, "-m", "swc_service.server", "--help"], capture_output=True, text=True)
     return "--callers-file" in out.stdout
 

@@ -128,8 +128,8 @@ def write_report(r: dict, md_path: Path, img_dir: Path) -> None:
         "",
         f"Machine: {r['machine']['cpus']} CPUs ({r['machine']['processor']}), Python {r['machine']['python']}, "
         f"{r['machine']['when']}. Bundle: M={r['bundle']['cells']}, N={r['bundle']['background']} "
-        f"(demo weights at upstream scale). {r['seconds_per_point']:.0f} s per point. No GPU was lent to this "
-        "session: GPU figures come from `bench/gpu.sh` on a GPU host.",
+        f"(demo weights at upstream scale). {r['seconds_per_point']:.0f} s per point. All of it on CPUs: "
+        "GPU figures come from `bench/gpu.sh` on a GPU host.",
         "",
         "## Targets",
         "",
@@ -276,7 +276,7 @@ def overload_section(o: dict) -> list[str]:
     lines = [
         OVERLOAD_HEADING,
         "",
-        f"Issue 17, run {o['when']} on {o['cpus']} CPUs (`bench/overload.py`, bundle `{o['bundle']}`): capacity "
+        f"Run {o['when']} on {o['cpus']} CPUs (`bench/overload.py`, bundle `{o['bundle']}`): capacity "
         f"with 4 clients, then 4x and 12x the clients for {o['seconds']:.0f} s each, every call with a {d:.0f} s "
         f"deadline; a refused client (RESOURCE_EXHAUSTED/UNAVAILABLE) backs off {o['backoff_s'][0] * 1e3:.0f}-"
         f'{o["backoff_s"][1] * 1e3:.0f} ms and calls again. "after": 4 clients once the load stopped (after '
@@ -327,7 +327,7 @@ def overload_section(o: dict) -> list[str]:
             lines.append(f"- caller {name}: {c['calls']} calls, {_s(c['ok_share'], 100, '.1f')} % OK, goodput "
                          f"{c['goodput_per_s']:.2f} img/s")  # fmt: skip
     if o.get("targets"):
-        lines += ["", "Targets (issue 17):", ""]
+        lines += ["", "Targets:", ""]
         lines += [f"- {'met' if ok else '**missed**'}: {name}" for name, ok in o["targets"].items()]
     return lines + [""]
 
@@ -382,8 +382,8 @@ def index_section(r: dict) -> list[str]:
         "Decoding and preprocessing run on a thread pool ahead of the model (onnxruntime and PIL release the "
         "GIL), so on a CPU the indexer gives up only what preprocessing takes from the model's cores. On a "
         "GPU Triton the model is no longer the bottleneck and the indexer's own decoding sets the rate: raise "
-        "`--workers` (threads decoding and resizing) and `--batch-size`/`--concurrency`. No GPU was lent to this "
-        "session, so that regime is not measured here.",
+        "`--workers` (threads decoding and resizing) and `--batch-size`/`--concurrency`. That regime "
+        "needs a GPU host and is not measured here.",
         "",
     ]
 

@@ -18,8 +18,7 @@ PACKAGES = {
 def module_graph(package: str, folder: Path) -> dict[str, set[str]]:
     """Module name (dotted, under ``package``) -> the package's modules it imports, anywhere in it."""
     modules = {
-        ".".join(p.relative_to(folder).with_suffix("").parts).removesuffix(".__init__"): p
-        for p in folder.rglob("*.py")
+        ".".join(p.relative_to(folder).with_suffix("").parts).removesuffix(".__init__"): p for p in folder.rglob("*.py")
     }
     modules = {name or "__init__": path for name, path in modules.items()}
     graph: dict[str, set[str]] = {}

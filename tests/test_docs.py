@@ -1,0 +1,94 @@
+"""Docs that stay true: every relative link in every Markdown file resolves inside the repository."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+LINK = re.compile(r"(?<!!)\[[^\]]*\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)|!\[[^\]]*\]\(([^)\s]+)\)")
+FENCE = re.compile(r"^(```|~~~)")
+
+
+def markdown_files() -> list[Path]:
+    """The Markdown files git tracks (a clone has exactly these)."""
+    out = subprocess.run(["git", "ls-files", "*.md"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    return [ROOT / line for line in out.splitlines() if line and "node_modules" not in line]
+
+
+def prose(text: str) -> str:
+    """The text outside fenced code blocks."""
+    keep, fenced = [], False
+    for line in text.splitlines():
+        if FENCE.match(line.strip()):
+            fenced = not fenced
+            continue
+        if not fenced:
+            keep.append(line)
+    return "\n".join(keep)
+
+
+def slug(heading: str) -> str:
+    """GitHub's anchor for a heading: lower case, punctuation dropped, spaces to hyphens."""
+    text = re.sub(r"[`*_]|\[([^\]]*)\]\([^)]*\)", lambda m: m.group(1) or "", heading.strip().lower())
+    return re.sub(r"[^\w\- ]", "", text).replace(" ", "-")
+
+
+def anchors(path: Path) -> set[str]:
+    seen: dict[str, int] = {}
+    out = set()
+    for line in prose(path.read_text()).splitlines():
+        if m := re.match(r"^#{1,6}\s+(.*?)\s*#*\s*$", line):
+            base = slug(m.group(1))
+            n = seen.get(base, 0)
+            seen[base] = n + 1
+            out.add(base if n == 0 else f"{base}-{n}")
+    return out
+
+
+def broken_links(path: Path) -> list[str]:
+    problems = []
+    text = prose(path.read_text())
+    for m in re.finditer(r"(?<![\w/.])\.\./[\w./-]+", re.sub(r"\]\([^)]*\)", "]", text)):
+        if ROOT not in (path.parent / m.group(0)).resolve().parents:  # named, linked or not
+            problems.append(f"{m.group(0)}: outside the repository")
+    for m in LINK.finditer(text):
+        target = m.group(1) or m.group(2)
+        if re.match(r"^[a-z][a-z0-9+.-]*:", target):  # https:, mailto: ...: not a file of ours
+            continue
+        file, _, anchor = target.partition("#")
+        dest = (path.parent / file).resolve() if file else path
+        if ROOT not in dest.parents and dest != ROOT:
+            problems.append(f"{target}: outside the repository")
+        elif not dest.exists():
+            problems.append(f"{target}: no such file")
+        elif anchor and dest.suffix == ".md" and anchor not in anchors(dest):
+            problems.append(f"{target}: no heading #{anchor} in {dest.relative_to(ROOT)}")
+    return problems
+
+
+def test_the_checker_sees_each_kind_of_broken_link(tmp_path, monkeypatch):
+    monkeypatch.setattr(f"{__name__}.ROOT", tmp_path)
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "b.md").write_text("# Title\n\n## The `model` check\n")
+    page = tmp_path / "a.md"
+    page.write_text(
+        "[ok](docs/b.md#the-model-check) [web](https://example.org/x) [self](#top)\n"
+        "[out](../shared/SPEC.md) [gone](docs/c.md) [anchor](docs/b.md#nothing)\n"
+        "see [`../shared/SPEC.md`] in the project\n"
+        "```\n[in code](nowhere.md)\n```\n# Top\n"
+    )
+    assert broken_links(page) == [
+        "../shared/SPEC.md: outside the repository",
+        "../shared/SPEC.md: outside the repository",
+        "docs/c.md: no such file",
+        "docs/b.md#nothing: no heading #nothing in docs/b.md",
+    ]
+
+
+@pytest.mark.parametrize("path", markdown_files(), ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_relative_link_resolves_inside_the_repository(path):
+    assert broken_links(path) == []
