@@ -65,13 +65,13 @@ class Settings:
     conf_scale_km: float = DEFAULT_CONF_SCALE_KM
     conf_threshold: float = DEFAULT_CONF_THRESHOLD
     auth_token_file: str = ""  # bearer token required on Locator calls (health stays open)
-    auth_token: str = ""  # the same, given directly (env VISLOC_AUTH_TOKEN); the file wins
+    auth_token: str = ""  # the same, given directly ; the file wins
     tls_cert_file: str = ""  # PEM server certificate chain: TLS on the gRPC port when set
     tls_key_file: str = ""
     tls_client_ca_file: str = ""  # PEM CA: require client certificates (mutual TLS) when set
     log_level: str = "INFO"
     quiet_settings: bool = False
-    # Admission control and named callers (issue 17; swc_service.admission, swc_service.callers).
+    # Admission control and named callers (swc_service.admission, swc_service.callers).
     callers_file: str = ""  # 'name:token' lines: named callers (the shared token stays caller "default")
     admission_initial_limit: int = 0  # calls in flight to Triton to start with; 0: max_batch
     admission_min_limit: int = 1  # the adaptive limit's floor
@@ -159,28 +159,175 @@ def _floats(text: str) -> tuple[float, ...]:
 
 
 def _bool(text: str) -> bool:
-    return text.strip().lower() in ("1", "true", "yes", "on")
+    value = text.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"not true/false: {text!r}")
+
+
+def _switch_value(text: str) -> bool:
+    try:
+        return _bool(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 _PARSERS = {int: int, float: float, bool: _bool, str: str}
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+# Every flag: (group, what it does, unit, choices). `swc-service --help` prints them grouped,
+# with the default and the environment variable; a test fails on a flag missing here.
+GROUPS = ("serving", "Triton", "batching", "limits", "method", "admission", "security", "logging")
+FLAGS: dict[str, tuple[str, str, str, tuple[str, ...]]] = {
+    "bundle": ("serving", "the model bundle's directory", "", ()),
+    "host": ("serving", "gRPC listen address (0.0.0.0 in containers)", "", ()),
+    "port": ("serving", "gRPC port (Locator, health, reflection)", "", ()),
+    "metrics_port": ("serving", "Prometheus /metrics port; 0: off", "", ()),
+    "health_port": (
+        "serving",
+        "a second, always plaintext port serving only grpc.health.v1, for probes that cannot speak TLS; 0: off",
+        "",
+        (),
+    ),
+    "workers": ("serving", "worker processes sharing the port", "", ()),
+    "reuse_port": ("serving", "bind with SO_REUSEPORT (set for the workers of a supervisor)", "", ()),
+    "prefetch_background": (
+        "serving",
+        "read the background into the page cache at start-up, in the background",
+        "",
+        (),
+    ),
+    "max_connection_age_s": (
+        "serving",
+        "close client connections after this long, so round-robin clients find new pods; 0: never",
+        "s",
+        (),
+    ),
+    "grace_s": ("serving", "drain time on SIGTERM: in-flight calls finish, new ones are refused", "s", ()),
+    "triton_url": ("Triton", "Triton gRPC target: HOST:PORT, H1:P1,H2:P2, dns:///NAME:PORT or file:///path", "", ()),
+    "triton_model": ("Triton", "the model's name on Triton", "", ()),
+    "triton_timeout_s": ("Triton", "the longest a call to Triton may take", "s", ()),
+    "triton_health_interval_s": ("Triton", "how often each endpoint's readiness is checked", "s", ()),
+    "triton_resolve_interval_s": ("Triton", "how often dns:/// and file:/// targets are resolved again", "s", ()),
+    "model_precision": (
+        "Triton",
+        "the precision class the model check holds Triton to: fp32 accepts any fp32 "
+        "implementation (TF32 on a GPU included), fp16 also a TensorRT FP16 engine",
+        "",
+        ("fp32", "fp16"),
+    ),  # fmt: skip
+    "allow_bundle_without_probes": (
+        "Triton",
+        "serve a bundle that cannot be checked (no probes, or no float64 reference) UNCHECKED, with a loud warning",
+        "",
+        (),
+    ),
+    "batch_window_ms": (
+        "batching",
+        "how long images wait for others of their shape before going to Triton as one batch",
+        "ms",
+        (),
+    ),
+    "max_batch": ("batching", "the most images in one Triton request", "images", ()),
+    "preprocess_threads": ("batching", "threads decoding and resizing images", "", ()),
+    "stream_in_flight": ("batching", "images of one LocateStream in flight at once", "images", ()),
+    "max_message_bytes": ("limits", "the largest request accepted", "bytes", ()),
+    "max_image_pixels": ("limits", "the most decoded pixels of one image (decompression bombs)", "pixels", ()),
+    "max_input_side": ("limits", "the longest side of the preprocessed image", "px", ()),
+    "max_concurrent_rpcs": ("limits", "calls the gRPC server holds at once (beyond: RESOURCE_EXHAUSTED)", "", ()),
+    "preprocessing": (
+        "method",
+        "exact keeps each photo's aspect ratio (the reference's); center_crop_300 gives "
+        "every photo one shape (faster batching, other numbers)",
+        "",
+        PREPROCESSING_MODES,
+    ),
+    "exif_transpose": ("method", "apply the EXIF orientation before preprocessing (the reference does not)", "", ()),
+    "pd_scales_km": ("method", "Prediction Density scales, comma-separated", "km", ()),
+    "top_k": ("method", "SwC: the most similar background images clustered (a call may ask for another)", "", ()),
+    "eps_km": ("method", "SwC: DBSCAN neighbourhood radius (a call may ask for another)", "km", ()),
+    "conf_scale_km": ("method", "the PD scale that gives the confidence (one of --pd-scales-km)", "km", ()),
+    "conf_threshold": ("method", "confidence above which a photo is localizable", "", ()),
+    "auth_token_file": (
+        "security",
+        "file holding the bearer token Locator calls must present (health stays open); wins over --auth-token",
+        "",
+        (),
+    ),
+    "auth_token": ("security", "the bearer token itself (prefer the file or the environment variable)", "", ()),
+    "callers_file": ("security", "'name:token' lines: named callers, each with its own share of admission", "", ()),
+    "tls_cert_file": ("security", "PEM server certificate chain: TLS on the gRPC port", "", ()),
+    "tls_key_file": ("security", "PEM private key of --tls-cert-file", "", ()),
+    "tls_client_ca_file": ("security", "PEM CA: require client certificates signed by it (mutual TLS)", "", ()),
+    "admission_initial_limit": ("admission", "images in flight to Triton to start with; 0: --max-batch", "images", ()),
+    "admission_min_limit": ("admission", "the adaptive in-flight limit's floor", "images", ()),
+    "admission_max_limit": ("admission", "the adaptive in-flight limit's ceiling; 0: 4 x --max-batch", "images", ()),
+    "admission_adaptive": (
+        "admission",
+        "adapt the in-flight limit to what Triton delivers (off: it stays at the initial limit)",
+        "",
+        (),
+    ),
+    "admission_max_queue": ("admission", "images waiting for a slot, all callers together", "images", ()),
+    "admission_caller_max_in_flight": ("admission", "per caller; 0: no cap beyond the limit", "images", ()),
+    "admission_caller_max_queued": ("admission", "per caller; 0: half of --admission-max-queue", "images", ()),
+    "admission_codel_target_ms": (
+        "admission",
+        "CoDel: the longest wait of an interactive call under a standing "
+        "queue (or a quarter of its deadline, if longer); 0: off",
+        "ms",
+        (),
+    ),
+    "admission_codel_interval_ms": (
+        "admission",
+        "CoDel: how long a queue stays non-empty before it counts as standing (and turns LIFO)",
+        "ms",
+        (),
+    ),
+    "admission_interactive_budget_ms": (
+        "admission",
+        "calls whose deadline is at most this far are interactive (LIFO + CoDel); others are batch work (FIFO)",
+        "ms",
+        (),
+    ),
+    "log_level": ("logging", "the service's log level", "", LOG_LEVELS),
+    "quiet_settings": ("logging", "do not print the effective settings at start-up", "", ()),
+}
+
+
+def env_name(name: str) -> str:
+    return "VISLOC_" + name.upper()
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="swc-service",
-        description="visloc Locate gRPC service. Every flag also reads VISLOC_<NAME> (e.g. VISLOC_TRITON_URL).",
+        description="visloc Locate gRPC service. Every flag also reads the environment variable named with it "
+        "(VISLOC_<FLAG>); a flag beats the variable, the variable beats the default.",
     )
-    defaults = {f.name: f.default for f in dataclasses.fields(Settings)}
-    for name, default in defaults.items():
-        flag = "--" + name.replace("_", "-")
-        if name == "pd_scales_km":
-            p.add_argument(flag, type=_floats, default=None, help=f"comma-separated km (default {default})")
-        elif isinstance(default, bool):
-            p.add_argument(flag, type=_bool, default=None, help=f"true/false (default {default})")
-        elif name == "bundle":
-            p.add_argument(flag, default=None, help="bundle directory (required; env VISLOC_BUNDLE)")
+    groups = {g: p.add_argument_group(g) for g in GROUPS}
+    for f in dataclasses.fields(Settings):
+        group, what, unit, choices = FLAGS[f.name]
+        flag = "--" + f.name.replace("_", "-")
+        if f.default is dataclasses.MISSING:
+            shown = "required"
+        elif f.name == "pd_scales_km":
+            shown = "default: " + ",".join(f"{x:g}" for x in f.default)
         else:
-            p.add_argument(flag, type=_PARSERS[type(default)], default=None, help=f"(default {default})")
+            shown = f"default: {'off' if f.default == '' else f.default}"
+        text = f"{what}{f' [{unit}]' if unit else ''} ({shown}; env {env_name(f.name)})"
+        g = groups[group]
+        if isinstance(f.default, bool):  # a switch; --flag true/false still parses
+            g.add_argument(flag, type=_switch_value, nargs="?", const=True, default=None, metavar="true|false", help=text)
+            g.add_argument("--no-" + flag[2:], dest=f.name, action="store_const", const=False,
+                           help=f"{flag} false")  # fmt: skip
+        elif f.name == "pd_scales_km":
+            g.add_argument(flag, type=_floats, default=None, metavar="KM,KM,...", help=text)
+        else:
+            parse = str if f.default is dataclasses.MISSING else _PARSERS[type(f.default)]
+            g.add_argument(flag, type=parse, default=None, choices=choices or None, help=text)
     return p
 
 
@@ -196,6 +343,9 @@ def load_settings(argv: list[str] | None = None, env: dict[str, str] | None = No
                     value = _floats(raw)
                 else:
                     value = _PARSERS[type(f.default) if f.default is not dataclasses.MISSING else str](raw)
+                    choices = FLAGS[f.name][3]
+                    if choices and value not in choices:
+                        raise ValueError(f"must be one of {', '.join(choices)}")
             except ValueError as exc:
                 raise ValueError(f"VISLOC_{f.name.upper()}={raw!r} is not valid for {f.name}: {exc}") from None
         if value is not None:
