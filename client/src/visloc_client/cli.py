@@ -215,7 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("info", parents=[common], help="what the service is serving")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="the service's answer as one JSON object")
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser(

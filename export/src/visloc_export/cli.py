@@ -160,10 +160,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     d = sub.add_parser("demo", help="a demo bundle with random seeded weights (NOT a real model)")
-    d.add_argument("--out", required=True)
+    d.add_argument("--out", required=True, help="the bundle directory to write (must not exist: see --overwrite)")
     d.add_argument("--cells", type=int, default=2000, help="M (upstream: 31145)")
     d.add_argument("--background", type=int, default=50_000, help="N (upstream: 763265)")
-    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--seed", type=int, default=0, help="seed of the random weights and the synthetic background")
     d.set_defaults(func=_cmd_demo)
 
     u = sub.add_parser("upstream", help="import the upstream checkpoints and background collection")
@@ -172,7 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--rrm", required=True, help="rrm_head.pt")
     u.add_argument("--background", required=True, help="back_coll_features.hdf5")
     u.add_argument("--assignments", required=True, help="cells_assignments.pkl")
-    u.add_argument("--out", required=True)
+    u.add_argument("--out", required=True, help="the bundle directory to write (must not exist: see --overwrite)")
     u.set_defaults(func=_cmd_upstream)
 
     for s in (d, u):
@@ -194,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
         "verify",
         help="the parity gate again: the bundle's ONNX against its network in float64; non-zero exit on failure",
     )
-    v.add_argument("--bundle", required=True)
+    v.add_argument("--bundle", required=True, help="the bundle whose model.onnx to check")
     _checkpoint_args(v, "upstream bundles: the checkpoint files (demo bundles: rebuilt from their seed)")
     v.add_argument("--images", nargs="*", help="image files (default: generated images of 4 shapes)")
     v.add_argument("--checksums", action="store_true", help="also check every file's sha256")
@@ -220,7 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--workers", type=int, default=2, help="threads reading and preprocessing photos")
     i.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0: all cores)")
     i.add_argument("--checkpoint-every", type=int, default=2048, help="photos between checkpoints")
-    i.add_argument("--features-dtype", choices=["float16", "float32"], default="float16")
+    i.add_argument("--features-dtype", choices=["float16", "float32"], default="float16",
+                   help="background embedding storage (float32 = the reference's precision)")  # fmt: skip
     i.set_defaults(func=_cmd_index)
 
     a = sub.add_parser(
@@ -243,8 +244,9 @@ def build_parser() -> argparse.ArgumentParser:
     f.set_defaults(func=_cmd_fetch)
 
     m = sub.add_parser("place", help="put a bundle's model.onnx into a Triton model repository")
-    m.add_argument("--bundle", required=True)
-    m.add_argument("--repository", default="model_repository")
+    m.add_argument("--bundle", required=True, help="the bundle whose model.onnx to place")
+    m.add_argument("--repository", default="model_repository",
+                   help="the Triton model repository (its config.pbtxt is sized for the bundle's cells)")  # fmt: skip
     m.set_defaults(func=_cmd_place)
     return p
 

@@ -320,7 +320,9 @@ def build_parser() -> argparse.ArgumentParser:
         text = f"{what}{f' [{unit}]' if unit else ''} ({shown}; env {env_name(f.name)})"
         g = groups[group]
         if isinstance(f.default, bool):  # a switch; --flag true/false still parses
-            g.add_argument(flag, type=_switch_value, nargs="?", const=True, default=None, metavar="true|false", help=text)
+            g.add_argument(
+                flag, type=_switch_value, nargs="?", const=True, default=None, metavar="true|false", help=text
+            )
             g.add_argument("--no-" + flag[2:], dest=f.name, action="store_const", const=False,
                            help=f"{flag} false")  # fmt: skip
         elif f.name == "pd_scales_km":
