@@ -92,3 +92,70 @@ def test_the_checker_sees_each_kind_of_broken_link(tmp_path, monkeypatch):
 @pytest.mark.parametrize("path", markdown_files(), ids=lambda p: str(p.relative_to(ROOT)))
 def test_every_relative_link_resolves_inside_the_repository(path):
     assert broken_links(path) == []
+
+
+# --------------------------------------------------------------------------- command lines
+
+SCRIPTS = ("swc-service", "visloc-export", "visloc-triton", "visloc")
+
+
+def parsers() -> dict:
+    from devtools import triton_local
+    from swc_service import config
+    from visloc_client import cli as client_cli
+    from visloc_export import cli as export_cli
+
+    return {
+        "swc-service": config.build_parser,
+        "visloc": client_cli.build_parser,
+        "visloc-export": export_cli.build_parser,
+        "visloc-triton": triton_local.build_parser,
+    }
+
+
+def command_lines(text: str) -> list[str]:
+    """Our scripts' command lines in a Markdown text's code blocks (continuations joined; an
+    environment assignment, a prompt or a path before the script's name dropped; comments cut)."""
+    block, fenced = [], False
+    for line in text.splitlines():
+        if FENCE.match(line.strip()):
+            fenced = not fenced
+            block.append("")
+            continue
+        if fenced:
+            block.append(line)
+    found = []
+    for line in re.sub(r"\\\n\s*", " ", "\n".join(block)).splitlines():
+        if re.search(r"\[-", line):  # a usage synopsis ([--flag VALUE]), not a command
+            continue
+        words = re.split(r"\s+#|\s+(?:>|>>|\||&&|;)\s", line, maxsplit=1)[0].split()  # up to a redirection
+        while words and (words[0] == "$" or re.match(r"^[A-Z_][A-Z0-9_]*=", words[0])):
+            words = words[1:]
+        if words and words[0].rsplit("/", 1)[-1] in SCRIPTS:
+            found.append(" ".join([words[0].rsplit("/", 1)[-1], *words[1:]]))
+    return found
+
+
+def test_command_lines_are_found_where_they_are_written():
+    text = (
+        "```bash\nVISLOC_X=1 .venv/bin/visloc-export verify --bundle b \\\n   --checksums  # why\n"
+        "kubectl -n visloc get pods\n$ swc-service --workers 2 > log\nvisloc [--tls] COMMAND\n```\n"
+        "Mentioned in prose: `visloc evaluate`.\n"
+    )
+    assert command_lines(text) == ["visloc-export verify --bundle b --checksums", "swc-service --workers 2"]
+
+
+def documented_commands() -> list[tuple[str, str]]:
+    return [(str(p.relative_to(ROOT)), c) for p in markdown_files() for c in command_lines(p.read_text())]
+
+
+@pytest.mark.parametrize(("where", "command"), documented_commands())
+def test_every_documented_command_line_parses(where, command):
+    import shlex
+
+    script, *args = shlex.split(command.replace("...", "X"))
+    parser = parsers()[script]()
+    try:
+        parser.parse_args(args)
+    except SystemExit as exc:
+        pytest.fail(f"{where}: `{command}` does not parse (exit {exc.code})")
