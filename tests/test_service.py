@@ -24,7 +24,7 @@ from swc_service.preprocessing import preprocess
 from visloc_client.v1 import locator_pb2 as pb
 from visloc_client.v1 import locator_pb2_grpc as pb_grpc
 from visloc_export import samples
-from visloc_export.build import onnx_session
+from visloc_export.parity import onnx_session
 
 IMAGES = 12
 
