@@ -159,3 +159,51 @@ def test_every_documented_command_line_parses(where, command):
         parser.parse_args(args)
     except SystemExit as exc:
         pytest.fail(f"{where}: `{command}` does not parse (exit {exc.code})")
+
+
+# --------------------------------------------------------------------------- metrics
+
+NOT_METRICS = {"visloc_client", "visloc_export"}  # package names
+
+
+def exported_metrics() -> dict[str, set[str]]:
+    """The service's metric families -> every series name they export (counter _total, histogram
+    _bucket/_sum/_count ...), whether or not a sample was observed yet."""
+    from prometheus_client import REGISTRY
+
+    from swc_service import metrics  # noqa: F401  (defines them)
+
+    suffixes = {"counter": ("_total", "_created"), "histogram": ("_bucket", "_sum", "_count", "_created"),
+                "gauge": ("",), "info": ("_info",)}  # fmt: skip
+    out = {}
+    for family in REGISTRY.collect():
+        if family.name.startswith("visloc_"):
+            out[family.name] = {family.name, *(family.name + s for s in suffixes.get(family.type, ("",)))}
+    return out
+
+
+def metric_names(text: str) -> set[str]:
+    return set(re.findall(r"\bvisloc_[a-z0-9_]+", text)) - NOT_METRICS
+
+
+def where_metrics_are_named() -> list[Path]:
+    globs = ("*.md", "deploy/prometheus/*.yml", "deploy/grafana/dashboards/*", "k8s/**/*.yaml", "k8s/**/*.json")
+    out = subprocess.run(["git", "ls-files", *globs], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    return [ROOT / line for line in out.splitlines() if line]
+
+
+def test_every_metric_named_in_docs_alerts_and_dashboards_is_exported():
+    exported = set().union(*exported_metrics().values())
+    unknown = {
+        f"{path.relative_to(ROOT)}: {name}"
+        for path in where_metrics_are_named()
+        for name in metric_names(path.read_text())
+        if name not in exported
+    }
+    assert unknown == set()
+
+
+def test_every_exported_metric_is_documented():
+    text = (ROOT / "docs/service.md").read_text()
+    undocumented = [family for family, names in exported_metrics().items() if not names & metric_names(text)]
+    assert undocumented == []

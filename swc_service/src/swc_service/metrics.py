@@ -47,7 +47,7 @@ BATCH_WINDOW = Gauge(
     "visloc_batch_window_seconds", "The shape-grouping window the service waits", multiprocess_mode="max"
 )
 
-# Admission control (swc_service.admission, issue 17). ``caller`` is a name from the callers
+# Admission control (swc_service.admission). ``caller`` is a name from the callers
 # token file (bounded), "default" for the shared token, "anonymous" when auth is off.
 ADMISSION_SHED = Counter(
     "visloc_admission_shed_total",
@@ -93,7 +93,7 @@ def observe_located(pixels: int, stages: dict[str, float], method: str, localiza
     PREDICTIONS.labels(method, str(localizable).lower()).inc()
 
 
-# The Triton endpoint pool (swc_service.triton_pool, issue 19) and the model check (issue 16).
+# The Triton endpoint pool (swc_service.triton_pool) and the model check (swc_service.model_check).
 # ``endpoint`` is a resolved HOST:PORT of the --triton-url target.
 ENDPOINT_BATCHES = Counter("visloc_triton_endpoint_batches_total", "Batches sent to each Triton endpoint", ["endpoint"])
 ENDPOINT_FAILURES = Counter(
@@ -121,7 +121,7 @@ MODEL_CHECK_FAILING = Gauge(
 )
 
 
-# Bundle reloads (SIGHUP, swc_service.reload, issue 16). ``result``: ok, unchanged, bundle_error
+# Bundle reloads (SIGHUP, swc_service.reload). ``result``: ok, unchanged, bundle_error
 # (the new bundle did not load), mismatch / no_probes / error (its model check did not pass).
 BUNDLE_RELOADS = Counter("visloc_bundle_reload_total", "Bundle reloads (SIGHUP) by result", ["result"])
 
