@@ -14,7 +14,8 @@ PYTEST_ARGS ?=
 
 help:
 	@echo "make demo      local Triton + Locate service + sample images (DEMO_ONESHOT=1 to exit after)"
-	@echo "make test      ruff + pytest"
+	@echo "make test      ruff + pytest: everything, as CI runs it"
+	@echo "make check     the edit loop: lint + the tests without live servers or the demo model (minutes)"
 	@echo "make demo BUNDLE=DIR   serve another bundle (e.g. imported with visloc-export upstream)"
 	@echo "make upstream  fetch the published model (~6 GB), import, verify, serve (UPSTREAM_URL=mirror)"
 	@echo "make bench     benchmarks -> bench/results, docs/BENCHMARKS.md"
@@ -81,9 +82,23 @@ format: $(STAMP)
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
 
-test: $(KERNELS)
+# The web page's vendored libraries are compared with the packages themselves (npm registry).
+WEB_PACKAGES := client/web/node_modules/.package-lock.json
+$(WEB_PACKAGES): client/web/package-lock.json
+	@command -v npm >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq npm)
+	cd client/web && npm ci --ignore-scripts --no-audit --no-fund
+
+test: $(KERNELS) $(WEB_PACKAGES)
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The edit loop: lint + every test without a live tritonserver/service or the demo EfficientNet
+# (a few minutes); `make test` runs everything, as CI does.
+.PHONY: check
+check: $(KERNELS) $(WEB_PACKAGES)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(PY) -m pytest -m "not live and not model" -q $(PYTEST_ARGS)
 
 # Regenerate the gRPC stubs from the one proto (a test checks they are current).
 proto: $(STAMP)

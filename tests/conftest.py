@@ -66,6 +66,25 @@ def final_stage(instructions: list[tuple[str, str]]) -> list[tuple[str, str]]:
     return instructions[starts[-1] :]
 
 
+LIVE_FIXTURES = {"local_triton", "live_service", "live_target"}
+LIVE_NAMES = ("LocalTriton", "ServiceProcess", "running_service", "swc_service.server")
+MODEL_FIXTURES = {"demo_bundle", "demo_bundle_b"}
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """Mark what `make check` leaves out: tests with live processes, and tests of the demo model."""
+    sources: dict[str, str] = {}
+    for item in items:
+        path = str(item.path)
+        if path not in sources:
+            sources[path] = item.path.read_text()
+        names = set(getattr(item, "fixturenames", ()))
+        if names & LIVE_FIXTURES or any(name in sources[path] for name in LIVE_NAMES):
+            item.add_marker(pytest.mark.live)
+        if names & MODEL_FIXTURES:
+            item.add_marker(pytest.mark.model)
+
+
 @pytest.fixture(scope="session")
 def demo_bundle(tmp_path_factory) -> Path:
     """A small demo bundle (M=2000, N=20000) built by the real exporter, once per session."""

@@ -86,7 +86,7 @@ def test_evaluate_matches_single_locate_calls(live_target, dataset, tmp_path, ca
         timeout=120,
     )
     assert proc.returncode == 0, proc.stderr
-    for name, line in zip(names, proc.stdout.splitlines()):
+    for name, line in zip(names, proc.stdout.splitlines(), strict=True):
         out = json.loads(line)
         assert (out["lat"], out["lon"]) == (records[name]["pred_lat"], records[name]["pred_lon"])
 

@@ -121,7 +121,7 @@ def test_index_extend_serves_each_photo_as_its_own_first_neighbour(tiny_base, ph
         finally:
             svc.stop()
     bad = []
-    for path, item in zip(paths, items):
+    for path, item in zip(paths, items, strict=True):
         assert item.result is not None, f"{path}: {item.error}"
         first = item.result.neighbours[0]
         lat, lon = truth[path]

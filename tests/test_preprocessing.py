@@ -148,6 +148,11 @@ def test_pixel_limit_is_checked_before_decoding():
     data = _png(Image.new("RGB", (2000, 2000)))
     with pytest.raises(ImageError, match="over the limit"):
         preprocess(data, Limits(max_pixels=1_000_000))
+    # Only the header left: decoding first would fail as undecodable, the size check first says why.
+    with pytest.raises(ImageError, match="over the limit"):
+        preprocess(data[:64], Limits(max_pixels=1_000_000))
+    with pytest.raises(ImageError, match="could not be decoded"):
+        preprocess(data[:64], Limits(max_pixels=5_000_000))
 
 
 def test_extreme_aspect_ratio_is_refused():
