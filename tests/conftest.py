@@ -68,7 +68,7 @@ def final_stage(instructions: list[tuple[str, str]]) -> list[tuple[str, str]]:
 
 LIVE_FIXTURES = {"local_triton", "live_service", "live_target"}
 LIVE_NAMES = ("LocalTriton", "ServiceProcess", "running_service", "swc_service.server")
-MODEL_FIXTURES = {"demo_bundle", "demo_bundle_b"}
+MODEL_FIXTURES = {"demo_bundle", "demo_bundle_b", "upstream_files"}  # EfficientNet-B4 networks
 
 
 def pytest_collection_modifyitems(config, items) -> None:

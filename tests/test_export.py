@@ -166,8 +166,13 @@ def test_upstream_round_trip_every_number(upstream_files, tmp_path):
     assert b.verify_checksums() == []
 
 
-def test_upstream_float16_default_and_cli_verify(upstream_files, tmp_path):
-    b = _import(upstream_files, tmp_path / "b16")
+def test_upstream_cli_import_float16_by_default_with_progress_then_verify(upstream_files, tmp_path):
+    d = upstream_files["dir"]
+    out = _visloc_export_upstream(d, d / "rrm_head.pt", tmp_path / "b16")
+    assert out.returncode == 0, out.stderr
+    assert f"{N}/{N}" in out.stderr and "rows" in out.stderr and "reference and envelopes" in out.stderr
+    b = load_bundle(tmp_path / "b16")
+    assert b.manifest["upstream"]["assignments"] == "cells_assignments.pkl"
     assert b.features.dtype == np.float16
     c = next(iter(upstream_files["assignments"]))
     f, _, ids = b.cell_slice(c)
@@ -177,7 +182,7 @@ def test_upstream_float16_default_and_cli_verify(upstream_files, tmp_path):
         [VENV_BIN / "visloc-export", "verify", "--bundle", str(b.path),
          "--backbone", d / "efficientnet_backbone.pt", "--mvmf", d / "mvmf_head.pt", "--rrm", d / "rrm_head.pt",
          "--checksums"],
-        capture_output=True, text=True, timeout=300,
+        capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert out.returncode == 0, out.stderr
     assert "parity OK" in out.stdout and '"checksums_ok": true' in out.stdout
@@ -189,7 +194,7 @@ def test_verify_fails_on_a_different_model(upstream_files, demo_bundle):
     out = subprocess.run(
         [VENV_BIN / "visloc-export", "verify", "--bundle", str(demo_bundle),
          "--backbone", d / "efficientnet_backbone.pt", "--mvmf", d / "mvmf_head.pt", "--rrm", d / "rrm_head.pt"],
-        capture_output=True, text=True, timeout=300,
+        capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert out.returncode == 1, out.stderr  # a verdict, not a crash or a usage error
     assert "parity FAILED" in out.stdout and "not the same model" in out.stdout
@@ -234,7 +239,7 @@ def _visloc_export_upstream(d, rrm, out) -> subprocess.CompletedProcess:
          "--mvmf", d / "mvmf_head.pt", "--rrm", rrm,
          "--background", d / "back_coll_features.hdf5", "--assignments", d / "cells_assignments.pkl",
          "--out", out],
-        capture_output=True, text=True, timeout=300,
+        capture_output=True, text=True, timeout=600,
     )  # fmt: skip
 
 
@@ -246,15 +251,6 @@ def test_wrong_checkpoint_is_refused_with_a_clear_error(upstream_files, tmp_path
     assert "does not match the upstream layout" in out.stderr
     assert not (tmp_path / "out").exists()  # nothing half-written
     assert not list(tmp_path.glob(".out.tmp-*"))
-
-
-def test_upstream_import_shows_progress(upstream_files, tmp_path):
-    d = upstream_files["dir"]
-    out = _visloc_export_upstream(d, d / "rrm_head.pt", tmp_path / "out")
-    assert out.returncode == 0, out.stderr
-    assert f"{N}/{N}" in out.stderr and "rows" in out.stderr
-    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
-    assert manifest["upstream"]["assignments"] == "cells_assignments.pkl"
 
 
 def _wrong_export(net, path):
