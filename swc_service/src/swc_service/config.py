@@ -20,11 +20,11 @@ from .method import (
     DEFAULT_SCALES_KM,
     DEFAULT_TOP_K,
 )
+from .model_check import CHECK_PRECISIONS as MODEL_PRECISIONS
 from .preprocessing import DEFAULT_MAX_PIXELS, DEFAULT_MAX_SIDE
 from .targets import parse_target
 
 PREPROCESSING_MODES = ("exact", "center_crop_300")
-MODEL_PRECISIONS = ("fp32", "fp16")
 
 
 @dataclass(frozen=True)
