@@ -126,14 +126,15 @@ def summarise(runs: list[dict]) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.gate_seeds", description=__doc__.split("\n\n")[0])
-    p.add_argument("--seeds", type=int, default=20, help="seeds 0 .. N-1 (default 20)")
+    p.add_argument("--seeds", type=int, default=20, help="how many seeds (default 20)")
+    p.add_argument("--first", type=int, default=0, help="the first seed (default 0)")
     p.add_argument("--json", default=str(GATE_JSON))
     p.add_argument("--markdown", default="docs/BENCHMARKS.md", help="'' to leave it")
     args = p.parse_args(argv)
     other, _ = demo.build_demo_net(CELLS, demo.cell_centres(CELLS, np.random.default_rng(OTHER_SEED)), OTHER_SEED)
     runs = []
     with tempfile.TemporaryDirectory() as tmp:
-        for seed in range(args.seeds):
+        for seed in range(args.first, args.first + args.seeds):
             t0 = time.monotonic()
             runs.append(seed_run(seed, other, Path(tmp)))
             r = runs[-1]

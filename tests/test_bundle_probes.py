@@ -192,3 +192,18 @@ def test_add_reference_to_probes_written_before_it(tmp_path):
         B.add_reference(_write(tmp_path / "other", probes).path, B.ProbeReference(probes[1], probes[2], {}, {}))
     assert B.load_bundle(tmp_path / "other").probes.reference is None
     assert not (tmp_path / "other" / B.REFERENCE_PROBS).exists()
+
+
+def test_per_probe_distances_round_trip_and_must_fit_the_probes(tmp_path):
+    probes = _probes()
+    env = _reference(probes).envelope
+    per_probe = {"fp32": {q: [v, 2 * v, 3 * v] for q, v in env["fp32"].items()}}
+    typical = {"fp32": dict(env["fp32"])}
+    ref = B.ProbeReference(probes[1].astype(np.float64), probes[2].astype(np.float64), env, {}, per_probe, typical)
+    b = _write(tmp_path / "b", (*probes, ref))
+    assert b.probes.reference.per_probe == per_probe and b.probes.reference.typical == typical
+    short = {"fp32": {q: v[:2] for q, v in per_probe["fp32"].items()}}
+    with pytest.raises(B.BundleError, match="one per probe"):
+        _write(tmp_path / "c", (*probes, B.ProbeReference(ref.cell_probs, ref.embeddings, env, {}, short, typical)))
+    with pytest.raises(B.BundleError, match="go together"):
+        _write(tmp_path / "d", (*probes, B.ProbeReference(ref.cell_probs, ref.embeddings, env, {}, per_probe, None)))

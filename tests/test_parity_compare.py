@@ -10,7 +10,7 @@ import pytest
 from swc_service.bundle import ProbeReference
 from swc_service.geo import haversine_km
 from swc_service.method import DEFAULT_SCALES_KM, DensityIndex
-from swc_service.parity import CLASSES, FLOOR, MULTIPLE, PROB_TAU, QUANTITIES, allowed, compare_outputs
+from swc_service.parity import CLASSES, FLOOR, MULTIPLE, PROB_TAU, QUANTITIES, allowances, allowed, compare_outputs
 
 M, D, B = 400, 1792, 3
 # Envelopes of the sizes measured on the demo model: TF32 and FP16 thousands of times fp32's.
@@ -214,3 +214,31 @@ def test_tail_cells_below_tau_count_absolutely(ref):
     got[tail] *= 100
     report = compare(ref, probs=got.astype(np.float32))
     assert report.ok and report.distance["cell_probs"] < 1e-10 / PROB_TAU
+
+
+def test_the_model_check_allows_each_probe_its_own_envelope_at_least_the_median(ref):
+    """A probe that rounding hardly moves is held close: a wrong model cannot hide under the
+    allowance an ill-conditioned photo set. The exporter's gate keeps the largest, for every photo."""
+    centres, r = ref
+    quiet, loud = 0.1, 10.0  # probe 0 moves a tenth of the typical photo, probe 2 ten times as much
+    per_probe = {a: {q: [quiet * v, v, loud * v] for q, v in ENVELOPE[a].items()} for a in ENVELOPE}
+    typical = {a: {q: v for q, v in ENVELOPE[a].items()} for a in ENVELOPE}
+    envelope = {a: {q: loud * v for q, v in ENVELOPE[a].items()} for a in ENVELOPE}
+    reference = ProbeReference(r.cell_probs, r.embeddings, envelope, {}, per_probe, typical)
+    limits = allowances(reference, "fp32")
+    for q in QUANTITIES:
+        own = [MULTIPLE * max(max(per_probe[a][q][i], typical[a][q]) for a in CLASSES["fp32"]) + FLOOR
+               for i in range(B)]  # fmt: skip
+        assert [lim[q] for lim in limits] == pytest.approx(own)
+    assert limits[0] == limits[1] and limits[2]["embedding"] > 9 * limits[0]["embedding"]  # the median as floor
+    assert allowances(reference, "export") == [allowed(envelope, "export")] * B
+
+    rng = np.random.default_rng(9)
+    turned = r.embeddings.copy()
+    step = 3 * limits[0]["embedding"]  # beyond probe 0's allowance, far within the set's largest
+    turned[0] += rng.normal(0, step / np.sqrt(D), D)
+    report = compare_outputs(reference, r.cell_probs, turned, centres, precision="fp32")
+    assert not report.ok and report.failures[0].startswith("probe 0: embedding")
+    assert report.rules["per_photo_allowance"] and "(each photo's)" in report.summary()
+    flat = ProbeReference(r.cell_probs, r.embeddings, envelope, {})  # without per-probe distances: the largest
+    assert compare_outputs(flat, r.cell_probs, turned, centres, precision="fp32").ok

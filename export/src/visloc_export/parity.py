@@ -18,7 +18,7 @@ import onnxruntime as ort
 
 from swc_service import bundle as B
 from swc_service.method import DEFAULT_SCALES_KM
-from swc_service.parity import ARITHMETICS, EXPORTED, QUANTITIES, ParityReport, compare_outputs
+from swc_service.parity import ARITHMETICS, EXPORTED, QUANTITIES, Distances, ParityReport, compare_outputs
 from swc_service.preprocessing import prepare_image, preprocess
 from visloc_export import samples
 
@@ -80,7 +80,31 @@ def check_parity(
         measurement.reference(rows), np.concatenate(probs), np.concatenate(embs), centres, scales_km,
         precision=PRECISION, names=names,
     )  # fmt: skip
-    if all(math.isfinite(report.distance[q]) for q in QUANTITIES):
-        # What the export itself computes: the model check accepts it on any machine.
-        measurement.envelope[EXPORTED] = dict(report.distance)
+    if not report.nonfinite_values and all(math.isfinite(report.distance[q]) for q in QUANTITIES):
+        # What the export itself computes on every measured photo: the model check accepts it anywhere.
+        measurement.per_photo[EXPORTED] = _exported(measurement, sess, rows, report, scales_km, centres)
     return report, measurement
+
+
+def _exported(measurement: Measurement, sess, rows: list[int], report: ParityReport, scales_km, centres) -> dict:
+    """onnxruntime's distance on each measured photo: the gate's cases, and the other photos run here."""
+    out = {q: np.zeros(len(measurement.photos)) for q in QUANTITIES}
+    for row, case in zip(rows, report.cases, strict=True):
+        for q in QUANTITIES:
+            out[q][row] = max(out[q][row], case[q])
+    others = [i for i in range(len(measurement.photos)) if i not in set(rows)]
+    if others:
+        probs, embs = [], []
+        images = [measurement.photos[i] for i in others]
+        order = []
+        for idx, batch in B.batches_by_shape(images):
+            p, e = sess.run([B.OUTPUT_PROBS, B.OUTPUT_EMBEDDING], {B.INPUT_NAME: batch})
+            probs.append(p)
+            embs.append(e)
+            order += [others[i] for i in idx]
+        found = Distances(centres, scales_km).each(
+            np.concatenate(probs), np.concatenate(embs), measurement.cell_probs[order], measurement.embeddings[order]
+        )
+        for q in QUANTITIES:
+            out[q][order] = found[q]
+    return out

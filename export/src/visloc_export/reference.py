@@ -123,18 +123,31 @@ def cpu_model() -> str:
 
 @dataclass
 class Measurement:
-    """The float64 outputs of ``photos`` and each arithmetic's envelope over them."""
+    """The float64 outputs of ``photos`` and each arithmetic's distance from them on every photo."""
 
     photos: list[np.ndarray]
     cell_probs: np.ndarray  # float64 [N, M]
     embeddings: np.ndarray  # float64 [N, D]
-    envelope: dict[str, dict[str, float]]
+    per_photo: dict[str, dict[str, np.ndarray]]  # arithmetic -> quantity -> [N]
     info: dict
 
+    @property
+    def envelope(self) -> dict[str, dict[str, float]]:
+        """Each arithmetic's largest distance over the photos."""
+        return {a: {q: float(np.max(v)) for q, v in d.items()} for a, d in self.per_photo.items()}
+
+    @property
+    def typical(self) -> dict[str, dict[str, float]]:
+        """Each arithmetic's median distance over the photos."""
+        return {a: {q: float(np.median(v)) for q, v in d.items()} for a, d in self.per_photo.items()}
+
     def reference(self, indices: Sequence[int]) -> ProbeReference:
-        """The reference of some of the measured photos, with the envelope over all of them."""
+        """The reference of some of the measured photos: their distances, the envelope over all."""
         idx = list(indices)
-        return ProbeReference(self.cell_probs[idx], self.embeddings[idx], self.envelope, dict(self.info))
+        per_probe = {a: {q: [float(v[i]) for i in idx] for q, v in d.items()} for a, d in self.per_photo.items()}
+        return ProbeReference(
+            self.cell_probs[idx], self.embeddings[idx], self.envelope, dict(self.info), per_probe, self.typical
+        )
 
     def index(self, photo: np.ndarray) -> int:
         """Which measured photo ``photo`` is (same shape and pixels)."""
@@ -189,11 +202,11 @@ def measure(
             bar.set_postfix_str(FLOAT64)
             float64 = run(model, photos, FLOAT64, bar.update)
         distances = Distances(centres, scales_km)
-        envelope = {}
+        per_photo = {}
         for arithmetic in arithmetics:
             bar.set_postfix_str(arithmetic)
             probs, emb = run(model, photos, arithmetic, bar.update)
-            envelope[arithmetic] = distances.envelope(probs, emb, *float64)
+            per_photo[arithmetic] = distances.each(probs, emb, *float64)
     info = {
         **model.describe(),
         "photos": len(photos),
@@ -201,4 +214,4 @@ def measure(
         "arithmetics": {a: DESCRIPTIONS[a] for a in arithmetics},
         "scales_km": [float(s) for s in scales_km],
     }
-    return Measurement(photos, float64[0], float64[1], envelope, info)
+    return Measurement(photos, float64[0], float64[1], per_photo, info)

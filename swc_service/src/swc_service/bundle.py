@@ -100,6 +100,11 @@ class ProbeReference:
     embeddings: np.ndarray  # float64 [P, D]
     envelope: dict[str, dict[str, float]]
     info: dict[str, Any]  # how it was measured: runtime, photos, CPU, threads
+    # The same distances on each probe, and their median over all the photos measured: the model
+    # check allows each probe a multiple of its own (at least the median), which tells a wrong
+    # model from noise far better than the largest distance any photo showed.
+    per_probe: dict[str, dict[str, list[float]]] | None = None
+    typical: dict[str, dict[str, float]] | None = None
 
 
 @dataclass(frozen=True)
@@ -315,7 +320,7 @@ def _load_reference(
         if sha256_file(root / rel) != files[rel]["sha256"]:
             raise BundleError(f"bundle {root}: reference file {rel} does not match its sha256 in the manifest")
         arrays.append(_load_array(root, rel, mmap=False))
-    reference = ProbeReference(arrays[0], arrays[1], envelope, measured)
+    reference = ProbeReference(arrays[0], arrays[1], envelope, measured, entry.get("per_probe"), entry.get("typical"))
     check_reference(reference, probs_shape, emb_shape)
     return reference
 
@@ -331,11 +336,25 @@ def check_reference(reference: ProbeReference, probs_shape: tuple[int, ...], emb
     env = reference.envelope
     if not isinstance(env, dict) or not env:
         raise BundleError(f"the probes' envelope must map arithmetics to distances, got {env!r}")
+
+    def distance(v: Any) -> bool:
+        return isinstance(v, (int, float)) and math.isfinite(v) and v >= 0
+
     for arithmetic, quantities in env.items():
-        if not isinstance(quantities, dict) or not all(
-            isinstance(v, (int, float)) and math.isfinite(v) and v >= 0 for v in quantities.values()
-        ):
+        if not isinstance(quantities, dict) or not all(distance(v) for v in quantities.values()):
             raise BundleError(f"the probes' {arithmetic} envelope must hold finite distances >= 0, got {quantities!r}")
+    if (reference.per_probe is None) != (reference.typical is None):
+        raise BundleError("the probes' per-probe distances and their typical values go together")
+    for name, table, ok in (
+        ("per-probe", reference.per_probe or {}, lambda v: isinstance(v, list) and len(v) == probs_shape[0]
+                                                            and all(distance(x) for x in v)),
+        ("typical", reference.typical or {}, distance),
+    ):  # fmt: skip
+        for arithmetic, quantities in table.items():
+            if arithmetic not in env or not isinstance(quantities, dict) or set(quantities) != set(env[arithmetic]):
+                raise BundleError(f"the probes' {name} {arithmetic} distances do not match the envelope's quantities")
+            if not all(ok(v) for v in quantities.values()):
+                raise BundleError(f"the probes' {name} {arithmetic} distances must be finite, >= 0, one per probe")
 
 
 def check_probes(images, cell_probs, embeddings, num_cells: int, embedding_dim: int) -> None:
@@ -522,12 +541,18 @@ def _write_reference(
     check_reference(reference, probs_shape, emb_shape)
     for rel, array in ((REFERENCE_PROBS, reference.cell_probs), (REFERENCE_EMBEDDINGS, reference.embeddings)):
         np.save(root / rel, np.ascontiguousarray(array), allow_pickle=False)
-    return {
+    entry = {
         "cell_probs": REFERENCE_PROBS,
         "embeddings": REFERENCE_EMBEDDINGS,
         "envelope": {a: {q: float(v) for q, v in d.items()} for a, d in reference.envelope.items()},
         "measured": dict(reference.info),
     }
+    if reference.per_probe is not None and reference.typical is not None:
+        entry["per_probe"] = {
+            a: {q: [float(x) for x in v] for q, v in d.items()} for a, d in reference.per_probe.items()
+        }
+        entry["typical"] = {a: {q: float(v) for q, v in d.items()} for a, d in reference.typical.items()}
+    return entry
 
 
 def _entry_files(entry: dict[str, Any]) -> list[str]:
@@ -549,7 +574,10 @@ def _checked_probes(
     if "reference" in entry:
         ref = entry["reference"]
         arrays = (np.load(root / ref["cell_probs"]), np.load(root / ref["embeddings"]))
-        check_reference(ProbeReference(*arrays, ref["envelope"], ref["measured"]), probs.shape, emb.shape)
+        check_reference(
+            ProbeReference(*arrays, ref["envelope"], ref["measured"], ref.get("per_probe"), ref.get("typical")),
+            probs.shape, emb.shape,
+        )  # fmt: skip
     probe_files = {}
     for rel in _entry_files(entry):
         p = root / rel

@@ -17,6 +17,7 @@ take that risk (only the output shapes are checked then, with one black image).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -168,7 +169,12 @@ async def check_model(
 
 
 def _subset(reference: ProbeReference, idx: list[int]) -> ProbeReference:
-    return ProbeReference(reference.cell_probs[idx], reference.embeddings[idx], reference.envelope, reference.info)
+    per_probe = reference.per_probe
+    if per_probe is not None:
+        per_probe = {a: {q: [v[i] for i in idx] for q, v in d.items()} for a, d in per_probe.items()}
+    return dataclasses.replace(
+        reference, cell_probs=reference.cell_probs[idx], embeddings=reference.embeddings[idx], per_probe=per_probe
+    )
 
 
 def _mismatch(bundle: Bundle, backend: str, report: ParityReport) -> str:
