@@ -10,9 +10,9 @@ TARGETS = [
     ("Locate / raw Triton at concurrency 16", "locate_vs_triton_c16", ">=", 0.90),
     ("Triton-served / in-process ORT best batch", "triton_vs_ort", ">=", 0.90),
     ("Locate end-to-end / in-process ORT best batch", "locate_vs_ort", ">=", 0.80),
-    ("service / seed-style pipeline (images per second)", "service_vs_seed", ">=", 2.5),
+    ("service / research-code-style pipeline (images per second)", "service_vs_seed", ">=", 2.5),
     ("SwC+PD p99 per image at upstream scale (ms)", "postprocess_p99_ms", "<=", 0.5),
-    ("RSS per worker / seed-style process", "rss_vs_seed", "<=", 0.15),
+    ("RSS per worker / research-code-style process", "rss_vs_seed", "<=", 0.15),
     ("service start-up to SERVING (s)", "startup_s", "<=", 3.0),
 ]
 
@@ -93,7 +93,7 @@ def _plots(r: dict, img_dir: Path) -> list[str]:
     a.plot(cs, [x["per_s"] for x in r["triton"]], "o-", label="raw Triton (uint8 tensors)")
     a.plot(cs, [x["per_s"] for x in r["locate"]], "s-", label="Locate end to end (JPEG)")
     a.axhline(r["ort"]["best_per_s"], color="grey", ls="--", label=f"in-process ORT, batch {r['ort']['best_batch']}")
-    a.axhline(r["seed"]["per_s"], color="red", ls=":", label="seed-style pipeline")
+    a.axhline(r["seed"]["per_s"], color="red", ls=":", label="research-code-style pipeline")
     a.set_xscale("log", base=2)
     a.set_xlabel("concurrency")
     a.set_ylabel("images / s")
@@ -161,16 +161,16 @@ def write_report(r: dict, md_path: Path, img_dir: Path) -> None:
         lines += [f"![throughput and latency by concurrency](img/{name})", ""]
     sd, pp = r["seed"], r["postprocess"]
     lines += [
-        "## Against the seed-style pipeline",
+        "## Against the research-code-style pipeline",
         "",
-        "Seed-style: PyTorch eager at batch 1, the background in RAM as float32 and transposed, SwC by a full "
+        "Research-code-style (the upstream research code's evaluation path, re-created in `bench/seed_style.py`): PyTorch eager at batch 1, the background in RAM as float32 and transposed, SwC by a full "
         "argsort and scikit-learn DBSCAN with a Python haversine callable, PD by haversine to every cell, per image.",
         "",
-        f"- seed-style pipeline: {sd['per_s']:.1f} images/s; the service (best concurrency): "
+        f"- research-code-style pipeline: {sd['per_s']:.1f} images/s; the service (best concurrency): "
         f"{max(x['per_s'] for x in r['locate']):.1f} images/s: **{q['service_vs_seed']:.2f}x**.",
         f"- SwC+PD per image at M={r['bundle']['cells']}, N={r['bundle']['background']} "
         f"({pp['images']} images, top cells drawn over all cells; p99 cell has {pp['rows_p99']:.0f} rows): "
-        f"ours p50 {pp['ours_p50_ms']:.3f} ms / p99 {pp['ours_p99_ms']:.3f} ms; seed-style p50 "
+        f"ours p50 {pp['ours_p50_ms']:.3f} ms / p99 {pp['ours_p99_ms']:.3f} ms; research-code-style p50 "
         f"{pp['seed_p50_ms']:.3f} ms / p99 {pp['seed_p99_ms']:.3f} ms "
         f"(**{pp['seed_p99_ms'] / pp['ours_p99_ms']:.0f}x** at p99). With float32 storage "
         f"(`--features-dtype float32`, twice the bytes): p50 {pp['ours_f32_p50_ms']:.3f} ms / p99 "
@@ -186,9 +186,9 @@ def write_report(r: dict, md_path: Path, img_dir: Path) -> None:
         m = r["memory"]
         lines += [
             f"- Memory: a service worker {m['ours_rss_mb']:.0f} MB RSS ({m['ours_private_mb']:.0f} MB private; the "
-            f"rest is shared, evictable page cache of the memory-mapped bundle) vs the seed-style process "
+            f"rest is shared, evictable page cache of the memory-mapped bundle) vs the research-code-style process "
             f"{m['seed_rss_mb']:.0f} MB (peak {m['seed_peak_mb']:.0f} MB): **{q['rss_vs_seed']:.3f}x**.",
-            f"- Start-up to health SERVING: {m['ours_startup_s']:.2f} s vs the seed-style load "
+            f"- Start-up to health SERVING: {m['ours_startup_s']:.2f} s vs the research-code-style load "
             f"{m['seed_startup_s']:.1f} s.",
         ]
     me, mc = r["mixed_exact"], r["mixed_crop"]
@@ -443,7 +443,7 @@ def _analysis(r: dict, q: dict) -> list[str]:
         "reproduced (chunks of 8192, blocks of 128, 8 accumulators), so every PD value equals the reference's "
         "`probs[d <= s].sum()` bit for bit. Before it: p99 2.0 ms (float16 conversion in numpy's scalar loop, "
         "five masked numpy sums over all cells, ~40 small numpy calls in the clustering). The measurement "
-        "interleaves ours with the seed's code, so each call starts with caches another workload filled, as "
+        "interleaves ours with the research code, so each call starts with caches another workload filled, as "
         "in a serving process where decoding and gRPC run between two calls.",
     ]
     missed = [
