@@ -163,7 +163,8 @@ def write_report(r: dict, md_path: Path, img_dir: Path) -> None:
     lines += [
         "## Against the research-code-style pipeline",
         "",
-        "Research-code-style (the upstream research code's evaluation path, re-created in `bench/seed_style.py`): PyTorch eager at batch 1, the background in RAM as float32 and transposed, SwC by a full "
+        "Research-code-style (the upstream research code's evaluation path, re-created in `bench/seed_style.py`): "
+        "PyTorch eager at batch 1, the background in RAM as float32 and transposed, SwC by a full "
         "argsort and scikit-learn DBSCAN with a Python haversine callable, PD by haversine to every cell, per image.",
         "",
         f"- research-code-style pipeline: {sd['per_s']:.1f} images/s; the service (best concurrency): "
