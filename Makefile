@@ -92,6 +92,11 @@ test: $(KERNELS) $(WEB_PACKAGES)
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+# What is too slow for every run (the parity gate on 20 demo seeds: ~35 min on 2 cores).
+.PHONY: test-slow
+test-slow: $(KERNELS)
+	$(PY) -m pytest -m slow $(PYTEST_ARGS)
+
 # The edit loop: lint + every test without a live tritonserver/service or the demo EfficientNet
 # (a few minutes); `make test` runs everything, as CI does.
 .PHONY: check
