@@ -146,9 +146,10 @@ def main(argv: list[str] | None = None) -> int:
                 file=sys.stderr,
                 flush=True,
             )
-    result = {"cpu": cpu_model(), "cells": CELLS, "classes": CLASSES, "runs": runs, "summary": summarise(runs)}
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+            # Written after every seed: an interrupted run keeps what it measured.
+            result = {"cpu": cpu_model(), "cells": CELLS, "classes": CLASSES, "runs": runs, "summary": summarise(runs)}
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
     if args.markdown:
         from bench.report import GATE_HEADING, gate_section, put_section
 
