@@ -117,7 +117,7 @@ bench: $(KERNELS)
 # -> bench/results/gate_seeds.json and the "Parity gate" section of docs/BENCHMARKS.md.
 .PHONY: gate-seeds
 gate-seeds: $(KERNELS)
-	$(PY) -m bench.gate_seeds
+	$(PY) -m bench.gate_seeds --resume
 
 # Overload: capacity, then 4x and 12x the clients with 2 s deadlines, and two callers;
 # -> bench/results/overload.json and the Overload section of docs/BENCHMARKS.md (bounded, ~4 min).

@@ -124,17 +124,47 @@ def summarise(runs: list[dict]) -> dict:
     }
 
 
+def write_result(path: Path, runs: list[dict]) -> dict:
+    runs.sort(key=lambda r: r["seed"])
+    result = {"cpu": cpu_model(), "cells": CELLS, "classes": CLASSES, "runs": runs, "summary": summarise(runs)}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def previous_runs(path: Path, wanted: range) -> list[dict]:
+    """The runs of an earlier (interrupted) ``make gate-seeds`` worth keeping: same CPU, cells and classes."""
+    if not path.exists():
+        return []
+    old = json.loads(path.read_text())
+    if (
+        old.get("cpu") != cpu_model()
+        or old.get("cells") != CELLS
+        or old.get("classes") != json.loads(json.dumps(CLASSES))
+    ):
+        print(f"[gate-seeds] {path} was measured elsewhere or differently; starting afresh", file=sys.stderr)
+        return []
+    return [r for r in old.get("runs", []) if r["seed"] in wanted]
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.gate_seeds", description=__doc__.split("\n\n")[0])
     p.add_argument("--seeds", type=int, default=20, help="how many seeds (default 20)")
     p.add_argument("--first", type=int, default=0, help="the first seed (default 0)")
     p.add_argument("--json", default=str(GATE_JSON))
     p.add_argument("--markdown", default="docs/BENCHMARKS.md", help="'' to leave it")
+    p.add_argument(
+        "--resume", action="store_true", help="keep the seeds already in --json measured on this CPU, run the rest"
+    )
     args = p.parse_args(argv)
     other, _ = demo.build_demo_net(CELLS, demo.cell_centres(CELLS, np.random.default_rng(OTHER_SEED)), OTHER_SEED)
-    runs = []
+    wanted = range(args.first, args.first + args.seeds)
+    runs = previous_runs(Path(args.json), wanted) if args.resume else []
+    done = {r["seed"] for r in runs}
+    if done:
+        print(f"[gate-seeds] resuming: seeds {sorted(done)} kept from {args.json}", file=sys.stderr)
     with tempfile.TemporaryDirectory() as tmp:
-        for seed in range(args.first, args.first + args.seeds):
+        for seed in (s for s in wanted if s not in done):
             t0 = time.monotonic()
             runs.append(seed_run(seed, other, Path(tmp)))
             r = runs[-1]
@@ -146,10 +176,9 @@ def main(argv: list[str] | None = None) -> int:
                 file=sys.stderr,
                 flush=True,
             )
-            # Written after every seed: an interrupted run keeps what it measured.
-            result = {"cpu": cpu_model(), "cells": CELLS, "classes": CLASSES, "runs": runs, "summary": summarise(runs)}
-            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+            # Written after every seed: an interrupted run keeps what it measured (--resume).
+            result = write_result(Path(args.json), runs)
+    result = write_result(Path(args.json), runs)
     if args.markdown:
         from bench.report import GATE_HEADING, gate_section, put_section
 

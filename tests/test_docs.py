@@ -145,6 +145,16 @@ def test_command_lines_are_found_where_they_are_written():
     assert command_lines(text) == ["visloc-export verify --bundle b --checksums", "swc-service --workers 2"]
 
 
+def test_a_flag_shown_without_its_value_does_not_parse():
+    """What the check catches: a value-taking flag written bare (as a switch), a flag that
+    does not exist, a choice that is not one; a boolean switch written bare is fine."""
+    parser = parsers()["swc-service"]()
+    for wrong in (["--top-k"], ["--no-such-flag"], ["--model-precision", "fp64"]):
+        with pytest.raises(SystemExit):
+            parser.parse_args(wrong)
+    assert parser.parse_args(["--allow-bundle-without-probes"]).allow_bundle_without_probes is True
+
+
 def documented_commands() -> list[tuple[str, str]]:
     return [(str(p.relative_to(ROOT)), c) for p in markdown_files() for c in command_lines(p.read_text())]
 

@@ -63,6 +63,12 @@ class BundleReloader:
     _again: bool = field(default=False, init=False, repr=False)
     _task: asyncio.Task | None = field(default=None, init=False, repr=False)
 
+    def __post_init__(self) -> None:
+        # Every result's series exists at 0 from the start, so a first failure is an increase
+        # that alerts can see (a series born at 1 has no increase).
+        for result in RESULTS:
+            metrics.BUNDLE_RELOADS.labels(result)
+
     def request(self) -> None:
         """Start a reload, or queue one more when one is running (signal handler: never blocks)."""
         if self._task is not None and not self._task.done():
