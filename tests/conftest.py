@@ -88,20 +88,40 @@ def pytest_collection_modifyitems(config, items) -> None:
 @pytest.fixture(scope="session")
 def demo_bundle(tmp_path_factory) -> Path:
     """A small demo bundle (M=2000, N=20000) built by the real exporter, once per session."""
-    from visloc_export.build import build_demo
-
-    out = tmp_path_factory.mktemp("bundles") / "demo"
-    build_demo(out, cells=2000, background=20_000, seed=0)
-    return out
+    return built_demo(tmp_path_factory, "demo", seed=0)
 
 
 @pytest.fixture(scope="session")
 def demo_bundle_b(tmp_path_factory) -> Path:
     """Another demo model (seed 1) of the demo bundle's shapes: a second bundle whose model differs."""
+    return built_demo(tmp_path_factory, "demo-b", seed=1)
+
+
+def built_demo(tmp_path_factory, name: str, seed: int) -> Path:
+    """``build_demo`` into the session's temporary directory; with ``VISLOC_TEST_BUNDLE_CACHE``
+    set (an edit loop; CI leaves it unset), a copy kept there is reused while the code that
+    builds and reads bundles is unchanged (keyed by the hash of export/ and swc_service/ sources)."""
+    import hashlib
+    import shutil
+
     from visloc_export.build import build_demo
 
-    out = tmp_path_factory.mktemp("bundles") / "demo-b"
-    build_demo(out, cells=2000, background=20_000, seed=1)
+    out = tmp_path_factory.mktemp("bundles") / name
+    cache = os.environ.get("VISLOC_TEST_BUNDLE_CACHE")
+    if not cache:
+        build_demo(out, cells=2000, background=20_000, seed=seed)
+        return out
+    root = Path(__file__).resolve().parents[1]
+    digest = hashlib.sha256()
+    for source in sorted([*root.glob("export/src/**/*.py"), *root.glob("swc_service/src/**/*.py")]):
+        digest.update(source.relative_to(root).as_posix().encode() + source.read_bytes())
+    kept = Path(cache) / f"{name}-{digest.hexdigest()[:16]}"
+    if not kept.exists():
+        partial = kept.with_suffix(".partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        build_demo(partial, cells=2000, background=20_000, seed=seed)
+        partial.rename(kept)
+    shutil.copytree(kept, out)
     return out
 
 

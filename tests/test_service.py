@@ -237,6 +237,8 @@ def test_triton_down_is_unavailable_fast_and_not_serving(demo_bundle):
 
 
 def test_graceful_stop_finishes_in_flight_and_refuses_new(demo_bundle, local_triton):
+    import queue
+
     svc = ServiceProcess(demo_bundle, local_triton.grpc_url, "--grace-s", "20")
     wait_serving(svc.target)
     results: list = []
@@ -249,6 +251,13 @@ def test_graceful_stop_finishes_in_flight_and_refuses_new(demo_bundle, local_tri
             except grpc.RpcError as exc:
                 results.append((exc.code().name, exc.details()))
 
+    # A stream the caller keeps open: a call in flight for as long as the test wants, so that
+    # new calls can be tried while the process is still draining.
+    stream_channel = grpc.insecure_channel(svc.target)
+    requests: queue.Queue = queue.Queue()
+    stream = pb_grpc.LocatorStub(stream_channel).LocateStream(iter(requests.get, None), timeout=60)
+    requests.put(pb.LocateRequest(image=samples.photo_bytes(10)))
+    assert next(stream).WhichOneof("outcome") == "result"
     threads = [threading.Thread(target=call, args=(i,)) for i in range(6)]
     for t in threads:
         t.start()
@@ -263,11 +272,22 @@ def test_graceful_stop_finishes_in_flight_and_refuses_new(demo_bundle, local_tri
     svc.proc.send_signal(15)
     for t in threads:
         t.join(60)
-    assert svc.proc.wait(30) == 0
     assert all(code == "ok" for code, _ in results), results
+    deadline = time.monotonic() + 30
+    while "draining" not in svc.log_text() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    # Draining: the stream still holds the process, and a new call is refused at once.
     with grpc.insecure_channel(svc.target) as ch, pytest.raises(grpc.RpcError) as err:
-        pb_grpc.LocatorStub(ch).Locate(pb.LocateRequest(image=samples.photo_bytes(0)), timeout=3)
-    assert err.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+        pb_grpc.LocatorStub(ch).Locate(pb.LocateRequest(image=samples.photo_bytes(0)), timeout=10)
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE, err.value
+    assert svc.proc.poll() is None, "the process exited before the stream in flight was done"
+    # The call in flight is served to its end, then the process exits cleanly.
+    requests.put(pb.LocateRequest(image=samples.photo_bytes(11)))
+    requests.put(None)
+    rest = list(stream)
+    assert [r.WhichOneof("outcome") for r in rest] == ["result"]
+    stream_channel.close()
+    assert svc.proc.wait(30) == 0
 
 
 def test_several_workers_share_one_port(demo_bundle, local_triton):
