@@ -34,7 +34,7 @@ import numpy as np
 
 from bench.procstat import proc_stat
 from swc_service import bundle as B
-from swc_service.preprocessing import preprocess
+from visloc_client.preprocessing import preprocess
 from visloc_export import samples
 
 

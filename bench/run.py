@@ -36,7 +36,7 @@ from bench.procstat import proc_stat, tree_cpu_s
 from devtools.net import free_port, wait_serving
 from swc_service.bundle import load_bundle
 from swc_service.method import DensityIndex, search_within_cell
-from swc_service.preprocessing import preprocess
+from visloc_client.preprocessing import preprocess
 from visloc_client.v1 import locator_pb2 as pb
 from visloc_client.v1 import locator_pb2_grpc as pb_grpc
 from visloc_export import samples

@@ -8,7 +8,7 @@ import pytest
 from corpus.cases import CASES, OK, _exif, _photo, _save
 
 from swc_service.config import Settings
-from swc_service.preprocessing import Limits, preprocess
+from visloc_client.preprocessing import Limits, preprocess
 from visloc_client.v1 import locator_pb2 as pb
 from visloc_client.v1 import locator_pb2_grpc as pb_grpc
 from visloc_export import samples

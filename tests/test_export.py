@@ -17,7 +17,7 @@ import torch
 
 from swc_service.bundle import load_bundle
 from swc_service.method import DEFAULT_CONF_THRESHOLD, DensityIndex, top_cell
-from swc_service.preprocessing import preprocess
+from visloc_client.preprocessing import preprocess
 from visloc_client.safe_pickle import UnsafePickleError
 from visloc_export import build as build_module
 from visloc_export import samples

@@ -15,8 +15,8 @@ from tiny_bundle import build_tiny_bundle
 
 from devtools.net import wait_serving
 from swc_service import bundle as B
-from swc_service.preprocessing import preprocess
 from visloc_client.exif import GPSError, gps_from_bytes
+from visloc_client.preprocessing import preprocess
 from visloc_export import index as I
 from visloc_export import samples
 from visloc_export.cli import main as export_main

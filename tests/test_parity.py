@@ -13,7 +13,7 @@ from bench.gate_seeds import WRONG, wrong_model
 from swc_service import bundle as B
 from swc_service.bundle import load_bundle
 from swc_service.parity import ARITHMETICS, EXPORTED, MULTIPLE, QUANTITIES
-from swc_service.preprocessing import prepare_image, preprocess
+from visloc_client.preprocessing import prepare_image, preprocess
 from visloc_export import demo, samples
 from visloc_export.build import demo_net_for
 from visloc_export.onnx_export import export_onnx

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from swc_service.preprocessing import (
+from visloc_client.preprocessing import (
     MEAN,
     STD,
     ImageError,

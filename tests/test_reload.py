@@ -30,7 +30,7 @@ from swc_service import bundle as B
 from swc_service.config import Settings
 from swc_service.options import resolve_options
 from swc_service.prediction import ServingState, predict
-from swc_service.preprocessing import Limits, preprocess
+from visloc_client.preprocessing import Limits, preprocess
 from visloc_client.v1 import locator_pb2 as pb
 from visloc_client.v1 import locator_pb2_grpc as pb_grpc
 

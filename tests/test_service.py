@@ -20,7 +20,7 @@ from PIL import Image
 
 from bench.seed_style import reference_pd, reference_swc
 from swc_service.bundle import load_bundle
-from swc_service.preprocessing import preprocess
+from visloc_client.preprocessing import preprocess
 from visloc_client.v1 import locator_pb2 as pb
 from visloc_client.v1 import locator_pb2_grpc as pb_grpc
 from visloc_export import samples

@@ -19,6 +19,7 @@ from visloc_client import __version__
 from visloc_client.errors import LocateError
 from visloc_client.overload import OVERLOAD_CODES, AdaptiveThrottle, RetryBudget
 from visloc_client.results import LocateOptions
+from visloc_client.upload import Upload, available, check_mode, recipe_of
 from visloc_client.v1 import locator_pb2 as pb
 from visloc_client.v1 import locator_pb2_grpc as pb_grpc
 
@@ -144,12 +145,15 @@ class Connection:
             return None
         return delay
 
-    def locate_request(self, image: ImageInput, options: dict[str, Any]) -> pb.LocateRequest:
-        """Read the image (bytes or a path), check its size locally, build the request;
-        ``options`` are ``LocateOptions`` fields."""
+    def locate_request(
+        self, image: ImageInput, options: dict[str, Any], upload: Upload = Upload()
+    ) -> tuple[pb.LocateRequest, bytes]:
+        """Read the image (bytes or a path), check its size locally, build the request (the
+        file, or the model input as ``upload`` says); ``options`` are ``LocateOptions`` fields.
+        Returns the request and the file's bytes (to send instead if pixels are refused)."""
         data = read_image(image)
         check_size(data, self.max_message_bytes)
-        return pb.LocateRequest(image=data, options=LocateOptions(**options).to_pb())
+        return pb.LocateRequest(**upload.fields(data), options=LocateOptions(**options).to_pb()), data
 
 
 def build_channel_options(
@@ -227,6 +231,7 @@ class ClientBase:
         channel_options: Sequence[tuple[str, Any]] = (),
         retry_budget: bool | RetryBudget = True,
         throttle: bool | AdaptiveThrottle = True,
+        preprocess: str = "auto",
     ) -> None:
         if timeout is not None and timeout <= 0:
             raise ValueError("timeout must be positive (or None for no deadline)")
@@ -262,6 +267,31 @@ class ClientBase:
         )
         self._channel = self._conn.open_channel(self._channels)
         self._stub = pb_grpc.LocatorStub(self._channel)
+        self._preprocess = check_mode(preprocess)
+        # How images are sent; None: not known yet (GetInfo is asked on the first call).
+        self._upload: Upload | None = Upload() if preprocess == "server" or not available() else None
+
+    def _learned(self, info: pb.GetInfoResponse | LocateError) -> Upload:
+        """The upload after asking GetInfo for the recipe: files only if it failed, and kept
+        unless the failure may pass (asked again on the next call)."""
+        if isinstance(info, LocateError):
+            if info.code in _TRANSIENT:
+                return Upload()
+            self._upload = Upload()
+        else:
+            self._upload = Upload(self._preprocess, recipe_of(info))
+        return self._upload
+
+    def _refused_pixels(self, err: LocateError, request: pb.LocateRequest) -> bool:
+        """The service refused the model input sent (its recipe changed, or another replica has
+        another): forget the recipe; the caller sends the file."""
+        if err.code is grpc.StatusCode.FAILED_PRECONDITION and request.HasField("pixels"):
+            self._upload = None
+            return True
+        return False
+
+
+_TRANSIENT = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED)
 
 
 def read_image(image: ImageInput) -> bytes:

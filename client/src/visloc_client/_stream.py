@@ -15,6 +15,7 @@ import grpc
 from visloc_client._common import Connection, ImageInput, check_size, read_image, source_name
 from visloc_client.errors import LocateError, status_code
 from visloc_client.results import BatchItem, LocateOptions, LocateResult
+from visloc_client.upload import Upload, file_request
 from visloc_client.v1 import locator_pb2 as pb
 
 
@@ -35,6 +36,7 @@ class _Pending:
     source: str | None
     request: pb.LocateRequest
     attempts: int = 0
+    data: bytes = b""  # the file, kept while the request carries pixels instead (the fallback)
 
 
 class Batch:
@@ -57,12 +59,14 @@ class Batch:
         *,
         concurrency: int,
         ordered: bool,
+        upload: Upload = Upload(),
     ) -> None:
         if concurrency < 1:
             raise ValueError("concurrency must be at least 1")
         self._options = LocateOptions(**options).to_pb()
         self._images: Iterator[tuple[int, ImageInput]] = enumerate(images)
         self._conn = conn
+        self._upload = upload
         self._concurrency = concurrency
         self._ordered = ordered
         self._prefix = uuid.uuid4().hex[:12]
@@ -117,7 +121,11 @@ class Batch:
             except (OSError, LocateError) as err:
                 self._finish(pending, None, err)
                 continue
-            pending.request = pb.LocateRequest(image=data, options=self._options, request_id=f"{self._prefix}-{index}")
+            pending.request = pb.LocateRequest(
+                **self._upload.fields(data), options=self._options, request_id=f"{self._prefix}-{index}"
+            )
+            if pending.request.HasField("pixels"):
+                pending.data = data
             self._send(pending, out)
         return out
 
@@ -136,6 +144,13 @@ class Batch:
         else:
             err = LocateError(grpc.StatusCode.UNKNOWN, "response carried neither result nor error")
         self._conn.settle(err.code)
+        if err.code is grpc.StatusCode.FAILED_PRECONDITION and pending.request.HasField("pixels"):
+            # The service's recipe is not the one these pixels were made with: the file, now,
+            # and files for the rest of this batch.
+            self._upload = Upload()
+            pending.request, pending.data = file_request(pending.request, pending.data), b""
+            heapq.heappush(self._delayed, (now, pending.index, pending))
+            return
         delay = self._conn.retry_delay(err.code, pending.attempts, None)
         if delay is None:
             self._finish(pending, None, err)

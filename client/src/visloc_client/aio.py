@@ -15,6 +15,7 @@ from visloc_client._common import ClientBase, ImageInput, UnaryCall
 from visloc_client._stream import Batch, Incoming, StreamEnd, StreamRound
 from visloc_client.errors import LocateError
 from visloc_client.results import BatchItem, LocateResult, ServiceInfo
+from visloc_client.upload import Upload, file_request
 from visloc_client.v1 import locator_pb2 as pb
 
 if TYPE_CHECKING:
@@ -54,9 +55,29 @@ class AsyncLocatorClient(ClientBase):
                 await asyncio.sleep(call.failed(err))
 
     async def locate(self, image: ImageInput, **options: Unpack[LocateOptionArgs]) -> LocateResult:
-        """Locate one image (bytes or a path): see ``LocatorClient.locate``."""
-        response = await self._unary(self._stub.Locate, self._conn.locate_request(image, dict(options)))
+        """Locate one image (bytes or a path): see ``LocatorClient.locate``. Reading and
+        preprocessing run in a thread, off the event loop."""
+        upload = await self._upload_now()
+        request, data = await asyncio.get_running_loop().run_in_executor(
+            None, self._conn.locate_request, image, dict(options), upload
+        )
+        try:
+            response = await self._unary(self._stub.Locate, request)
+        except LocateError as err:
+            if not self._refused_pixels(err, request):
+                raise
+            response = await self._unary(self._stub.Locate, file_request(request, data))
         return LocateResult.from_pb(response)
+
+    async def _upload_now(self) -> Upload:
+        if self._upload is not None:
+            return self._upload
+        try:  # one attempt, outside the throttle and the retry budget (not the caller's call)
+            call = self._stub.GetInfo(pb.GetInfoRequest(), timeout=self._conn.timeout, metadata=self._conn.metadata)
+            info = await call
+        except grpc.RpcError as err:
+            return self._learned(LocateError.from_rpc(err))
+        return self._learned(info)
 
     async def info(self) -> ServiceInfo:
         return ServiceInfo.from_pb(await self._unary(self._stub.GetInfo, pb.GetInfoRequest()))
@@ -70,7 +91,8 @@ class AsyncLocatorClient(ClientBase):
         **options: Unpack[LocateOptionArgs],
     ) -> AsyncIterator[BatchItem]:
         """``async for item in client.locate_many(...)``: see ``LocatorClient.locate_many``."""
-        batch = Batch(images, dict(options), self._conn, concurrency=concurrency, ordered=ordered)
+        batch = Batch(images, dict(options), self._conn, concurrency=concurrency, ordered=ordered,
+                      upload=await self._upload_now())  # fmt: skip
         while True:
             stream = StreamRound(batch, self._conn.timeout)
             async for item in self._stream_once(stream):

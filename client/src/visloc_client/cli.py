@@ -35,6 +35,7 @@ from visloc_client.evaluation import (
 from visloc_client.fetch import DEFAULT_MAX_BYTES, FetchError, fetch_url, is_url
 from visloc_client.progress import Progress
 from visloc_client.results import LocateOptions, LocateResult
+from visloc_client.upload import MODES
 from visloc_client.web.serve import add_arguments as web_arguments
 
 DEFAULT_TARGET = "127.0.0.1:50051"
@@ -109,6 +110,14 @@ def _connection_args(parser: argparse.ArgumentParser, *, suppress: bool) -> None
         help="how calls are spread over the addresses the target resolves to: pick_first (the "
         "default: all to one) or round_robin (each call to the next; with a headless Kubernetes "
         "Service, e.g. --target dns:///swc-service.visloc.svc.cluster.local:50051, over all pods)",
+    )
+    g.add_argument(
+        "--preprocess",
+        choices=MODES,
+        default=default("auto"),
+        help="where photos are preprocessed: auto (the default: here, when the model input is smaller "
+        "than the file, e.g. a phone photo; needs Pillow and numpy), client (here whenever possible) or "
+        "server (send the files). The answers are the same, bit for bit",
     )
 
 
@@ -237,8 +246,9 @@ def _client(args: argparse.Namespace) -> LocatorClient:
     # pick_first is gRPC's default: leave the service config unset for it.
     balancing = None if args.load_balancing == "pick_first" else args.load_balancing
     return LocatorClient(
-        args.target, tls=tls, token=token, timeout=args.timeout, retries=args.retries, load_balancing=balancing
-    )
+        args.target, tls=tls, token=token, timeout=args.timeout, retries=args.retries, load_balancing=balancing,
+        preprocess=args.preprocess,
+    )  # fmt: skip
 
 
 # --- locate ----------------------------------------------------------------------------------

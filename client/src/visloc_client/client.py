@@ -14,6 +14,7 @@ from visloc_client._common import ClientBase, ImageInput, UnaryCall
 from visloc_client._stream import Batch, Incoming, StreamEnd, StreamRound
 from visloc_client.errors import LocateError
 from visloc_client.results import BatchItem, LocateResult, ServiceInfo
+from visloc_client.upload import Upload, file_request
 from visloc_client.v1 import locator_pb2 as pb
 
 if TYPE_CHECKING:
@@ -70,8 +71,24 @@ class LocatorClient(ClientBase):
         """Locate one image (bytes or a path). ``options`` are the fields of ``LocateOptions``
         (``top_k``, ``eps_km``, ``conf_scale_km``, ``conf_threshold``, ``neighbours``,
         ``top_cells``); unset ones take the server's defaults."""
-        response = self._unary(self._stub.Locate, self._conn.locate_request(image, dict(options)))
+        request, data = self._conn.locate_request(image, dict(options), self._upload_now())
+        try:
+            response = self._unary(self._stub.Locate, request)
+        except LocateError as err:
+            if not self._refused_pixels(err, request):
+                raise
+            response = self._unary(self._stub.Locate, file_request(request, data))
         return LocateResult.from_pb(response)
+
+    def _upload_now(self) -> Upload:
+        """How to send images: asks GetInfo for the service's recipe the first time."""
+        if self._upload is not None:
+            return self._upload
+        try:  # one attempt, outside the throttle and the retry budget (not the caller's call)
+            info = self._stub.GetInfo(pb.GetInfoRequest(), timeout=self._conn.timeout, metadata=self._conn.metadata)
+        except grpc.RpcError as err:
+            return self._learned(LocateError.from_rpc(err))
+        return self._learned(info)
 
     def info(self) -> ServiceInfo:
         """What is being served: versions, sizes, option defaults and input limits."""
@@ -95,7 +112,8 @@ class LocatorClient(ClientBase):
         iterable is consumed lazily. Breaking out of the loop cancels the stream. ``options``:
         as in ``locate``.
         """
-        batch = Batch(images, dict(options), self._conn, concurrency=concurrency, ordered=ordered)
+        batch = Batch(images, dict(options), self._conn, concurrency=concurrency, ordered=ordered,
+                      upload=self._upload_now())  # fmt: skip
         return self._run_batch(batch)
 
     def _run_batch(self, batch: Batch) -> Iterator[BatchItem]:

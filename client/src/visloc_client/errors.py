@@ -1,4 +1,5 @@
-"""The one error type callers catch: a failed call, with the server's status and reason."""
+"""The one error type callers catch: a failed call, with the server's status and reason; and
+the one for bytes that are not a locatable image (raised by preprocessing, on either side)."""
 
 from __future__ import annotations
 
@@ -34,3 +35,9 @@ class LocateError(Exception):
 
     def to_dict(self) -> dict[str, str]:
         return {"code": self.code.name, "reason": self.reason}
+
+
+class ImageError(ValueError):
+    """The bytes are not an image we can locate; the message says why. The service answers it
+    as INVALID_ARGUMENT; a client that preprocesses on its side sends such bytes as they are,
+    so that the service gives its answer."""

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from swc_service.method import DEFAULT_CONF_SCALE_KM, DEFAULT_CONF_THRESHOLD, DensityIndex, top_cell
-from swc_service.preprocessing import prepare_image
+from visloc_client.preprocessing import prepare_image
 from visloc_export import samples
 
 from .model import VislocNet

@@ -4,7 +4,7 @@ Two passes, both with bounded memory:
 
 1. **Embed** (resumable). Photos are read, hashed (duplicates by content are indexed once),
    located (CSV or EXIF GPS), preprocessed exactly as Locate does it
-   (``swc_service.preprocessing.preprocess``), batched by shape and embedded by the base
+   (``visloc_client.preprocessing.preprocess``), batched by shape and embedded by the base
    bundle's model (in-process onnxruntime, or ``--triton``). Every ``checkpoint_every`` photos
    the embeddings go to disk as a chunk (``<out>.index-work/chunk-NNNNNN/*.npy``) and
    ``state.json`` records the position: an interrupted run resumes there.
@@ -34,8 +34,8 @@ from tqdm import tqdm
 
 from swc_service import bundle as B
 from swc_service.geo import haversine_km, latlon_to_unit
-from swc_service.preprocessing import ImageError, preprocess
 from visloc_client.exif import GPSError, gps_from_bytes
+from visloc_client.preprocessing import ImageError, preprocess
 
 from . import __version__
 from .index_embed import EmbedError, OnnxEmbedder, TritonEmbedder

@@ -20,7 +20,7 @@ from efficientnet_pytorch import EfficientNet
 from torch import nn
 
 from swc_service.bundle import EMBEDDING_DIM
-from swc_service.preprocessing import MEAN, STD
+from visloc_client.preprocessing import MEAN, STD
 
 
 def build_backbone() -> EfficientNet:

@@ -19,7 +19,7 @@ import onnxruntime as ort
 from swc_service import bundle as B
 from swc_service.method import DEFAULT_SCALES_KM
 from swc_service.parity import ARITHMETICS, EXPORTED, QUANTITIES, Distances, ParityReport, compare_outputs
-from swc_service.preprocessing import prepare_image, preprocess
+from visloc_client.preprocessing import prepare_image, preprocess
 from visloc_export import samples
 
 from .reference import Measurement, ReferenceModel, distinct, measure

@@ -19,7 +19,7 @@ import onnxruntime as ort
 
 from swc_service import bundle as B
 from swc_service.method import DEFAULT_SCALES_KM, DensityIndex, top_cell
-from swc_service.preprocessing import prepare_image
+from visloc_client.preprocessing import prepare_image
 from visloc_export import samples
 
 from . import __version__

@@ -11,6 +11,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from visloc_client.preprocessing import DEFAULT_MAX_PIXELS, DEFAULT_MAX_SIDE
+
 from .admission import AdmissionConfig
 from .callers import load_callers, with_shared
 from .method import (
@@ -21,7 +23,6 @@ from .method import (
     DEFAULT_TOP_K,
 )
 from .model_check import CHECK_PRECISIONS as MODEL_PRECISIONS
-from .preprocessing import DEFAULT_MAX_PIXELS, DEFAULT_MAX_SIDE
 from .targets import parse_target
 
 PREPROCESSING_MODES = ("exact", "center_crop_300")

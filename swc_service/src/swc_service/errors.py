@@ -11,6 +11,8 @@ import asyncio
 
 import grpc
 
+from visloc_client.errors import ImageError
+
 
 class LocateFailure(Exception):
     """Base: a call that cannot be answered; ``code`` is the gRPC status it becomes."""
@@ -28,6 +30,11 @@ _S = grpc.StatusCode
 
 class InvalidArgument(LocateFailure, code=_S.INVALID_ARGUMENT):
     """The request (image bytes or options) is wrong; the message says what to change."""
+
+
+class RecipeMismatch(LocateFailure, code=_S.FAILED_PRECONDITION):
+    """Pixels made with another preprocessing recipe than the service's: the caller should
+    send the file (or preprocess again with GetInfo's recipe)."""
 
 
 class Unavailable(LocateFailure, code=_S.UNAVAILABLE):
@@ -61,6 +68,8 @@ def classify(exc: BaseException, request_id: str = "") -> tuple[grpc.StatusCode,
     """(status, public message) of a failure; bugs become INTERNAL without their details."""
     if isinstance(exc, LocateFailure):
         return exc.code, str(exc)
+    if isinstance(exc, ImageError):  # raised by the one preprocessing (visloc_client.preprocessing)
+        return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
     if isinstance(exc, asyncio.CancelledError):
         return grpc.StatusCode.CANCELLED, "cancelled"
     return grpc.StatusCode.INTERNAL, f"internal error (request_id {request_id})" if request_id else "internal error"

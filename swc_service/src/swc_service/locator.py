@@ -1,7 +1,8 @@
 """The data plane: one image from bytes to a LocateResponse.
 
 admission -> decode -> preprocess (thread pool) -> infer (shape-grouped batches) -> SwC -> PD
--> reply.
+-> reply. A request that carries the model input made by the caller (``pixels``) skips the
+decode: its shape is checked against the recipe instead.
 Everything that can fail raises a :class:`~swc_service.errors.LocateFailure` subclass; the
 gRPC layer maps it to a status in one place (:func:`~swc_service.errors.classify`).
 
@@ -24,6 +25,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
+from visloc_client.preprocessing import Limits, PreparedImage, Recipe, from_pixels, preprocess
 from visloc_client.v1 import locator_pb2 as pb
 
 from . import metrics
@@ -31,10 +33,10 @@ from .admission import DEFAULT_CALLER, AdmissionController
 from .batcher import ShapeBatcher
 from .bundle import Bundle
 from .config import Settings
+from .errors import InvalidArgument, RecipeMismatch
 from .inference import Inference
 from .options import resolve_options
 from .prediction import ServingState, predict
-from .preprocessing import Limits, PreparedImage, preprocess
 from .reply import info_response, locate_response
 
 
@@ -57,11 +59,13 @@ class Locator:
         self.model_status = model_status
         self.admission = admission or AdmissionController(settings.admission_config())
         self.state = ServingState.of(bundle, settings.pd_scales_km)
-        self._preprocess = functools.partial(
-            preprocess,
-            limits=Limits(max_pixels=settings.max_image_pixels, max_side=settings.max_input_side),
-            exif_transpose=settings.exif_transpose,
+        self.recipe = Recipe(
             crop=settings.preprocessing == "center_crop_300",
+            exif_transpose=settings.exif_transpose,
+            limits=Limits(max_pixels=settings.max_image_pixels, max_side=settings.max_input_side),
+        )
+        self._preprocess = functools.partial(
+            preprocess, limits=self.recipe.limits, exif_transpose=self.recipe.exif_transpose, crop=self.recipe.crop
         )
         self.pool = ThreadPoolExecutor(max_workers=settings.preprocess_threads, thread_name_prefix="preprocess")
         self.batcher = ShapeBatcher(
@@ -81,11 +85,14 @@ class Locator:
         started = time.perf_counter()
         state = self.state
         opts = resolve_options(request.options, self.settings, state.density.scales_km)
-        metrics.IMAGE_BYTES.observe(len(request.image))
+        pixels = request.pixels if request.HasField("pixels") else None
+        if pixels is not None and request.image:
+            raise InvalidArgument("the request carries both image and pixels; set one")
+        metrics.IMAGE_BYTES.observe(len(pixels.data) if pixels is not None else len(request.image))
         # Admitted (or refused at once) before any CPU is spent on the image; a queued call holds
         # only its bytes, and no image is decoded only to lose the race for a slot.
         async with self.admission.admit(caller, deadline):
-            image = await self.prepare(request.image)
+            image = self.checked(pixels) if pixels is not None else await self.prepare(request.image)
             out = await self.batcher.submit(image.array, deadline, state.triton_version)
         pred = predict(state, out.cell_probs, out.embedding, opts)
         stages = {
@@ -103,6 +110,17 @@ class Locator:
     async def prepare(self, data: bytes) -> PreparedImage:
         """Decode and preprocess in the thread pool (the event loop keeps serving)."""
         return await asyncio.get_running_loop().run_in_executor(self.pool, self._preprocess, data)
+
+    def checked(self, pixels: pb.Pixels) -> PreparedImage:
+        """A caller's model input: made with this service's recipe, of the shape it gives."""
+        recipe = self.recipe
+        if (pixels.preprocessing, pixels.exif_transpose) != (recipe.preprocessing, recipe.exif_transpose):
+            raise RecipeMismatch(
+                f"pixels made with preprocessing {pixels.preprocessing or '(unset)'!r}, exif_transpose "
+                f"{pixels.exif_transpose}; this service uses {recipe.preprocessing!r}, exif_transpose "
+                f"{recipe.exif_transpose} (GetInfo): send the image file, or preprocess as GetInfo says"
+            )
+        return from_pixels(pixels.data, pixels.height, pixels.width, pixels.source_width, pixels.source_height, recipe)
 
     def info(self) -> pb.GetInfoResponse:
         confirmed, warning = self.model_status() if self.model_status is not None else (True, "")

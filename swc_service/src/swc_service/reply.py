@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from dataclasses import asdict
 
+from visloc_client.preprocessing import PreparedImage
 from visloc_client.v1 import locator_pb2 as pb
 
 from . import __version__
 from .batcher import BatchedOutput
 from .config import Settings
 from .prediction import Prediction, ServingState
-from .preprocessing import PreparedImage
 
 METHODS = {"swc": pb.METHOD_SWC, "cell": pb.METHOD_CELL}
 
@@ -53,4 +53,5 @@ def info_response(
         num_cells=bundle.num_cells, num_background=bundle.num_background, embedding_dim=state.embedding_dim,
         pd_scales_km=list(state.density.scales_km), defaults=defaults,
         max_image_bytes=s.max_message_bytes, max_image_pixels=s.max_image_pixels, preprocessing=s.preprocessing,
+        exif_transpose=s.exif_transpose, max_input_side=s.max_input_side, accepts_pixels=True,
     )  # fmt: skip

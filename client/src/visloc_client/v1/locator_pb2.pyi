@@ -33,14 +33,34 @@ class LocateOptions(_message.Message):
     def __init__(self, top_k: _Optional[int] = ..., eps_km: _Optional[float] = ..., conf_scale_km: _Optional[float] = ..., conf_threshold: _Optional[float] = ..., return_neighbours: _Optional[int] = ..., return_top_cells: _Optional[int] = ...) -> None: ...
 
 class LocateRequest(_message.Message):
-    __slots__ = ("image", "options", "request_id")
+    __slots__ = ("image", "options", "request_id", "pixels")
     IMAGE_FIELD_NUMBER: _ClassVar[int]
     OPTIONS_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    PIXELS_FIELD_NUMBER: _ClassVar[int]
     image: bytes
     options: LocateOptions
     request_id: str
-    def __init__(self, image: _Optional[bytes] = ..., options: _Optional[_Union[LocateOptions, _Mapping]] = ..., request_id: _Optional[str] = ...) -> None: ...
+    pixels: Pixels
+    def __init__(self, image: _Optional[bytes] = ..., options: _Optional[_Union[LocateOptions, _Mapping]] = ..., request_id: _Optional[str] = ..., pixels: _Optional[_Union[Pixels, _Mapping]] = ...) -> None: ...
+
+class Pixels(_message.Message):
+    __slots__ = ("data", "height", "width", "source_width", "source_height", "preprocessing", "exif_transpose")
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    HEIGHT_FIELD_NUMBER: _ClassVar[int]
+    WIDTH_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_WIDTH_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_HEIGHT_FIELD_NUMBER: _ClassVar[int]
+    PREPROCESSING_FIELD_NUMBER: _ClassVar[int]
+    EXIF_TRANSPOSE_FIELD_NUMBER: _ClassVar[int]
+    data: bytes
+    height: int
+    width: int
+    source_width: int
+    source_height: int
+    preprocessing: str
+    exif_transpose: bool
+    def __init__(self, data: _Optional[bytes] = ..., height: _Optional[int] = ..., width: _Optional[int] = ..., source_width: _Optional[int] = ..., source_height: _Optional[int] = ..., preprocessing: _Optional[str] = ..., exif_transpose: _Optional[bool] = ...) -> None: ...
 
 class Cell(_message.Message):
     __slots__ = ("id", "lat", "lon", "probability")
@@ -161,7 +181,7 @@ class GetInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetInfoResponse(_message.Message):
-    __slots__ = ("service_version", "model_name", "model_version", "bundle_id", "bundle_source", "background_version", "num_cells", "num_background", "embedding_dim", "pd_scales_km", "defaults", "max_image_bytes", "max_image_pixels", "preprocessing", "bundle_warning")
+    __slots__ = ("service_version", "model_name", "model_version", "bundle_id", "bundle_source", "background_version", "num_cells", "num_background", "embedding_dim", "pd_scales_km", "defaults", "max_image_bytes", "max_image_pixels", "preprocessing", "bundle_warning", "exif_transpose", "max_input_side", "accepts_pixels")
     SERVICE_VERSION_FIELD_NUMBER: _ClassVar[int]
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -177,6 +197,9 @@ class GetInfoResponse(_message.Message):
     MAX_IMAGE_PIXELS_FIELD_NUMBER: _ClassVar[int]
     PREPROCESSING_FIELD_NUMBER: _ClassVar[int]
     BUNDLE_WARNING_FIELD_NUMBER: _ClassVar[int]
+    EXIF_TRANSPOSE_FIELD_NUMBER: _ClassVar[int]
+    MAX_INPUT_SIDE_FIELD_NUMBER: _ClassVar[int]
+    ACCEPTS_PIXELS_FIELD_NUMBER: _ClassVar[int]
     service_version: str
     model_name: str
     model_version: str
@@ -192,4 +215,7 @@ class GetInfoResponse(_message.Message):
     max_image_pixels: int
     preprocessing: str
     bundle_warning: str
-    def __init__(self, service_version: _Optional[str] = ..., model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., bundle_id: _Optional[str] = ..., bundle_source: _Optional[str] = ..., background_version: _Optional[str] = ..., num_cells: _Optional[int] = ..., num_background: _Optional[int] = ..., embedding_dim: _Optional[int] = ..., pd_scales_km: _Optional[_Iterable[float]] = ..., defaults: _Optional[_Union[LocateOptions, _Mapping]] = ..., max_image_bytes: _Optional[int] = ..., max_image_pixels: _Optional[int] = ..., preprocessing: _Optional[str] = ..., bundle_warning: _Optional[str] = ...) -> None: ...
+    exif_transpose: bool
+    max_input_side: int
+    accepts_pixels: bool
+    def __init__(self, service_version: _Optional[str] = ..., model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., bundle_id: _Optional[str] = ..., bundle_source: _Optional[str] = ..., background_version: _Optional[str] = ..., num_cells: _Optional[int] = ..., num_background: _Optional[int] = ..., embedding_dim: _Optional[int] = ..., pd_scales_km: _Optional[_Iterable[float]] = ..., defaults: _Optional[_Union[LocateOptions, _Mapping]] = ..., max_image_bytes: _Optional[int] = ..., max_image_pixels: _Optional[int] = ..., preprocessing: _Optional[str] = ..., bundle_warning: _Optional[str] = ..., exif_transpose: _Optional[bool] = ..., max_input_side: _Optional[int] = ..., accepts_pixels: _Optional[bool] = ...) -> None: ...

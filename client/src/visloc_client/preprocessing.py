@@ -1,12 +1,16 @@
 """The one image preprocessing of the project: decode, RGB, resize short side to 300.
 
+It lives in the client package (Pillow and numpy from its ``preprocess`` extra) so that a
+caller can run exactly what the service runs and send the model input instead of the file
+(:func:`to_pixels`); the service checks such input with :func:`from_pixels`.
+
 It matches the reference's ``transforms.Resize(300)`` on a PIL image exactly: the shorter
 side becomes 300 px, the longer ``int(300 * long / short)`` (truncation), PIL bilinear
 (which antialiases), no crop, and an image whose output size equals its input size is
 left untouched. Scaling to [0, 1] and mean/std normalisation happen inside the ONNX graph,
 so the result here is the resized image as uint8 ``[H, W, 3]``.
 
-Used by the service, the exporter's parity check, the tests and the benchmarks alike.
+Used by the service, the client, the exporter's parity check, the tests and the benchmarks alike.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageOps
 
-from .errors import InvalidArgument
+from .errors import ImageError
 
 SHORT_SIDE = 300
 MEAN = (0.485, 0.456, 0.406)
@@ -29,8 +33,11 @@ DEFAULT_MAX_PIXELS = 50_000_000  # decoded source pixels
 DEFAULT_MAX_SIDE = 3_000  # preprocessed long side (an aspect ratio of 10:1 at 300 px)
 
 
-class ImageError(InvalidArgument, ValueError):
-    """The bytes are not an image we can locate; the message says why (an INVALID_ARGUMENT)."""
+__all__ = [
+    "DEFAULT_MAX_PIXELS", "DEFAULT_MAX_SIDE", "MEAN", "SHORT_SIDE", "STD", "ImageError", "Limits", "PreparedImage",
+    "Recipe", "center_crop", "decode", "from_pixels", "prepare_image", "preprocess", "resize", "resized_size",
+    "to_pixels", "to_rgb",
+]  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -168,3 +175,56 @@ def center_crop(array: np.ndarray, size: int = SHORT_SIDE) -> np.ndarray:
     h, w = array.shape[:2]
     top, left = (h - size) // 2, (w - size) // 2
     return np.ascontiguousarray(array[top : top + size, left : left + size])
+
+
+# --------------------------------------------------------------------------- model input on the wire
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How the service makes its model input: what a caller must apply to send the result
+    instead of the file (GetInfo tells; a request carrying pixels names the recipe it used)."""
+
+    crop: bool = False  # the centre 300 x 300 crop after the exact resize (center_crop_300)
+    exif_transpose: bool = False
+    limits: Limits = Limits()
+
+    @property
+    def preprocessing(self) -> str:
+        return "center_crop_300" if self.crop else "exact"
+
+
+def to_pixels(image: PreparedImage) -> bytes:
+    """The model input as sent on the wire: uint8 RGB, row-major ``H x W x 3``, lossless."""
+    return image.array.tobytes()
+
+
+def from_pixels(
+    data: bytes, height: int, width: int, source_width: int, source_height: int, recipe: Recipe
+) -> PreparedImage:
+    """A caller's model input, checked to be what :func:`preprocess` with ``recipe`` makes of
+    a ``source_width`` x ``source_height`` image: its shape (the resize rule, the crop, the
+    long-side limit) and its exact byte length. Raises :class:`ImageError` saying what differs."""
+    t0 = time.perf_counter()
+    limits = recipe.limits
+    if min(height, width, source_width, source_height) <= 0:
+        raise ImageError(f"pixels {width}x{height} of a {source_width}x{source_height} image: a side is 0")
+    if source_width * source_height > limits.max_pixels:
+        raise ImageError(
+            f"image has {source_width}x{source_height} = {source_width * source_height} pixels, "
+            f"over the limit of {limits.max_pixels}"
+        )
+    resized = resized_size(source_width, source_height)
+    if max(resized) > limits.max_side:  # as prepare_image refuses it, before any crop
+        raise ImageError(f"a {source_width}x{source_height} image gives a {resized[0]}x{resized[1]} input, "
+                         f"over the limit of {limits.max_side} px on the long side")  # fmt: skip
+    expected = (SHORT_SIDE, SHORT_SIDE) if recipe.crop else resized
+    if (width, height) != expected:
+        raise ImageError(
+            f"pixels are {width}x{height}, but {recipe.preprocessing} preprocessing of a "
+            f"{source_width}x{source_height} image gives {expected[0]}x{expected[1]}"
+        )
+    if len(data) != height * width * 3:
+        raise ImageError(f"pixels hold {len(data)} bytes; {width}x{height} RGB is {height * width * 3}")
+    array = np.frombuffer(data, dtype=np.uint8).reshape(height, width, 3)
+    return PreparedImage(array, source_width, source_height, "pixels", 0.0, time.perf_counter() - t0)
