@@ -71,3 +71,34 @@ def test_the_client_library_preprocesses_a_phone_photo_by_itself(live_service, m
         with pytest.raises(LocateError) as err:  # bad bytes still get the service's own answer
             auto.locate(b"\xff\xd8\xff not really a jpeg")
         assert err.value.code is grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_heic_and_avif_photos_are_located_through_the_cli(live_target, tmp_path, capsys):
+    """What phones save: HEIC (pillow-heif) and AVIF (Pillow), located on either side; malformed
+    ones get INVALID_ARGUMENT with the decoder's reason, and the service keeps answering."""
+    import io
+    import json
+
+    from PIL import Image
+
+    from visloc_client.cli import main
+
+    image = Image.fromarray(photos.pixels(800, 600, seed=3))
+    for fmt in ("HEIF", "AVIF"):
+        buf = io.BytesIO()
+        image.save(buf, format=fmt, quality=80)
+        path = tmp_path / f"photo.{fmt.lower()}"
+        path.write_bytes(buf.getvalue())
+        answers = []
+        for where in ("server", "client"):
+            capsys.readouterr()
+            assert main(["--target", live_target, "--preprocess", where, "locate", str(path), "--json"]) == 0, fmt
+            answers.append(json.loads(capsys.readouterr().out))
+        assert answers[0]["image_width"] == 800 and answers[0]["input_width"] == 400
+        assert (answers[0]["lat"], answers[0]["lon"]) == (answers[1]["lat"], answers[1]["lon"]), fmt
+        bad = tmp_path / f"cut.{fmt.lower()}"
+        bad.write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+        capsys.readouterr()
+        assert main(["--target", live_target, "locate", str(bad)]) == 1
+        assert "INVALID_ARGUMENT" in capsys.readouterr().err
+    assert main(["--target", live_target, "locate", str(tmp_path / "photo.heif"), "--json"]) == 0

@@ -70,9 +70,19 @@ def _animated(fmt: str) -> bytes:
 
 
 def _heic_like() -> bytes:
-    """An ISO-BMFF 'ftyp heic' box: HEIC is not a supported format."""
+    """An ISO-BMFF 'ftyp heic' box and nothing else: no image in it."""
     ftyp = b"ftypheic" + b"\x00\x00\x00\x00" + b"mif1heic"
     return struct.pack(">I", len(ftyp) + 4) + ftyp + b"\x00" * 64
+
+
+def _half(data: bytes) -> bytes:
+    return data[: len(data) // 2]
+
+
+def _claims(data: bytes, side: int) -> bytes:
+    """An ISO-BMFF image whose 'ispe' (image spatial extents) box claims ``side`` x ``side``."""
+    at = data.index(b"ispe") + 8  # box type, then version/flags, then width and height
+    return data[:at] + struct.pack(">II", side, side) + data[at + 8 :]
 
 
 CASES: list[Case] = [
@@ -88,7 +98,33 @@ CASES: list[Case] = [
         INVALID,
         "not an image",
     ),
-    Case("heic", "HEIC container header (unsupported format)", _heic_like, INVALID, "not an image"),
+    Case("heic", "HEIC container header and no image", _heic_like, INVALID, "not an image"),
+    Case("heic_photo", "HEIC photo (as phones save it)", lambda: _save(_photo(), "HEIF", quality=80), OK, "300x400"),
+    Case("avif_photo", "AVIF photo", lambda: _save(_photo(), "AVIF", quality=80), OK, "300x400"),
+    Case(
+        "truncated_heic",
+        "a HEIC photo cut in half",
+        lambda: _half(_save(_photo(), "HEIF")),
+        INVALID,
+        "could not be decoded",
+    ),  # fmt: skip
+    Case(
+        "truncated_avif", "an AVIF photo cut in half", lambda: _half(_save(_photo(), "AVIF")), INVALID, "not an image"
+    ),
+    Case(
+        "heic_oversized",
+        "HEIC whose header claims 8000 x 8000",
+        lambda: _claims(_save(_photo(), "HEIF"), 8000),
+        INVALID,
+        "over the limit",
+    ),  # fmt: skip
+    Case(
+        "heic_bomb",
+        "HEIC whose header claims 100000 x 100000",
+        lambda: _claims(_save(_photo(), "HEIF"), 100_000),
+        INVALID,
+        "decompression bomb",
+    ),  # fmt: skip
     Case(
         "truncated_jpeg", "a JPEG cut in half", lambda: _save(_photo(), "JPEG")[:1500], INVALID, "could not be decoded"
     ),

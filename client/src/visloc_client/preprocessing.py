@@ -25,6 +25,15 @@ from PIL import Image, ImageOps
 
 from .errors import ImageError
 
+try:  # HEIC/HEIF, what phones save: decoded by pillow-heif where installed (the service has it)
+    from pillow_heif import register_heif_opener
+except ImportError:  # pragma: no cover - a client without the extra
+    HEIF = False
+else:
+    register_heif_opener()
+    HEIF = True
+# AVIF: Pillow's own plugin (Pillow >= 11.3).
+
 SHORT_SIDE = 300
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
