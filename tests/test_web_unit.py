@@ -29,6 +29,8 @@ MAGIC = {
     "GIF": b"GIF89a" + b"\x00" * 20,
     "BMP": b"BM" + b"\x00" * 60,
     "TIFF": b"II*\x00" + b"\x00" * 20,
+    "HEIC": b"\x00\x00\x00\x18ftypheic" + b"\x00" * 20,
+    "AVIF": b"\x00\x00\x00\x18ftypavif" + b"\x00" * 20,
 }
 
 
@@ -46,8 +48,6 @@ def test_sniff_accepts_the_service_formats(fmt):
     [
         (b"%PDF-1.7\n...", "PDF"),
         (b"PK\x03\x04" + b"\x00" * 30, "ZIP"),
-        (b"\x00\x00\x00\x18ftypheic" + b"\x00" * 20, "HEIC"),
-        (b"\x00\x00\x00\x18ftypavif" + b"\x00" * 20, "AVIF"),
         (b"\x00\x00\x00\x18ftypisom" + b"\x00" * 20, "video"),
         (b'<?xml version="1.0"?><svg xmlns="http://www.w3.org/2000/svg"/>', "SVG"),
         (b"<!doctype html><html></html>", "HTML"),
@@ -328,7 +328,7 @@ def test_info_carries_limits_and_the_demo_warning(serve_stub):
     assert status == 200 and headers["Cache-Control"] == "no-store"
     assert data["service"]["bundle_source"] == "demo" and data["service"]["bundle_warning"] == "random weights"
     assert data["web"]["max_upload_bytes"] == 4096 and data["web"]["tiles"] is None
-    assert data["web"]["accepted_formats"] == ["JPEG", "PNG", "WebP", "GIF", "BMP", "TIFF"]
+    assert data["web"]["accepted_formats"] == ["JPEG", "PNG", "WebP", "HEIC", "AVIF", "GIF", "BMP", "TIFF"]
 
 
 def test_info_when_the_service_is_down(serve_stub):

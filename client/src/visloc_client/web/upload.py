@@ -9,8 +9,8 @@ files.
 from __future__ import annotations
 
 # The formats the Locate service decodes (locator.proto, LocateRequest.image), by magic bytes.
-ACCEPTED_FORMATS = ("JPEG", "PNG", "WebP", "GIF", "BMP", "TIFF")
-ACCEPT_ATTRIBUTE = "image/jpeg,image/png,image/webp,image/gif,image/bmp,image/tiff"
+ACCEPTED_FORMATS = ("JPEG", "PNG", "WebP", "HEIC", "AVIF", "GIF", "BMP", "TIFF")
+ACCEPT_ATTRIBUTE = "image/jpeg,image/png,image/webp,image/heic,image/heif,image/avif,image/gif,image/bmp,image/tiff"
 
 # Room for the multipart envelope (boundaries, part headers) on top of the image itself.
 MULTIPART_OVERHEAD = 64 * 1024
@@ -62,6 +62,8 @@ def sniff_format(data: bytes) -> str | None:
         return "BMP"
     if data[:4] in (b"II*\x00", b"MM\x00*"):
         return "TIFF"
+    if data[4:8] == b"ftyp" and data[8:12] in _HEIF_BRANDS:  # ISO-BMFF: what phones save
+        return "AVIF" if data[8:11] == b"avi" else "HEIC"
     return None
 
 
@@ -70,10 +72,6 @@ def describe(data: bytes) -> str:
     if not data:
         return "an empty file"
     if data[4:8] == b"ftyp":
-        brand = data[8:12]
-        if brand in _HEIF_BRANDS:
-            kind = "AVIF" if brand.startswith(b"avi") else "HEIC/HEIF"
-            return f"a {kind} image (not supported: export it as JPEG)"
         return "an MP4/QuickTime video"
     if data[:4] == b"RIFF":
         return "a RIFF media file (WAV/AVI)"
