@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from swc_service import parity
 from swc_service.bundle import ProbeReference
 from swc_service.parity import CLASSES, compare_outputs
 from visloc_export import demo, probes
@@ -126,7 +127,14 @@ def summarise(runs: list[dict]) -> dict:
 
 def write_result(path: Path, runs: list[dict]) -> dict:
     runs.sort(key=lambda r: r["seed"])
-    result = {"cpu": cpu_model(), "cells": CELLS, "classes": CLASSES, "runs": runs, "summary": summarise(runs)}
+    result = {
+        "cpu": cpu_model(),
+        "cells": CELLS,
+        "classes": CLASSES,
+        "rule": parity.RULE_VERSION,
+        "runs": runs,
+        "summary": summarise(runs),
+    }
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2) + "\n")
     return result
@@ -141,8 +149,9 @@ def previous_runs(path: Path, wanted: range) -> list[dict]:
         old.get("cpu") != cpu_model()
         or old.get("cells") != CELLS
         or old.get("classes") != json.loads(json.dumps(CLASSES))
+        or old.get("rule") != parity.RULE_VERSION
     ):
-        print(f"[gate-seeds] {path} was measured elsewhere or differently; starting afresh", file=sys.stderr)
+        print(f"[gate-seeds] {path} was measured elsewhere or under another rule; starting afresh", file=sys.stderr)
         return []
     return [r for r in old.get("runs", []) if r["seed"] in wanted]
 

@@ -91,7 +91,7 @@ def _exported(measurement: Measurement, sess, rows: list[int], report: ParityRep
     out = {q: np.zeros(len(measurement.photos)) for q in QUANTITIES}
     for row, case in zip(rows, report.cases, strict=True):
         for q in QUANTITIES:
-            out[q][row] = max(out[q][row], case[q])
+            out[q][row] = max(out[q][row], case["pd_largest"] if q == "pd" else case[q])
     others = [i for i in range(len(measurement.photos)) if i not in set(rows)]
     if others:
         probs, embs = [], []
