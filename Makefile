@@ -139,7 +139,7 @@ clean:
 # Deployment checks (tests/test_deploy.py, tests/test_prometheus.py) run Debian's promtool and
 # prometheus: install the package when they are missing (as root, like CI).
 .PHONY: deploy-tools deploy-render
-test: deploy-tools
+test check: deploy-tools
 
 deploy-tools:
 	@if command -v promtool >/dev/null && command -v prometheus >/dev/null; then :; else \

@@ -123,6 +123,18 @@ def measured_costs(bench: dict, gpu_images_per_s: float | None, service_cores: f
     return Costs(service_ms, service_cores, per_pod, f"CPU pod (4 cores at {triton_ms:.0f} ms/image, measured)")
 
 
+PHOTO_PATHS = ("original", "fast_decode", "caller_pixels")  # bench/photo_mix.py
+
+
+def photo_mix_costs(bench: dict, path: str, base: Costs) -> Costs | None:
+    """``base`` with the service's CPU per image of the photo mix (phone originals mostly) on
+    ``path``, as ``make bench`` measured it (step 8); None when that step has not run."""
+    mix = bench.get("photo_mix")
+    if not mix:
+        return None
+    return dataclasses.replace(base, service_cpu_ms_per_image=mix["mix"][path]["service_cpu_ms"])
+
+
 @dataclasses.dataclass(frozen=True)
 class Scenario:
     base_per_s: float
@@ -434,7 +446,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "img" / "capacity-spike.png")
     ap.add_argument("--json", type=Path, default=None, help="write the summaries here")
     args = ap.parse_args(argv)  # fmt: skip
-    costs = measured_costs(json.loads(BENCH_JSON.read_text()), args.gpu_images_per_s or None)
+    bench = json.loads(BENCH_JSON.read_text())
+    small = measured_costs(bench, args.gpu_images_per_s or None)
+    # Production traffic is the photo mix sent as files: the spike is priced on it when measured.
+    costs = photo_mix_costs(bench, "original", small) or small
     hpas = load_hpas("prod")
     scenario = Scenario(base_per_s=args.base_per_s)
     variants = {
@@ -443,8 +458,12 @@ def main(argv: list[str] | None = None) -> int:
     }
     print(f"service {costs.service_cpu_ms_per_image:.2f} CPU ms/image x {costs.service_cores_per_pod:g} cores/pod; "
           f"Triton {costs.triton_images_per_s_per_pod:g} images/s/pod ({costs.triton_source})")  # fmt: skip
-    cpu_costs = measured_costs(json.loads(BENCH_JSON.read_text()), None)
-    per_1000 = {"gpu": sizing(costs, hpas), "cpu": sizing(cpu_costs, hpas)}
+    cpu_costs = measured_costs(bench, None)
+    per_1000 = {"gpu": sizing(costs, hpas), "cpu": sizing(cpu_costs, hpas), "small_photos": sizing(small, hpas)}
+    for path in PHOTO_PATHS:
+        mixed = photo_mix_costs(bench, path, small)
+        if mixed is not None:
+            per_1000[f"photo_mix_{path}"] = sizing(mixed, hpas) | {"service_cpu_ms": mixed.service_cpu_ms_per_image}
     for kind, row in per_1000.items():
         print(f"per 1000 images/s ({kind} Triton):", json.dumps({k: round(v, 2) for k, v in row.items()}))
     results, summaries = {}, {}
@@ -455,6 +474,7 @@ def main(argv: list[str] | None = None) -> int:
     plot(results, args.out)
     if args.json:
         args.json.write_text(json.dumps({"costs": dataclasses.asdict(costs), "cpu_costs": dataclasses.asdict(cpu_costs),
+                                         "small_photo_costs": dataclasses.asdict(small),
                                          "scenario": dataclasses.asdict(scenario),
                                          "summaries": summaries, "per_1000": per_1000}, indent=2) + "\n")  # fmt: skip
     return 0

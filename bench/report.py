@@ -14,7 +14,12 @@ TARGETS = [
     ("SwC+PD p99 per image at upstream scale (ms)", "postprocess_p99_ms", "<=", 0.5),
     ("RSS per worker / research-code-style process", "rss_vs_seed", "<=", 0.15),
     ("service start-up to SERVING (s)", "startup_s", "<=", 3.0),
+    ("12 MP JPEG: service CPU, caller-side / server-side exact preprocessing", "photo_12mp_caller_cpu", "<=", 0.1),
+    ("12 MP JPEG: bytes sent, caller-side / server-side (the file)", "photo_12mp_caller_bytes", "<=", 1 / 3),
+    ("12 MP JPEG: service CPU, fast decode / exact", "photo_12mp_fast_cpu", "<=", 0.4),
+    ("burst of 12 MP photos: worker's peak RSS growth / its memory budget", "burst_growth_vs_budget", "<=", 1.0),
 ]
+PHOTO_12MP = "12mp_jpeg"
 
 
 def _median(xs: list[float]) -> float:
@@ -46,6 +51,15 @@ def ratios(r: dict) -> dict[str, float]:
         "postprocess_p99_ms": r["postprocess"]["ours_p99_ms"],
         "mixed_crop_vs_exact": r["mixed_crop"]["per_s"] / r["mixed_exact"]["per_s"],
     }
+    if "photo_mix" in r:
+        c = r["photo_mix"]["classes"][PHOTO_12MP]
+        exact = c["original"]
+        out["photo_12mp_caller_cpu"] = c["caller_pixels"]["service_cpu_ms"] / exact["service_cpu_ms"]
+        out["photo_12mp_caller_bytes"] = c["caller_pixels"]["bytes"] / exact["bytes"]
+        out["photo_12mp_fast_cpu"] = c["fast_decode"]["service_cpu_ms"] / exact["service_cpu_ms"]
+    if "burst" in r:
+        b = r["burst"]["with_budget"]
+        out["burst_growth_vs_budget"] = b["growth_mb"] / b["memory_budget_mb"]
     if "memory" in r:
         out["rss_vs_seed"] = r["memory"]["ours_rss_mb"] / r["memory"]["seed_rss_mb"]
         out["startup_s"] = r["memory"]["ours_startup_s"]
@@ -209,6 +223,10 @@ def write_report(r: dict, md_path: Path, img_dir: Path) -> None:
         f"Centre crop / exact: {q['mixed_crop_vs_exact']:.2f}x.",
         "",
     ]
+    if "photo_mix" in r:
+        lines += photo_mix_section(r["photo_mix"])
+    if "burst" in r:
+        lines += burst_section(r["burst"])
     lines += _analysis(r, q)
     if INDEX_RESULTS.is_file():  # bench/index_bench.py, run on its own
         lines += index_section(json.loads(INDEX_RESULTS.read_text()))
@@ -218,6 +236,65 @@ def write_report(r: dict, md_path: Path, img_dir: Path) -> None:
         lines += ["", *gate_section(json.loads(GATE_JSON.read_text()))]
     md_path.parent.mkdir(parents=True, exist_ok=True)
     md_path.write_text("\n".join(lines) + "\n")
+
+
+def photo_mix_section(m: dict) -> list[str]:
+    """Step 8: what each class of real photo costs the service, and the wire, on each path."""
+    paths = ("original", "fast_decode", "caller_pixels")
+    lines = [
+        "## Real photos: what each costs the service",
+        "",
+        f"The generated photo mix (`bench/photos.py`, {m['per_class']} photos per class, each sent "
+        f"{m['repeat']} times): the service process's CPU per image (Triton's excluded: the same on every "
+        "path) and the request's bytes on the wire. `original`: the file, decoded and preprocessed "
+        "exactly by the service; `fast_decode`: the file, to a service with `--fast-decode`; "
+        "`caller_pixels`: preprocessed exactly by the caller, the model input sent "
+        "(answers bit-identical to `original`'s).",
+        "",
+        "| class | share | " + " | ".join(f"{p} CPU ms | {p} kB" for p in paths) + " |",
+        "| --- | --- | " + " | ".join("--- | ---" for _ in paths) + " |",
+    ]
+    rows = [(name, c["share"], c) for name, c in m["classes"].items()] + [("**mix**", 1.0, m["mix"])]
+    for name, share, c in rows:
+        cells = " | ".join(f"{c[p]['service_cpu_ms']:.1f} | {c[p]['bytes'] / 1e3:.0f}" for p in paths)
+        lines.append(f"| {name} | {share:.2f} | {cells} |")
+    lines += [
+        "",
+        "What the fast decode changes, against the exact path, photo by photo (the same photos):",
+        "",
+        "| class | photos | top cell the same | PD at 25 km, largest difference "
+        "| predicted locations apart (median / largest) |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for name, d in m["deviation"].items():
+        lines.append(
+            f"| {name} | {d['photos']} | {d['top_cell_agreement']:.0%} | {d['pd25_abs_diff_max']:.2g} | "
+            f"{d['distance_km_median']:.3g} / {d['distance_km_max']:.3g} km |"
+        )
+    return lines + [""]
+
+
+def burst_section(b: dict) -> list[str]:
+    """Step 9: a burst of phone photos against one worker, with and without the memory budget."""
+    lines = [
+        "## A burst of phone photos: memory",
+        "",
+        f"{b['clients']} callers, each on its own connection, send a 12 MP JPEG of {b['photo_mb']:.1f} MB at once, "
+        f"{b['rounds']} rounds, {b['deadline_s']:.0f} s deadlines, against one worker (`bench/burst.py`); then one "
+        "640 x 480 photo. Peak resident memory of the worker during the burst, against its memory before.",
+        "",
+        "| memory budget | RSS before | peak | growth | calls | a small photo after |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for key in ("with_budget", "without_budget"):
+        x = b[key]
+        codes = ", ".join(f"{n} {c}" for c, n in sorted(x["codes"].items()))
+        budget = f"{x['memory_budget_mb']} MiB" if x["memory_budget_mb"] else "none"
+        lines.append(
+            f"| {budget} | {x['rss_before_mb']:.0f} MB | {x['rss_peak_mb']:.0f} MB | **+{x['growth_mb']:.0f} MB** "
+            f"| {codes} | {x['small_photo_after']} |"
+        )
+    return lines + [""]
 
 
 # --------------------------------------------------------------------------- make gate-seeds

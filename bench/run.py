@@ -6,7 +6,9 @@
 4. the seed-style pipeline (PyTorch eager, background in RAM, sklearn DBSCAN, full PD);
 5. SwC+PD alone at upstream scale, ours vs the seed's code;
 6. memory and start-up at upstream scale, ours vs the seed's loading;
-7. a realistic mix of photo shapes: exact preprocessing vs centre crop.
+7. a realistic mix of photo shapes: exact preprocessing vs centre crop;
+8. real photos (bench/photos.py): service CPU and bytes per image, file vs fast decode vs caller-side pixels;
+9. a burst of 12 MP photos against one worker: peak memory with and without the memory budget.
 
 Results: bench/results/bench.json; docs/BENCHMARKS.md and PNG plots (bench/report.py).
 Everything runs on loopback, bounded in time and count.
@@ -31,6 +33,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 
+from bench import burst, photo_mix
 from bench.load import run_load
 from bench.procstat import proc_stat, tree_cpu_s
 from devtools.net import free_port, wait_serving
@@ -374,6 +377,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2, help="onnxruntime intra-op threads (model ceiling and Triton)")
     p.add_argument("--rounds", type=int, default=3, help="paired rounds for the headline ratios")
     p.add_argument("--out", default="bench/results/bench.json")
+    p.add_argument("--photos-per-class", type=int, default=4, help="photos of each class in the photo mix (step 8)")
     p.add_argument("--skip-memory", action="store_true", help="skip the upstream-scale seed-style load (5.5 GB)")
     args = p.parse_args(argv)
 
@@ -434,6 +438,27 @@ def main(argv: list[str] | None = None) -> int:
             results["mixed_crop"] = measure(lambda c, s: locate_unary(svc.target, mixed, c, s), pids, 16, args.seconds)
         finally:
             svc.stop()
+
+        log("8. real photos: the photo mix, original file / fast decode / caller-side pixels")
+        big = ("--max-batch", str(max_batch), "--max-message-bytes", str(64 << 20))
+        exact = Service(bundle_dir, triton.grpc_url, *big)
+        fast = Service(bundle_dir, triton.grpc_url, *big, "--fast-decode")
+        try:
+            results["photo_mix"] = photo_mix.run(
+                {
+                    "original": (exact.target, exact.proc.pid),
+                    "caller_pixels": (exact.target, exact.proc.pid),
+                    "fast_decode": (fast.target, fast.proc.pid),
+                },
+                args.photos_per_class,
+                5,  # each photo 5 times: 20 calls per class and path (CPU time comes in 10 ms ticks)
+            )
+        finally:
+            exact.stop()
+            fast.stop()
+
+        log("9. a burst of 12 MP photos against one worker, with and without the memory budget")
+        results["burst"] = burst.measure(lambda *flags: Service(bundle_dir, triton.grpc_url, *flags))
 
         del ort
         log("4/5. seed-style pipeline and post-processing (background in RAM as float32)")

@@ -80,3 +80,15 @@ def test_a_lost_triton_pod_expires_admitted_calls(hpas):
     assert lost.totals["expired"] > 0 and lost.totals["served"] < steady.totals["served"]
     for t in (steady.totals, lost.totals):
         assert t["offered"] == t["served"] + t["shed"] + t["expired"]
+
+
+def test_the_photo_mix_prices_the_service_by_path(hpas):
+    base = sim.Costs(5.0, 2.0, 500.0, "test")
+    assert sim.photo_mix_costs({}, "original", base) is None  # step 8 not run: the small photos stand
+    mix = {"mix": {p: {"service_cpu_ms": ms, "bytes": 1.0} for p, ms in zip(sim.PHOTO_PATHS, (60.0, 30.0, 3.0))}}
+    priced = {p: sim.photo_mix_costs({"photo_mix": mix}, p, base) for p in sim.PHOTO_PATHS}
+    assert [c.service_cpu_ms_per_image for c in priced.values()] == [60.0, 30.0, 3.0]
+    pods = {p: sim.sizing(c, hpas)["service_pods_at_100pct"] for p, c in priced.items()}
+    assert pods["original"] == pytest.approx(1000 * 0.060 / 2.0)  # 1,000 images/s x 60 ms / 2 cores
+    assert pods["original"] > pods["fast_decode"] > pods["caller_pixels"]
+    assert sim.sizing(priced["original"], hpas)["triton_pods_at_100pct"] == pytest.approx(2.0)  # Triton: the same

@@ -111,11 +111,19 @@ def resize(img: Image.Image, short_side: int = SHORT_SIDE) -> Image.Image:
     return img.resize((new_w, new_h), Image.BILINEAR)
 
 
-def decode(data: bytes, limits: Limits = Limits(), *, exif_transpose: bool = False) -> Image.Image:
+DRAFT_MARGIN = 2  # a draft decode keeps at least twice the model input's size
+ORIENTATION = 0x0112  # the EXIF tag
+SOURCE_SIZE = "visloc_source_size"  # in Image.info of a draft-decoded image
+
+
+def decode(data: bytes, limits: Limits = Limits(), *, exif_transpose: bool = False, draft: bool = False) -> Image.Image:
     """Decode image bytes to a PIL image of the first frame, refusing bombs before decoding.
 
     ``exif_transpose`` applies the EXIF orientation tag; off by default because the reference
-    does not apply it (and the published numbers were measured without it).
+    does not apply it (and the published numbers were measured without it). ``draft`` lets a
+    JPEG decode at a reduced DCT scale (1/2, 1/4, 1/8) that still has at least
+    ``DRAFT_MARGIN`` times the model input's size on each side: much cheaper for a large
+    photo, and NOT the reference's pixels (see :func:`preprocess`).
     """
     if not data:
         raise ImageError("image is empty (0 bytes)")
@@ -128,9 +136,17 @@ def decode(data: bytes, limits: Limits = Limits(), *, exif_transpose: bool = Fal
                 raise ImageError(f"image has a zero-sized dimension ({w}x{h})")
             if w * h > limits.max_pixels:
                 raise ImageError(f"image has {w}x{h} = {w * h} pixels, over the limit of {limits.max_pixels}")
+            drafted = draft and img.format == "JPEG"
+            if drafted:
+                target_w, target_h = resized_size(w, h)
+                img.draft(img.mode, (DRAFT_MARGIN * target_w, DRAFT_MARGIN * target_h))
             img.load()
             if exif_transpose:
+                if img.getexif().get(ORIENTATION) in (5, 6, 7, 8):  # a quarter turn: sides swap
+                    w, h = h, w
                 img = ImageOps.exif_transpose(img)
+            if drafted:  # the size as decoded in full, which the output's size follows
+                img.info[SOURCE_SIZE] = (w, h)
     except ImageError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
@@ -142,9 +158,10 @@ def decode(data: bytes, limits: Limits = Limits(), *, exif_transpose: bool = Fal
     return img
 
 
-def prepare_image(img: Image.Image, limits: Limits = Limits()) -> np.ndarray:
-    """RGB + reference resize of a decoded image, as uint8 ``[H, W, 3]``."""
-    w, h = img.size
+def prepare_image(img: Image.Image, limits: Limits = Limits(), source: tuple[int, int] | None = None) -> np.ndarray:
+    """RGB + reference resize of a decoded image, as uint8 ``[H, W, 3]``. ``source``: the
+    (width, height) the image had before a draft decode reduced it (the output size follows it)."""
+    w, h = source or img.size
     new_w, new_h = resized_size(w, h)
     if max(new_w, new_h) > limits.max_side:
         raise ImageError(
@@ -152,27 +169,36 @@ def prepare_image(img: Image.Image, limits: Limits = Limits()) -> np.ndarray:
             f"over the limit of {limits.max_side} px on the long side"
         )
     try:
-        rgb = resize(to_rgb(img))
+        rgb = to_rgb(img)
+        rgb = rgb if rgb.size == (new_w, new_h) else rgb.resize((new_w, new_h), Image.BILINEAR)
     except (OSError, ValueError) as exc:
         raise ImageError(f"image could not be converted: {exc}") from exc
     return np.ascontiguousarray(np.asarray(rgb, dtype=np.uint8))
 
 
 def preprocess(
-    data: bytes, limits: Limits = Limits(), *, exif_transpose: bool = False, crop: bool = False
+    data: bytes,
+    limits: Limits = Limits(),
+    *,
+    exif_transpose: bool = False,
+    crop: bool = False,
+    draft: bool = False,
 ) -> PreparedImage:
     """Bytes -> model input (uint8 ``[H, W, 3]``); raises :class:`ImageError` on bad input.
 
     ``crop`` adds the centre 300 x 300 crop after the exact resize (``center_crop_300``).
+    ``draft`` (the service's ``--fast-decode``): a large JPEG is decoded at a reduced DCT
+    scale first, then resized exactly as otherwise, to the same shape; the pixels differ
+    slightly from the reference's (measured in docs/service.md).
     """
     t0 = time.perf_counter()
-    img = decode(data, limits, exif_transpose=exif_transpose)
+    img = decode(data, limits, exif_transpose=exif_transpose, draft=draft)
     t1 = time.perf_counter()
-    array = prepare_image(img, limits)
+    source = img.info.get(SOURCE_SIZE, img.size)
+    array = prepare_image(img, limits, source)
     if crop:
         array = center_crop(array)
-    w, h = img.size
-    return PreparedImage(array, w, h, img.format or "unknown", t1 - t0, time.perf_counter() - t1)
+    return PreparedImage(array, source[0], source[1], img.format or "unknown", t1 - t0, time.perf_counter() - t1)
 
 
 def center_crop(array: np.ndarray, size: int = SHORT_SIDE) -> np.ndarray:

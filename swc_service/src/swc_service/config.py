@@ -52,10 +52,12 @@ class Settings:
     preprocess_threads: int = 2
     preprocessing: str = "exact"
     exif_transpose: bool = False
+    fast_decode: bool = False  # large JPEGs decoded at a reduced DCT scale (not the reference's pixels)
     max_message_bytes: int = 20 * 1024 * 1024
     max_image_pixels: int = DEFAULT_MAX_PIXELS
     max_input_side: int = DEFAULT_MAX_SIDE
     max_concurrent_rpcs: int = 1024
+    memory_budget_mb: int = 512  # per worker: bytes the calls in flight hold (messages, decoded pixels); 0: off
     prefetch_background: bool = True  # start reading the background into the page cache at start-up
     max_connection_age_s: float = 0.0  # > 0: close client connections after this long (rebalancing)
     stream_in_flight: int = 64
@@ -97,6 +99,8 @@ class Settings:
             raise ValueError(f"preprocessing must be one of {PREPROCESSING_MODES}")
         if self.workers < 1 or self.max_batch < 1 or self.preprocess_threads < 1:
             raise ValueError("workers, max_batch and preprocess_threads must be >= 1")
+        if self.memory_budget_mb < 0:
+            raise ValueError(f"memory_budget_mb must be >= 0 (0: no budget), not {self.memory_budget_mb}")
         if self.batch_window_ms < 0:
             raise ValueError("batch_window_ms must be >= 0")
         if not 0 <= self.health_port <= 65535:
@@ -237,6 +241,13 @@ FLAGS: dict[str, tuple[str, str, str, tuple[str, ...]]] = {
     "max_message_bytes": ("limits", "the largest request accepted", "bytes", ()),
     "max_image_pixels": ("limits", "the most decoded pixels of one image (decompression bombs)", "pixels", ()),
     "max_input_side": ("limits", "the longest side of the preprocessed image", "px", ()),
+    "memory_budget_mb": (
+        "limits",
+        "memory the calls in flight of one worker may hold (messages and decoded pixels); a call "
+        "beyond it is refused at once with RESOURCE_EXHAUSTED, before decoding; 0: no budget",
+        "MiB",
+        (),
+    ),
     "max_concurrent_rpcs": ("limits", "calls the gRPC server holds at once (beyond: RESOURCE_EXHAUSTED)", "", ()),
     "preprocessing": (
         "method",
@@ -246,6 +257,14 @@ FLAGS: dict[str, tuple[str, str, str, tuple[str, ...]]] = {
         PREPROCESSING_MODES,
     ),
     "exif_transpose": ("method", "apply the EXIF orientation before preprocessing (the reference does not)", "", ()),
+    "fast_decode": (
+        "method",
+        "decode a JPEG much larger than the model input at a reduced DCT scale (still at least twice "
+        "the input), then resize exactly: about half the CPU per 12 MP photo, pixels close to but not "
+        "the reference's (docs/service.md, 'Fast decode')",
+        "",
+        (),
+    ),
     "pd_scales_km": ("method", "Prediction Density scales, comma-separated", "km", ()),
     "top_k": ("method", "SwC: the most similar background images clustered (a call may ask for another)", "", ()),
     "eps_km": ("method", "SwC: DBSCAN neighbourhood radius (a call may ask for another)", "km", ()),

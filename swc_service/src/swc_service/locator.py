@@ -35,6 +35,7 @@ from .bundle import Bundle
 from .config import Settings
 from .errors import InvalidArgument, RecipeMismatch
 from .inference import Inference
+from .memory import MemoryBudget, file_cost, pixels_cost
 from .options import resolve_options
 from .prediction import ServingState, predict
 from .reply import info_response, locate_response
@@ -58,14 +59,20 @@ class Locator:
         self.inference = inference
         self.model_status = model_status
         self.admission = admission or AdmissionController(settings.admission_config())
+        self.memory = MemoryBudget(settings.memory_budget_mb << 20)
         self.state = ServingState.of(bundle, settings.pd_scales_km)
         self.recipe = Recipe(
             crop=settings.preprocessing == "center_crop_300",
             exif_transpose=settings.exif_transpose,
             limits=Limits(max_pixels=settings.max_image_pixels, max_side=settings.max_input_side),
         )
+        self.fast_decode = settings.fast_decode
         self._preprocess = functools.partial(
-            preprocess, limits=self.recipe.limits, exif_transpose=self.recipe.exif_transpose, crop=self.recipe.crop
+            preprocess,
+            limits=self.recipe.limits,
+            exif_transpose=self.recipe.exif_transpose,
+            crop=self.recipe.crop,
+            draft=self.fast_decode,
         )
         self.pool = ThreadPoolExecutor(max_workers=settings.preprocess_threads, thread_name_prefix="preprocess")
         self.batcher = ShapeBatcher(
@@ -89,11 +96,14 @@ class Locator:
         if pixels is not None and request.image:
             raise InvalidArgument("the request carries both image and pixels; set one")
         metrics.IMAGE_BYTES.observe(len(pixels.data) if pixels is not None else len(request.image))
-        # Admitted (or refused at once) before any CPU is spent on the image; a queued call holds
-        # only its bytes, and no image is decoded only to lose the race for a slot.
-        async with self.admission.admit(caller, deadline):
-            image = self.checked(pixels) if pixels is not None else await self.prepare(request.image)
-            out = await self.batcher.submit(image.array, deadline, state.triton_version)
+        # The memory it will hold is reserved, then the call admitted (or refused at once) before
+        # any CPU is spent on the image; a queued call holds only its bytes, and no image is
+        # decoded only to lose the race for a slot.
+        cost = pixels_cost(pixels.data) if pixels is not None else file_cost(request.image, draft=self.fast_decode)
+        with self.memory.hold(cost, caller):
+            async with self.admission.admit(caller, deadline):
+                image = self.checked(pixels) if pixels is not None else await self.prepare(request.image)
+                out = await self.batcher.submit(image.array, deadline, state.triton_version)
         pred = predict(state, out.cell_probs, out.embedding, opts)
         stages = {
             "decode": image.decode_s,

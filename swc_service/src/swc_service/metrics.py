@@ -52,7 +52,7 @@ BATCH_WINDOW = Gauge(
 ADMISSION_SHED = Counter(
     "visloc_admission_shed_total",
     "Calls shed by admission control, by reason (deadline_unmeetable, expired_in_queue, queue_full, "
-    "caller_limit, queue_timeout) and caller",
+    "caller_limit, queue_timeout, memory_budget) and caller",
     ["reason", "caller"],
 )
 ADMISSION_QUEUE_WAIT = Histogram(
@@ -66,6 +66,16 @@ ADMISSION_IN_FLIGHT = Gauge(
 )
 ADMISSION_LIMIT = Gauge(
     "visloc_admission_limit", "Calls admission control lets in flight (adaptive)", multiprocess_mode="livesum"
+)
+
+# The memory budget (swc_service.memory): bytes the calls in flight hold, and the budget.
+MEMORY_HELD_BYTES = Gauge(
+    "visloc_memory_held_bytes",
+    "Bytes the calls in flight hold (messages and decoded pixels, as reserved)",
+    multiprocess_mode="livesum",
+)
+MEMORY_BUDGET_BYTES = Gauge(
+    "visloc_memory_budget_bytes", "The memory budget of the calls in flight, per worker", multiprocess_mode="livesum"
 )
 
 

@@ -54,4 +54,5 @@ def info_response(
         pd_scales_km=list(state.density.scales_km), defaults=defaults,
         max_image_bytes=s.max_message_bytes, max_image_pixels=s.max_image_pixels, preprocessing=s.preprocessing,
         exif_transpose=s.exif_transpose, max_input_side=s.max_input_side, accepts_pixels=True,
+        fast_decode=s.fast_decode,
     )  # fmt: skip

@@ -181,7 +181,7 @@ class GetInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetInfoResponse(_message.Message):
-    __slots__ = ("service_version", "model_name", "model_version", "bundle_id", "bundle_source", "background_version", "num_cells", "num_background", "embedding_dim", "pd_scales_km", "defaults", "max_image_bytes", "max_image_pixels", "preprocessing", "bundle_warning", "exif_transpose", "max_input_side", "accepts_pixels")
+    __slots__ = ("service_version", "model_name", "model_version", "bundle_id", "bundle_source", "background_version", "num_cells", "num_background", "embedding_dim", "pd_scales_km", "defaults", "max_image_bytes", "max_image_pixels", "preprocessing", "bundle_warning", "exif_transpose", "max_input_side", "accepts_pixels", "fast_decode")
     SERVICE_VERSION_FIELD_NUMBER: _ClassVar[int]
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -200,6 +200,7 @@ class GetInfoResponse(_message.Message):
     EXIF_TRANSPOSE_FIELD_NUMBER: _ClassVar[int]
     MAX_INPUT_SIDE_FIELD_NUMBER: _ClassVar[int]
     ACCEPTS_PIXELS_FIELD_NUMBER: _ClassVar[int]
+    FAST_DECODE_FIELD_NUMBER: _ClassVar[int]
     service_version: str
     model_name: str
     model_version: str
@@ -218,4 +219,5 @@ class GetInfoResponse(_message.Message):
     exif_transpose: bool
     max_input_side: int
     accepts_pixels: bool
-    def __init__(self, service_version: _Optional[str] = ..., model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., bundle_id: _Optional[str] = ..., bundle_source: _Optional[str] = ..., background_version: _Optional[str] = ..., num_cells: _Optional[int] = ..., num_background: _Optional[int] = ..., embedding_dim: _Optional[int] = ..., pd_scales_km: _Optional[_Iterable[float]] = ..., defaults: _Optional[_Union[LocateOptions, _Mapping]] = ..., max_image_bytes: _Optional[int] = ..., max_image_pixels: _Optional[int] = ..., preprocessing: _Optional[str] = ..., bundle_warning: _Optional[str] = ..., exif_transpose: _Optional[bool] = ..., max_input_side: _Optional[int] = ..., accepts_pixels: _Optional[bool] = ...) -> None: ...
+    fast_decode: bool
+    def __init__(self, service_version: _Optional[str] = ..., model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., bundle_id: _Optional[str] = ..., bundle_source: _Optional[str] = ..., background_version: _Optional[str] = ..., num_cells: _Optional[int] = ..., num_background: _Optional[int] = ..., embedding_dim: _Optional[int] = ..., pd_scales_km: _Optional[_Iterable[float]] = ..., defaults: _Optional[_Union[LocateOptions, _Mapping]] = ..., max_image_bytes: _Optional[int] = ..., max_image_pixels: _Optional[int] = ..., preprocessing: _Optional[str] = ..., bundle_warning: _Optional[str] = ..., exif_transpose: _Optional[bool] = ..., max_input_side: _Optional[int] = ..., accepts_pixels: _Optional[bool] = ..., fast_decode: _Optional[bool] = ...) -> None: ...

@@ -1,0 +1,182 @@
+"""The photo mix priced per path: what a real photo costs the service, and what the wire carries.
+
+For every class of :data:`bench.photos.MIX` (``--per-class`` seeded photos each) and for the
+mix weighted by its shares, three ways a photo reaches the model:
+
+``original``
+    the file is sent; the service decodes and preprocesses it exactly (the reference's pixels);
+``fast_decode``
+    the file is sent to a service started with ``--fast-decode`` (a large JPEG decoded at a
+    reduced DCT scale, then the exact resize);
+``caller_pixels``
+    the caller preprocesses exactly and sends the model input (``LocateRequest.pixels``).
+
+Measured per image: the service process's CPU time (user + system, from /proc; Triton's is
+not included: it is the same on every path), and the request's size on the wire. The
+answers of ``fast_decode`` are compared with ``original``'s on every photo: the top cell,
+PD at 25 km, the distance between the two predicted locations. (``caller_pixels`` answers
+are bit-identical to ``original``'s: tests/test_caller_preprocessing_live.py.)
+
+Run alone (``python -m bench.photo_mix --bundle .cache/demo-bundle``) it starts its own local
+Triton; ``make bench`` runs it as step 8 against its own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import grpc
+
+from bench import photos
+from bench.procstat import tree_cpu_s
+from swc_service.geo import haversine_km
+from visloc_client.preprocessing import Recipe
+from visloc_client.upload import Upload
+from visloc_client.v1 import locator_pb2 as pb
+from visloc_client.v1 import locator_pb2_grpc as pb_grpc
+
+PATHS = ("original", "fast_decode", "caller_pixels")
+PD_SCALE_KM = 25.0
+CONCURRENCY = 2  # calls in flight: the service's CPU per image, not its latency
+
+
+def log(msg: str) -> None:
+    print(f"[photo-mix {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def generate(per_class: int) -> dict[str, list[bytes]]:
+    """``per_class`` photos of every class (seeds 0..per_class-1), as files."""
+    out = {}
+    for cls in photos.MIX:
+        out[cls.name] = [photos.encode(cls, seed) for seed in range(per_class)]
+        log(f"generated {per_class} x {cls.name} ({sum(map(len, out[cls.name])) / per_class / 1e6:.2f} MB each)")
+    return out
+
+
+def requests(files: list[bytes], path: str) -> list[pb.LocateRequest]:
+    """The requests that carry ``files`` on ``path`` (the caller's preprocessing happens here,
+    outside the service's CPU account)."""
+    upload = Upload("client", Recipe()) if path == "caller_pixels" else Upload("server")
+    return [pb.LocateRequest(request_id=str(i), **upload.fields(data)) for i, data in enumerate(files)]
+
+
+def send(target: str, reqs: list[pb.LocateRequest], repeat: int) -> list[pb.LocateResponse]:
+    """Every request ``repeat`` times, ``CONCURRENCY`` at a time; the first answer of each."""
+
+    async def go() -> list[pb.LocateResponse]:
+        answers: list[pb.LocateResponse | None] = [None] * len(reqs)
+        todo = [i for _ in range(repeat) for i in range(len(reqs))]
+        async with grpc.aio.insecure_channel(target, options=[("grpc.max_send_message_length", 64 << 20)]) as channel:
+            stub = pb_grpc.LocatorStub(channel)
+
+            async def worker() -> None:
+                while todo:
+                    i = todo.pop(0)
+                    answer = await stub.Locate(reqs[i], timeout=300)
+                    answers[i] = answers[i] or answer
+
+            await asyncio.gather(*(worker() for _ in range(CONCURRENCY)))
+        return [a for a in answers if a is not None]
+
+    return asyncio.run(go())
+
+
+def price(target: str, pid: int, files: list[bytes], path: str, repeat: int) -> tuple[dict, list[pb.LocateResponse]]:
+    """The service's CPU and the bytes per image for ``files`` on ``path``."""
+    reqs = requests(files, path)
+    send(target, reqs[:1], 1)  # warm: the first call of a shape pays for allocations
+    before = tree_cpu_s(pid)
+    answers = send(target, reqs, repeat)
+    cpu_s = tree_cpu_s(pid) - before
+    n = len(reqs) * repeat
+    row = {
+        "images": n,
+        "service_cpu_ms": 1e3 * cpu_s / n,
+        "bytes": sum(r.ByteSize() for r in reqs) / len(reqs),
+    }
+    return row, answers
+
+
+def pd_at(answer: pb.LocateResponse, scale_km: float) -> float:
+    return next(d.density for d in answer.prediction_density if math.isclose(d.scale_km, scale_km))
+
+
+def deviation(exact: list[pb.LocateResponse], fast: list[pb.LocateResponse]) -> dict:
+    """How far the fast decode's answers are from the exact path's, photo by photo."""
+    km = [haversine_km(a.lat, a.lon, b.lat, b.lon) for a, b in zip(exact, fast, strict=True)]
+    dpd = [abs(pd_at(a, PD_SCALE_KM) - pd_at(b, PD_SCALE_KM)) for a, b in zip(exact, fast, strict=True)]
+    same = [a.top_cell.id == b.top_cell.id for a, b in zip(exact, fast, strict=True)]
+    return {
+        "photos": len(km),
+        "top_cell_agreement": sum(same) / len(same),
+        "pd25_abs_diff_median": sorted(dpd)[len(dpd) // 2],
+        "pd25_abs_diff_max": max(dpd),
+        "distance_km_median": sorted(km)[len(km) // 2],
+        "distance_km_max": max(km),
+        "same_location": sum(k == 0.0 for k in km) / len(km),
+    }
+
+
+def run(services: dict[str, tuple[str, int]], per_class: int, repeat: int) -> dict:
+    """``services``: path -> (target, pid); ``original`` and ``caller_pixels`` may share one."""
+    files = generate(per_class)
+    out: dict = {"per_class": per_class, "repeat": repeat, "classes": {}, "deviation": {}}
+    for cls in photos.MIX:
+        rows, answers = {}, {}
+        for path in PATHS:
+            target, pid = services[path]
+            rows[path], answers[path] = price(target, pid, files[cls.name], path, repeat)
+        out["classes"][cls.name] = {"share": cls.share, **rows}
+        out["deviation"][cls.name] = deviation(answers["original"], answers["fast_decode"])
+        log(
+            f"{cls.name}: service CPU/image "
+            + ", ".join(f"{p} {rows[p]['service_cpu_ms']:.1f} ms ({rows[p]['bytes'] / 1e3:.0f} kB)" for p in PATHS)
+            + f"; fast decode top cell agrees on {out['deviation'][cls.name]['top_cell_agreement']:.0%}"
+        )
+    out["mix"] = {
+        p: {k: sum(c["share"] * c[p][k] for c in out["classes"].values()) for k in ("service_cpu_ms", "bytes")}
+        for p in PATHS
+    }
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    from bench.run import Service
+    from devtools.triton_local import LocalTriton
+
+    p = argparse.ArgumentParser(prog="python -m bench.photo_mix", description=__doc__.split("\n\n")[0])
+    p.add_argument("--bundle", default=".cache/demo-bundle")
+    p.add_argument("--per-class", type=int, default=4, help="photos of each class (default 4)")
+    p.add_argument("--repeat", type=int, default=2, help="times each photo is sent (default 2)")
+    p.add_argument("--out", default="", help="write the result as JSON here")
+    args = p.parse_args(argv)
+    with LocalTriton(Path(args.bundle), threads=2) as triton:
+        exact = Service(Path(args.bundle), triton.grpc_url, "--max-message-bytes", str(64 << 20))
+        fast = Service(Path(args.bundle), triton.grpc_url, "--max-message-bytes", str(64 << 20), "--fast-decode")
+        try:
+            result = run(
+                {
+                    "original": (exact.target, exact.proc.pid),
+                    "caller_pixels": (exact.target, exact.proc.pid),
+                    "fast_decode": (fast.target, fast.proc.pid),
+                },
+                args.per_class,
+                args.repeat,
+            )
+        finally:
+            exact.stop()
+            fast.stop()
+    print(json.dumps(result, indent=2))
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,85 @@
+"""A worker's memory budget: the bytes its calls hold, bounded, and refused at the door beyond it.
+
+Admission control counts calls; a 12 MP phone photo holds ~200 times the memory of a
+640 x 480 one (the message, then its decoded pixels), so a burst of large photos can take a
+worker's memory long before it takes its call slots. Every Locate reserves what its image
+will hold before anything is decoded or queued, and gives it back when the call ends; a call
+that would go over the budget is refused at once with RESOURCE_EXHAUSTED (reason
+``memory_budget``), which costs the service almost nothing and frees the message.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from PIL import Image
+
+from visloc_client.preprocessing import DRAFT_MARGIN, resized_size
+
+from . import metrics
+from .errors import Overloaded
+
+MEMORY_BUDGET = "memory_budget"  # the shed reason
+MESSAGE_COPIES = 2  # gRPC's receive buffer and the request's bytes, alive together while it is served
+PIXEL_COPIES = 2  # the decoded frame and one working copy (mode conversion, EXIF turn, resize)
+BYTES_PER_PIXEL = 3  # RGB; a 4-band image is converted to 3 before its working copy
+
+
+def file_cost(data: bytes, *, draft: bool = False) -> int:
+    """Bytes a call carrying the image file ``data`` holds at its peak: the message and the
+    decoded pixels, the size read from the header (a header that cannot be read costs only its
+    message: the decode refuses it)."""
+    cost = MESSAGE_COPIES * len(data)
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            w, h = img.size
+            if draft and img.format == "JPEG":  # decoded at the DCT scale decode() picks
+                tw, th = resized_size(w, h)
+                scale = next((s for s in (8, 4, 2) if w // s >= DRAFT_MARGIN * tw and h // s >= DRAFT_MARGIN * th), 1)
+                w, h = -(-w // scale), -(-h // scale)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        return cost
+    return cost + PIXEL_COPIES * BYTES_PER_PIXEL * w * h
+
+
+def pixels_cost(data: bytes) -> int:
+    """Bytes a call carrying the model input (``LocateRequest.pixels``) holds."""
+    return MESSAGE_COPIES * len(data)
+
+
+class MemoryBudget:
+    """The bytes the calls of one worker (one event loop) hold, at most ``limit``; 0: unbounded.
+
+    Not thread-safe: used from the worker's event loop only, like the admission controller.
+    """
+
+    def __init__(self, limit: int) -> None:
+        if limit < 0:
+            raise ValueError(f"memory budget must be >= 0 bytes, got {limit}")
+        self.limit = limit
+        self.held = 0
+        metrics.MEMORY_BUDGET_BYTES.set(limit)
+
+    @contextmanager
+    def hold(self, nbytes: int, caller: str) -> Iterator[None]:
+        """Reserve ``nbytes`` for the length of the block, or raise :class:`Overloaded`. A call
+        larger than the whole budget goes ahead alone (the image limits bound it), never forever
+        refused."""
+        if self.limit and self.held and self.held + nbytes > self.limit:
+            metrics.ADMISSION_SHED.labels(reason=MEMORY_BUDGET, caller=caller).inc()
+            mb = 1 << 20
+            raise Overloaded(
+                f"memory budget: calls in flight hold {self.held / mb:.0f} MB of the worker's {self.limit / mb:.0f} MB "
+                f"and this image needs ~{nbytes / mb:.0f} MB; retry later (or send its model input: a fraction "
+                "of the file's memory)",
+                MEMORY_BUDGET,
+            )
+        self.held += nbytes
+        metrics.MEMORY_HELD_BYTES.inc(nbytes)
+        try:
+            yield
+        finally:
+            self.held -= nbytes
+            metrics.MEMORY_HELD_BYTES.dec(nbytes)
