@@ -443,13 +443,21 @@ def main(argv: list[str] | None = None) -> int:
         help="Triton images/s per GPU pod (NOT measured yet: bench/gpu.sh); 0: the measured CPU pod",
     )
     ap.add_argument("--base-per-s", type=float, default=300.0, help="load before and after the spike")
+    ap.add_argument(
+        "--photos",
+        choices=(*PHOTO_PATHS, "small"),
+        default="original",
+        help="what the service is priced on: the photo mix sent as files (original), to --fast-decode "
+        "services, or preprocessed by the callers (caller_pixels); small: 400 x 300 photos",
+    )
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "img" / "capacity-spike.png")
     ap.add_argument("--json", type=Path, default=None, help="write the summaries here")
     args = ap.parse_args(argv)  # fmt: skip
     bench = json.loads(BENCH_JSON.read_text())
     small = measured_costs(bench, args.gpu_images_per_s or None)
-    # Production traffic is the photo mix sent as files: the spike is priced on it when measured.
-    costs = photo_mix_costs(bench, "original", small) or small
+    # Production traffic is the photo mix (phone originals mostly): the spike is priced on it
+    # when measured, sent as --photos says.
+    costs = small if args.photos == "small" else photo_mix_costs(bench, args.photos, small) or small
     hpas = load_hpas("prod")
     scenario = Scenario(base_per_s=args.base_per_s)
     variants = {

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import time
 
 import grpc
 import pytest
@@ -15,9 +16,13 @@ from test_dataplane import GatedInference, gated_locator, shed, until, write_tin
 
 from swc_service import memory
 from swc_service.config import Settings
-from swc_service.errors import Overloaded, classify
+from swc_service.errors import DeadlineExceeded, Overloaded, classify
+from swc_service.interceptors import MemoryDoor, StatusInterceptor
+from swc_service.server import SERVICE_NAME
+from swc_service.servicer import LocatorServicer
 from visloc_client.preprocessing import preprocess, to_pixels
 from visloc_client.v1 import locator_pb2 as pb
+from visloc_client.v1 import locator_pb2_grpc as pb_grpc
 
 MB = 1 << 20
 
@@ -28,16 +33,20 @@ def photo(width: int, height: int, fmt: str = "PNG", value: int = 1) -> bytes:
     return buf.getvalue()
 
 
-def test_a_file_costs_its_message_twice_and_its_pixels_twice():
+def test_a_file_costs_its_message_three_times_and_its_pixels_twice():
     data = photo(1200, 800)
-    assert memory.file_cost(data) == 2 * len(data) + 2 * 3 * 1200 * 800
+    assert memory.file_cost(data) == memory.MESSAGE_COPIES * len(data) + 2 * 3 * 1200 * 800
     jpeg = photo(4000, 3000, "JPEG")
     drafted = memory.file_cost(jpeg, draft=True)  # 4000x3000 -> 1000x750 at a quarter, >= 2 x 400x300
-    assert drafted == 2 * len(jpeg) + 2 * 3 * 1000 * 750 < memory.file_cost(jpeg)
+    assert drafted == memory.MESSAGE_COPIES * len(jpeg) + 2 * 3 * 1000 * 750 < memory.file_cost(jpeg)
     small = photo(640, 480, "JPEG")  # too small to reduce: decoded in full, fast or not
-    assert memory.file_cost(small, draft=True) == memory.file_cost(small) == 2 * len(small) + 2 * 3 * 640 * 480
-    assert memory.file_cost(b"not an image") == 2 * len(b"not an image")  # the decode says why
-    assert memory.pixels_cost(b"x" * 360_000) == 720_000
+    assert (
+        memory.file_cost(small, draft=True)
+        == memory.file_cost(small)
+        == memory.MESSAGE_COPIES * len(small) + 2 * 3 * 640 * 480
+    )
+    assert memory.file_cost(b"not an image") == memory.MESSAGE_COPIES * len(b"not an image")  # the decode says why
+    assert memory.pixels_cost(b"x" * 360_000) == memory.MESSAGE_COPIES * 360_000
 
 
 def test_hold_reserves_refuses_beyond_and_gives_back():
@@ -87,5 +96,80 @@ def test_over_budget_calls_are_refused_before_decode_and_pixels_still_fit(tmp_pa
         assert loc.memory.held == 0
         assert (await loc.locate(pb.LocateRequest(image=big))).input_width == 450  # room again
         await loc.close()
+
+    asyncio.run(scenario())
+
+
+def test_the_door_waits_for_readers_and_refuses_when_calls_already_read_fill_the_budget():
+    async def scenario() -> None:
+        budget = memory.MemoryBudget(10 * MB, message_limit=MB)  # a reader counts 3 MB
+        for _ in range(3):
+            await budget.enter("a")  # 3 readers: 9 MB
+        assert budget.reading == 3
+        fourth = asyncio.ensure_future(budget.enter("a"))  # 12 MB > 10: it waits, unread
+        await asyncio.sleep(0.05)
+        assert not fourth.done()
+        budget.read()  # one message read: room for the fourth
+        await asyncio.wait_for(fourth, 5)
+        assert budget.reading == 3
+        for _ in range(3):
+            budget.read()
+        with budget.hold(8 * MB, "a"):  # calls already read hold 8 MB: no room for 3 more
+            with pytest.raises(Overloaded) as err:
+                await budget.enter("a")
+            assert err.value.reason == memory.MEMORY_BUDGET and budget.reading == 0
+        with budget.hold(6 * MB, "a"):  # room for one reader, not two: the second waits past its deadline
+            await budget.enter("a")
+            with pytest.raises(DeadlineExceeded):
+                await budget.enter("a", deadline=time.monotonic() + 0.05)
+            budget.read()
+        await budget.enter("a")  # nothing held or read: one always goes
+        budget.read()
+
+    asyncio.run(scenario())
+
+
+def test_a_call_refused_at_the_door_is_never_read(tmp_path):
+    """Over real gRPC on loopback: the door serves unary Locate, and while a call holds the
+    budget a new one is refused with RESOURCE_EXHAUSTED before its message is deserialized."""
+    bundle = write_tiny(tmp_path / "tiny")
+    big = photo(600, 400, value=1)
+    read: list[int] = []
+
+    def deserialize(raw: bytes) -> pb.LocateRequest:
+        read.append(len(raw))
+        return pb.LocateRequest.FromString(raw)
+
+    async def scenario() -> None:
+        fake = GatedInference()
+        loc = gated_locator(bundle, fake, memory_budget_mb=4, max_message_bytes=MB)
+        handler = grpc.unary_unary_rpc_method_handler(
+            LocatorServicer(loc).Locate, request_deserializer=deserialize,
+            response_serializer=pb.LocateResponse.SerializeToString,
+        )  # fmt: skip
+        server = grpc.aio.server(
+            interceptors=[MemoryDoor(SERVICE_NAME, loc.memory, None), StatusInterceptor(SERVICE_NAME)]
+        )
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, {"Locate": handler}),))
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                stub = pb_grpc.LocatorStub(channel)
+                first = asyncio.ensure_future(stub.Locate(pb.LocateRequest(image=big)))
+                await until(lambda: fake.entered == 1, "the first call in the model")
+                before = shed(memory.MEMORY_BUDGET)
+                with pytest.raises(grpc.aio.AioRpcError) as err:
+                    await stub.Locate(pb.LocateRequest(image=big, request_id="refused"))
+                assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "memory budget" in err.value.details()
+                assert read == [len(pb.LocateRequest(image=big).SerializeToString())]  # only the first was read
+                assert shed(memory.MEMORY_BUDGET) == before + 1 and loc.memory.reading == 0
+                fake.gate.set()
+                assert (await first).input_width == 450
+                assert (await stub.Locate(pb.LocateRequest(image=big))).input_width == 450  # room again
+                assert len(read) == 2 and loc.memory.held == 0
+        finally:
+            await server.stop(None)
+            await loc.close()
 
     asyncio.run(scenario())

@@ -6,7 +6,9 @@
 - :class:`AuthInterceptor`: names the caller from its bearer token (callers file + shared token,
   swc_service.callers) or refuses with ``Unauthenticated`` (which the status interceptor then
   answers, counts and logs like any other failure); with auth off every call is "anonymous".
-  The name goes to the data plane through :data:`~swc_service.callers.current_caller`.
+  The name goes to the data plane through :data:`~swc_service.callers.current_caller`;
+- :class:`MemoryDoor` (outermost): unary Locate waits or is refused at the worker's memory
+  budget before its message is read.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import grpc
 
 from . import metrics
 from .callers import ANONYMOUS, current_caller, identify
-from .errors import Unauthenticated, classify
+from .errors import DeadlineExceeded, Overloaded, Unauthenticated, classify
 
 log = logging.getLogger("swc_service.access")
 
@@ -153,3 +155,62 @@ class StatusInterceptor(ServiceInterceptor):
             access_log(method, grpc.StatusCode.OK, started, "")
 
         return wrapper
+
+
+class MemoryDoor(grpc.aio.ServerInterceptor):
+    """The worker's memory budget at the door of unary ``Locate``, before gRPC reads the message.
+
+    gRPC receives a unary call's whole message before any handler runs, so a burst of large
+    photos would be in memory before the budget could refuse one. The door serves ``Locate``
+    as a client-streaming method instead (the same call on the wire), which lets it wait or
+    refuse (:meth:`~swc_service.memory.MemoryBudget.enter`) before asking for the message; a
+    refused call's message stays on the caller's side (HTTP/2 flow control). Outermost: a
+    refusal here is answered, counted and logged here; the rest of the call goes through the
+    other interceptors as before. Streams are bounded by their in-flight window instead.
+    """
+
+    def __init__(self, service: str, budget, callers: Mapping[str, str] | None):
+        self.method = f"/{service}/Locate"
+        self.budget = budget
+        self.callers = None if callers is None else dict(callers)
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(details)
+        if handler is None or details.method != self.method or handler.unary_unary is None or not self.budget.limit:
+            return handler
+        inner = handler.unary_unary
+        budget = self.budget
+
+        async def behaviour(request_iterator, context: grpc.aio.ServicerContext):
+            started = time.perf_counter()
+            remaining = context.time_remaining()
+            try:
+                await budget.enter(self._caller(context), None if remaining is None else time.monotonic() + remaining)
+            except (Overloaded, DeadlineExceeded) as exc:
+                code, message = classify(exc)
+                access_log("Locate", code, started, "", message)
+                await context.abort(code, message)
+            try:
+                request = await request_iterator.__anext__()
+            except StopAsyncIteration:
+                request = None
+            finally:
+                budget.read()
+            if request is None:
+                access_log("Locate", grpc.StatusCode.INVALID_ARGUMENT, started, "", "no request message")
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "no request message")
+            return await inner(request, context)
+
+        codec = dict(request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer)
+        return grpc.stream_unary_rpc_method_handler(behaviour, **codec)
+
+    def _caller(self, context: grpc.aio.ServicerContext) -> str:
+        """The caller's name for the shed metric (the auth interceptor decides on the call itself)."""
+        try:
+            return caller_of(self.callers, context.invocation_metadata())
+        except Unauthenticated:
+            return "unauthenticated"

@@ -59,7 +59,7 @@ class Locator:
         self.inference = inference
         self.model_status = model_status
         self.admission = admission or AdmissionController(settings.admission_config())
-        self.memory = MemoryBudget(settings.memory_budget_mb << 20)
+        self.memory = MemoryBudget(settings.memory_budget_mb << 20, settings.max_message_bytes)
         self.state = ServingState.of(bundle, settings.pd_scales_km)
         self.recipe = Recipe(
             crop=settings.preprocessing == "center_crop_300",
@@ -93,16 +93,17 @@ class Locator:
         state = self.state
         opts = resolve_options(request.options, self.settings, state.density.scales_km)
         pixels = request.pixels if request.HasField("pixels") else None
-        if pixels is not None and request.image:
+        data = request.image  # read once: each read of a bytes field is a copy of the message's
+        if pixels is not None and data:
             raise InvalidArgument("the request carries both image and pixels; set one")
-        metrics.IMAGE_BYTES.observe(len(pixels.data) if pixels is not None else len(request.image))
+        metrics.IMAGE_BYTES.observe(len(pixels.data) if pixels is not None else len(data))
         # The memory it will hold is reserved, then the call admitted (or refused at once) before
         # any CPU is spent on the image; a queued call holds only its bytes, and no image is
         # decoded only to lose the race for a slot.
-        cost = pixels_cost(pixels.data) if pixels is not None else file_cost(request.image, draft=self.fast_decode)
+        cost = pixels_cost(pixels.data) if pixels is not None else file_cost(data, draft=self.fast_decode)
         with self.memory.hold(cost, caller):
             async with self.admission.admit(caller, deadline):
-                image = self.checked(pixels) if pixels is not None else await self.prepare(request.image)
+                image = self.checked(pixels) if pixels is not None else await self.prepare(data)
                 out = await self.batcher.submit(image.array, deadline, state.triton_version)
         pred = predict(state, out.cell_probs, out.embedding, opts)
         stages = {

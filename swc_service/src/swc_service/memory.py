@@ -5,12 +5,17 @@ Admission control counts calls; a 12 MP phone photo holds ~200 times the memory 
 worker's memory long before it takes its call slots. Every Locate reserves what its image
 will hold before anything is decoded or queued, and gives it back when the call ends; a call
 that would go over the budget is refused at once with RESOURCE_EXHAUSTED (reason
-``memory_budget``), which costs the service almost nothing and frees the message.
+``memory_budget``), which costs the service almost nothing and frees the message. A unary
+call is also held at a door before its message is read (:meth:`MemoryBudget.enter`,
+:class:`~swc_service.interceptors.MemoryDoor`): a burst of large messages is refused before
+gRPC has received them, HTTP/2 flow control keeping them on the callers' side.
 """
 
 from __future__ import annotations
 
+import asyncio
 import io
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -19,10 +24,10 @@ from PIL import Image
 from visloc_client.preprocessing import DRAFT_MARGIN, resized_size
 
 from . import metrics
-from .errors import Overloaded
+from .errors import DeadlineExceeded, Overloaded
 
 MEMORY_BUDGET = "memory_budget"  # the shed reason
-MESSAGE_COPIES = 2  # gRPC's receive buffer and the request's bytes, alive together while it is served
+MESSAGE_COPIES = 3  # gRPC's receive buffer, the request message's bytes and the copy the decode reads
 PIXEL_COPIES = 2  # the decoded frame and one working copy (mode conversion, EXIF turn, resize)
 BYTES_PER_PIXEL = 3  # RGB; a 4-band image is converted to 3 before its working copy
 
@@ -52,15 +57,58 @@ def pixels_cost(data: bytes) -> int:
 class MemoryBudget:
     """The bytes the calls of one worker (one event loop) hold, at most ``limit``; 0: unbounded.
 
-    Not thread-safe: used from the worker's event loop only, like the admission controller.
+    Two steps, because gRPC receives a unary call's whole message before any handler sees it:
+    at the **door** (:meth:`enter`, before the message is read) a call counts as the largest
+    message it could be (``message_limit`` bytes, held twice), and waits while readers fill the
+    budget (reading takes milliseconds) or is refused while calls already read fill it; once
+    read, it reserves what its image actually holds (:meth:`hold`). Not thread-safe: used from
+    the worker's event loop only, like the admission controller.
     """
 
-    def __init__(self, limit: int) -> None:
-        if limit < 0:
-            raise ValueError(f"memory budget must be >= 0 bytes, got {limit}")
+    def __init__(self, limit: int, message_limit: int = 0) -> None:
+        if limit < 0 or message_limit < 0:
+            raise ValueError(f"memory budget must be >= 0 bytes, got {limit} (messages {message_limit})")
         self.limit = limit
         self.held = 0
+        self.reading = 0  # calls past the door whose message is being read
+        self.per_reader = MESSAGE_COPIES * message_limit
+        self._changed = asyncio.Event()
         metrics.MEMORY_BUDGET_BYTES.set(limit)
+
+    def _refusal(self, nbytes: int, caller: str) -> Overloaded:
+        metrics.ADMISSION_SHED.labels(reason=MEMORY_BUDGET, caller=caller).inc()
+        mb = 1 << 20
+        return Overloaded(
+            f"memory budget: calls in flight hold {self.held / mb:.0f} MB of the worker's {self.limit / mb:.0f} MB "
+            f"and this image needs ~{nbytes / mb:.0f} MB; retry later (or send its model input: a fraction "
+            "of the file's memory)",
+            MEMORY_BUDGET,
+        )
+
+    async def enter(self, caller: str, deadline: float | None = None) -> None:
+        """The door, before a call's message is read: wait while other calls' messages being read
+        fill the budget; raise :class:`Overloaded` at once when the calls already read leave no
+        room for one more message, :class:`DeadlineExceeded` if the deadline passes waiting.
+        Every successful ``enter`` is followed by one :meth:`read`."""
+        while self.limit and (self.held or self.reading):
+            if self.held + self.per_reader > self.limit:
+                raise self._refusal(self.per_reader, caller)
+            if self.held + (self.reading + 1) * self.per_reader <= self.limit:
+                break
+            self._changed.clear()
+            timeout = None if deadline is None else deadline - time.monotonic()
+            if timeout is not None and timeout <= 0:
+                raise DeadlineExceeded("the deadline passed while the call waited to be read (memory budget)")
+            try:
+                await asyncio.wait_for(self._changed.wait(), timeout)
+            except TimeoutError:
+                raise DeadlineExceeded("the deadline passed while the call waited to be read (memory budget)") from None
+        self.reading += 1
+
+    def read(self) -> None:
+        """A call past the door has its message (or gave up): it no longer counts as a reader."""
+        self.reading -= 1
+        self._changed.set()
 
     @contextmanager
     def hold(self, nbytes: int, caller: str) -> Iterator[None]:
@@ -68,14 +116,7 @@ class MemoryBudget:
         larger than the whole budget goes ahead alone (the image limits bound it), never forever
         refused."""
         if self.limit and self.held and self.held + nbytes > self.limit:
-            metrics.ADMISSION_SHED.labels(reason=MEMORY_BUDGET, caller=caller).inc()
-            mb = 1 << 20
-            raise Overloaded(
-                f"memory budget: calls in flight hold {self.held / mb:.0f} MB of the worker's {self.limit / mb:.0f} MB "
-                f"and this image needs ~{nbytes / mb:.0f} MB; retry later (or send its model input: a fraction "
-                "of the file's memory)",
-                MEMORY_BUDGET,
-            )
+            raise self._refusal(nbytes, caller)
         self.held += nbytes
         metrics.MEMORY_HELD_BYTES.inc(nbytes)
         try:
@@ -83,3 +124,4 @@ class MemoryBudget:
         finally:
             self.held -= nbytes
             metrics.MEMORY_HELD_BYTES.dec(nbytes)
+            self._changed.set()

@@ -119,7 +119,7 @@ async def serve(settings: Settings, *, on_started=None) -> None:
     """Run one server until SIGTERM/SIGINT, then drain: NOT_SERVING, finish in-flight calls, exit."""
     from . import metrics
     from .admission import AdmissionController
-    from .interceptors import AuthInterceptor, StatusInterceptor
+    from .interceptors import AuthInterceptor, MemoryDoor, StatusInterceptor
     from .locator import Locator
     from .servicer import LocatorServicer
     from .triton_pool import TritonPool
@@ -139,8 +139,13 @@ async def serve(settings: Settings, *, on_started=None) -> None:
     )
     callers = settings.callers()
     server = grpc.aio.server(
-        # Outermost first: the status interceptor answers, counts and logs auth failures too.
-        interceptors=[StatusInterceptor(SERVICE_NAME), AuthInterceptor(SERVICE_NAME, callers)],
+        # Outermost first: the memory door acts before a message is read; the status interceptor
+        # answers, counts and logs auth failures too.
+        interceptors=[
+            MemoryDoor(SERVICE_NAME, locator.memory, callers),
+            StatusInterceptor(SERVICE_NAME),
+            AuthInterceptor(SERVICE_NAME, callers),
+        ],
         options=grpc_options(settings),
         maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
     )
