@@ -789,6 +789,9 @@ def test_cli_evaluate_real_sigint(fake, tmp_path):
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        # A shell's background job starts with SIGINT ignored, and Python then keeps it ignored:
+        # give the child the default disposition whatever started this test run.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     assert "evaluating 20 images" in proc.stderr.readline()
     time.sleep(0.6)
