@@ -13,7 +13,7 @@ from test_caller_preprocessing import served
 from test_dataplane import write_tiny
 
 from bench import photos
-from visloc_client.preprocessing import DRAFT_MARGIN, decode, preprocess, resized_size
+from visloc_client.preprocessing import DRAFT_MARGIN, decode, draft_size, preprocess, resized_size
 from visloc_client.v1 import locator_pb2 as pb
 from visloc_client.v1 import locator_pb2_grpc as pb_grpc
 
@@ -43,6 +43,7 @@ def test_large_jpegs_are_decoded_reduced_others_in_full(mix):
         if full.format == "JPEG" and w >= 2 * DRAFT_MARGIN * tw:  # at least one halving fits
             assert reduced.size[0] < w and reduced.size[0] >= DRAFT_MARGIN * tw, name
             assert reduced.size[1] >= DRAFT_MARGIN * th, name
+            assert reduced.size == draft_size(w, h), name  # what the memory budget reserves for
         else:
             assert reduced.size == full.size, name
             np.testing.assert_array_equal(preprocess(data, draft=True).array, preprocess(data).array)

@@ -112,6 +112,19 @@ def resize(img: Image.Image, short_side: int = SHORT_SIDE) -> Image.Image:
 
 
 DRAFT_MARGIN = 2  # a draft decode keeps at least twice the model input's size
+
+
+def draft_size(width: int, height: int) -> tuple[int, int]:
+    """The size a JPEG of ``width`` x ``height`` decodes to with ``decode(..., draft=True)``: the
+    smallest DCT scale (1/2, 1/4, 1/8) that keeps ``DRAFT_MARGIN`` times the model input on each
+    side, as Pillow's draft picks it (sides rounded up)."""
+    target_w, target_h = resized_size(width, height)
+    scale = next(
+        (s for s in (8, 4, 2) if width // s >= DRAFT_MARGIN * target_w and height // s >= DRAFT_MARGIN * target_h), 1
+    )
+    return -(-width // scale), -(-height // scale)
+
+
 ORIENTATION = 0x0112  # the EXIF tag
 SOURCE_SIZE = "visloc_source_size"  # in Image.info of a draft-decoded image
 

@@ -21,7 +21,7 @@ from contextlib import contextmanager
 
 from PIL import Image
 
-from visloc_client.preprocessing import DRAFT_MARGIN, resized_size
+from visloc_client.preprocessing import draft_size
 
 from . import metrics
 from .errors import DeadlineExceeded, Overloaded
@@ -40,10 +40,8 @@ def file_cost(data: bytes, *, draft: bool = False) -> int:
     try:
         with Image.open(io.BytesIO(data)) as img:
             w, h = img.size
-            if draft and img.format == "JPEG":  # decoded at the DCT scale decode() picks
-                tw, th = resized_size(w, h)
-                scale = next((s for s in (8, 4, 2) if w // s >= DRAFT_MARGIN * tw and h // s >= DRAFT_MARGIN * th), 1)
-                w, h = -(-w // scale), -(-h // scale)
+            if draft and img.format == "JPEG":  # decoded at a reduced DCT scale
+                w, h = draft_size(w, h)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
         return cost
     return cost + PIXEL_COPIES * BYTES_PER_PIXEL * w * h
