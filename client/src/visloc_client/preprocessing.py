@@ -102,13 +102,10 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def resize(img: Image.Image, short_side: int = SHORT_SIDE) -> Image.Image:
-    """Resize an RGB image so its shorter side is ``short_side`` (reference rule)."""
-    w, h = img.size
-    new_w, new_h = resized_size(w, h, short_side)
-    if (new_w, new_h) == (w, h):
-        return img
-    return img.resize((new_w, new_h), Image.BILINEAR)
+def resize(img: Image.Image, size: tuple[int, int]) -> Image.Image:
+    """The reference's resize (PIL bilinear with antialiasing) of an RGB image to ``size``, which
+    :func:`resized_size` gives from the source's size (a draft decode's image is smaller)."""
+    return img if img.size == size else img.resize(size, Image.BILINEAR)
 
 
 DRAFT_MARGIN = 2  # a draft decode keeps at least twice the model input's size
@@ -182,8 +179,7 @@ def prepare_image(img: Image.Image, limits: Limits = Limits(), source: tuple[int
             f"over the limit of {limits.max_side} px on the long side"
         )
     try:
-        rgb = to_rgb(img)
-        rgb = rgb if rgb.size == (new_w, new_h) else rgb.resize((new_w, new_h), Image.BILINEAR)
+        rgb = resize(to_rgb(img), (new_w, new_h))
     except (OSError, ValueError) as exc:
         raise ImageError(f"image could not be converted: {exc}") from exc
     return np.ascontiguousarray(np.asarray(rgb, dtype=np.uint8))
