@@ -27,7 +27,7 @@ $(STAMP): pyproject.toml client/pyproject.toml swc_service/pyproject.toml swc_se
 	$(PY) -m pip install -q --upgrade pip
 	# torch first and pinned: the CPU build on this machine's disk, never the CUDA one.
 	$(PY) -m pip install -q "torch==2.13.0"
-	$(PY) -m pip install -q -e "./client[plot,web,exif,preprocess]" -e "./swc_service[triton]" -e "./export[fetch]" -e . -r requirements-dev.txt
+	$(PY) -m pip install -q -e "./client[plot,web,exif,preprocess,tracing]" -e "./swc_service[triton,tracing]" -e "./export[fetch]" -e . -r requirements-dev.txt
 	touch $(STAMP)
 	touch $(KERNELS)
 

@@ -18,6 +18,7 @@ TARGETS = [
     ("12 MP JPEG: bytes sent, caller-side / server-side (the file)", "photo_12mp_caller_bytes", "<=", 1 / 3),
     ("12 MP JPEG: service CPU, fast decode / exact", "photo_12mp_fast_cpu", "<=", 0.4),
     ("burst of 12 MP photos: worker's peak RSS growth / its memory budget", "burst_growth_vs_budget", "<=", 1.0),
+    ("Locate throughput, tracing at 100 % / tracing off", "tracing_vs_off", ">=", 0.97),
 ]
 PHOTO_12MP = "12mp_jpeg"
 
@@ -60,6 +61,8 @@ def ratios(r: dict) -> dict[str, float]:
     if "burst" in r:
         b = r["burst"]["with_budget"]
         out["burst_growth_vs_budget"] = b["growth_mb"] / b["memory_budget_mb"]
+    if "tracing" in r:
+        out["tracing_vs_off"] = r["tracing"]["ratio"]
     if "memory" in r:
         out["rss_vs_seed"] = r["memory"]["ours_rss_mb"] / r["memory"]["seed_rss_mb"]
         out["startup_s"] = r["memory"]["ours_startup_s"]
@@ -227,6 +230,8 @@ def write_report(r: dict, md_path: Path, img_dir: Path) -> None:
         lines += photo_mix_section(r["photo_mix"])
     if "burst" in r:
         lines += burst_section(r["burst"])
+    if "tracing" in r:
+        lines += tracing_section(r["tracing"])
     lines += _analysis(r, q)
     if INDEX_RESULTS.is_file():  # bench/index_bench.py, run on its own
         lines += index_section(json.loads(INDEX_RESULTS.read_text()))
@@ -272,6 +277,38 @@ def photo_mix_section(m: dict) -> list[str]:
             f"{d['distance_km_median']:.3g} / {d['distance_km_max']:.3g} km |"
         )
     return lines + [""]
+
+
+def tracing_section(t: dict) -> list[str]:
+    """Step 10: Locate with tracing off and at 100 % sampling, in turn (bench/trace_cost.py)."""
+    lines = [
+        "## What tracing costs",
+        "",
+        f"Two services on one Triton, Locate at concurrency {t['concurrency']}, {t['seconds']:.0f} s each, in turn "
+        f"({len(t['rounds'])} rounds): one with tracing off, one exporting every call (`OTEL_TRACES_SAMPLER="
+        "always_on`) over OTLP/gRPC to a receiver on loopback in its own process (`bench/trace_cost.py`"
+        + (f"; this section measured on its own at {t['when']}, same machine kind and bundle" if "when" in t else "")
+        + ").",
+        "",
+        "| round | off images/s | 100 % images/s | ratio | service CPU ms/image off | 100 % |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for i, x in enumerate(t["rounds"], 1):
+        lines.append(
+            f"| {i} | {x['off']['per_s']:.2f} | {x['on']['per_s']:.2f} | {x['ratio']:.3f} | "
+            f"{x['off']['cpu_ms_per_image']['service']:.2f} | {x['on']['cpu_ms_per_image']['service']:.2f} |"
+        )
+    cpu = t["service_cpu_ms"]
+    lines += [
+        "",
+        f"Median ratio **{t['ratio']:.3f}** (the rounds spread wider than the difference: this machine's speed "
+        f"drifts between 8 s points). The service's CPU per image {cpu['off']:.2f} ms off, {cpu['on']:.2f} ms at "
+        f"100 % (+{cpu['on'] - cpu['off']:.2f} ms for {t['spans_per_call']:.1f} spans a call; {t['spans_received']} "
+        f"received): **{100 * t.get('cpu_share', 0):.2f} %** of the stack's {t.get('stack_cpu_ms', 0):.0f} ms of CPU "
+        "per image (service and Triton), the throughput it can cost where the CPUs are the bottleneck.",
+        "",
+    ]
+    return lines
 
 
 def burst_section(b: dict) -> list[str]:

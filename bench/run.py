@@ -8,7 +8,8 @@
 6. memory and start-up at upstream scale, ours vs the seed's loading;
 7. a realistic mix of photo shapes: exact preprocessing vs centre crop;
 8. real photos (bench/photos.py): service CPU and bytes per image, file vs fast decode vs caller-side pixels;
-9. a burst of 12 MP photos against one worker: peak memory with and without the memory budget.
+9. a burst of 12 MP photos against one worker: peak memory with and without the memory budget;
+10. tracing: Locate throughput with tracing off and at 100 % sampling (OTLP to a local receiver).
 
 Results: bench/results/bench.json; docs/BENCHMARKS.md and PNG plots (bench/report.py).
 Everything runs on loopback, bounded in time and count.
@@ -33,7 +34,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 
-from bench import burst, photo_mix
+from bench import burst, photo_mix, trace_cost
 from bench.load import run_load
 from bench.procstat import proc_stat, tree_cpu_s
 from devtools.net import free_port, wait_serving
@@ -167,13 +168,13 @@ def locate_stream(target: str, images: list[bytes], in_flight: int, seconds: flo
 class Service:
     """swc-service as a subprocess for the benchmark."""
 
-    def __init__(self, bundle: Path, triton_url: str, *extra: str):
+    def __init__(self, bundle: Path, triton_url: str, *extra: str, env: dict[str, str] | None = None):
         self.port = free_port()
         self.target = f"127.0.0.1:{self.port}"
         cmd = [sys.executable, "-m", "swc_service.server", "--bundle", str(bundle), "--port", str(self.port),
                "--metrics-port", "0", "--triton-url", triton_url, "--log-level", "WARNING", *extra]  # fmt: skip
         self.started = time.monotonic()
-        self.proc = subprocess.Popen(cmd)
+        self.proc = subprocess.Popen(cmd, env={**os.environ, **env} if env else None)
         self.startup_s = self._wait_serving()
 
     def _wait_serving(self, timeout: float = 120) -> float:
@@ -459,6 +460,14 @@ def main(argv: list[str] | None = None) -> int:
 
         log("9. a burst of 12 MP photos against one worker, with and without the memory budget")
         results["burst"] = burst.measure(lambda *flags: Service(bundle_dir, triton.grpc_url, *flags))
+
+        log("10. tracing off vs 100 % sampling, Locate c=16, in turn")
+        pids_of = lambda svc: {"service": svc.proc.pid, "triton": triton.pid}  # noqa: E731
+        results["tracing"] = trace_cost.measure(
+            lambda env: Service(bundle_dir, triton.grpc_url, "--max-batch", str(max_batch), env=env),
+            lambda svc: measure(lambda c, s: locate_unary(svc.target, images, c, s), pids_of(svc), 16, args.seconds),
+            2 * args.rounds,  # the difference is small beside the machine's drift: more rounds
+        ) | {"concurrency": 16, "seconds": args.seconds}
 
         del ort
         log("4/5. seed-style pipeline and post-processing (background in RAM as float32)")

@@ -5,7 +5,8 @@
 #
 # Only client/ and swc_service/ are copied (deploy/service.Dockerfile.dockerignore); the image
 # holds the two packages and their runtime dependencies from PyPI (numpy, Pillow, grpcio,
-# tritonclient[grpc], prometheus-client) and NOT the `triton` extra (the embedded local
+# tritonclient[grpc], prometheus-client), the `tracing` extra (OpenTelemetry SDK and OTLP exporters:
+# traces are then a matter of OTEL_* variables) and NOT the `triton` extra (the embedded local
 # Triton), torch or onnxruntime. The model runs in Triton; the bundle is mounted at /bundle.
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 
@@ -20,9 +21,9 @@ RUN apt-get update \
 COPY client/ client/
 COPY swc_service/ swc_service/
 # Both local packages at once, so swc_service's `visloc-client` requirement resolves to ./client.
-RUN python -m pip wheel --wheel-dir /wheels ./client ./swc_service \
+RUN python -m pip wheel --wheel-dir /wheels "./client[tracing]" "./swc_service[tracing]" \
  && python -m venv /opt/venv \
- && /opt/venv/bin/pip install --no-index --find-links /wheels visloc-client visloc-swc-service \
+ && /opt/venv/bin/pip install --no-index --find-links /wheels "visloc-client[tracing]" "visloc-swc-service[tracing]" \
  && /opt/venv/bin/pip uninstall -y pip \
  && /opt/venv/bin/python -c "import importlib.util as u, sys; bad = [m for m in ('torch', 'pytriton', 'onnxruntime') if u.find_spec(m)]; sys.exit(f'unexpected in the service image: {bad}' if bad else 0)"
 

@@ -156,7 +156,8 @@ class LocalTriton:
     :meth:`start`). ``workdir`` None means a temporary directory removed by :meth:`stop`;
     a given one is kept (it holds the rendered repository and ``tritonserver.log``).
     ``threads`` is onnxruntime's intra-op thread count (0: its default); ``max_batch_size`` and
-    ``max_queue_delay_us`` default to the production config's values.
+    ``max_queue_delay_us`` default to the production config's values; ``extra_args`` are more
+    ``tritonserver`` flags.
     """
 
     def __init__(
@@ -175,8 +176,10 @@ class LocalTriton:
         log_file: str | os.PathLike[str] | None = None,
         config_path: str | os.PathLike[str] | None = None,
         exit_timeout_s: int = 10,
+        extra_args: tuple[str, ...] = (),
     ):
         self.bundle = B.load_bundle(bundle_dir)
+        self.extra_args = tuple(extra_args)  # more tritonserver flags (e.g. --trace-config)
         self.config = local_config(
             self.bundle.num_cells,
             path=config_path,
@@ -296,6 +299,7 @@ class LocalTriton:
             f"--metrics-address={h}",
             f"--metrics-port={self.metrics_port}",
             f"--exit-timeout-secs={self.exit_timeout_s}",
+            *self.extra_args,
         ]
 
     def start(self, timeout: float = 180.0) -> LocalTriton:

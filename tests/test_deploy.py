@@ -368,7 +368,11 @@ def test_swc_service_probes_settings_and_bundle(name):
     assert set(bundle_cm["data"]) == {"VISLOC_BUNDLE"} and not set(bundle_cm["data"]) & set(settings_cm["data"])
     data = {**bundle_cm["data"], **settings_cm["data"]}
     fields = {"VISLOC_" + f.upper() for f in Settings.__dataclass_fields__}
-    assert set(data) <= fields, f"not service settings: {set(data) - fields}"
+    otel = {k: v for k, v in data.items() if k.startswith("OTEL_")}  # tracing: the standard variables
+    assert set(data) - set(otel) <= fields, f"not service settings: {set(data) - fields - set(otel)}"
+    from visloc_client.tracing import check
+
+    assert check(otel) == ("otlp" if otel else None)  # the service would start with them
     s = load_settings([], env=data)  # the settings parse and validate as the service would
     assert s.host == "0.0.0.0"
     ports = {p["name"]: p["containerPort"] for p in c["ports"]}
@@ -916,7 +920,7 @@ def test_compose_file():
 
     compose = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
     services = compose["services"]
-    assert set(services) == {"triton", "swc-service", "prometheus", "grafana"}
+    assert set(services) == {"triton", "swc-service", "prometheus", "grafana", "jaeger"}
     triton, swc = services["triton"], services["swc-service"]
     (device,) = triton["deploy"]["resources"]["reservations"]["devices"]
     assert device == {"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}
@@ -926,15 +930,20 @@ def test_compose_file():
     assert set(triton["networks"]) == {"inference"}
     for name, svc in services.items():
         if "inference" in svc.get("networks", []):
-            assert name in {"triton", "swc-service", "prometheus"}
+            assert name in {"triton", "swc-service", "prometheus", "jaeger"}
     assert swc["read_only"] is True and swc["user"].split(":")[0] == "10001"
     assert swc["build"] == {"context": "..", "dockerfile": "deploy/service.Dockerfile"}
     assert swc["depends_on"]["triton"]["condition"] == "service_healthy"
     fields = {"VISLOC_" + f.upper() for f in Settings.__dataclass_fields__}
-    assert set(swc["environment"]) <= fields
+    assert {k for k in swc["environment"] if not k.startswith("OTEL_")} <= fields
+    # Traces: the service to Jaeger over OTLP/gRPC, Triton over OTLP/HTTP (its only exporter).
+    assert swc["environment"]["OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"] == "http://jaeger:4317"
+    assert triton["environment"]["OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"] == "http://jaeger:4318/v1/traces"
+    assert "--trace-config=mode=opentelemetry" in triton["command"]
+    assert "--enable-feature=exemplar-storage" in services["prometheus"]["command"]
     assert swc["environment"]["VISLOC_TRITON_URL"] == "triton:8001"
     assert any(v.endswith(":/bundle:ro") for v in swc["volumes"])
-    for name in ("prometheus", "grafana"):
+    for name in ("prometheus", "grafana", "jaeger"):
         assert all(p.startswith("127.0.0.1:") for p in services[name]["ports"]), f"{name} on loopback only"
     # Mounted host paths exist in the repository.
     for svc in services.values():
@@ -959,6 +968,15 @@ def test_grafana_provisioning():
     mounts = dict(v.split(":")[:2] for v in compose["services"]["grafana"]["volumes"])
     assert mounts["./grafana/dashboards"] == provider["options"]["path"]
     assert (DEPLOY / "grafana" / "dashboards" / "visloc.json").is_file()
+    # Exemplars link the latency panels to the trace backend's data source.
+    (jaeger,) = yaml.safe_load((DEPLOY / "grafana" / "provisioning" / "datasources" / "jaeger.yml").read_text())[
+        "datasources"
+    ]
+    assert jaeger["type"] == "jaeger" and jaeger["url"] == "http://jaeger:16686"
+    assert source["jsonData"]["exemplarTraceIdDestinations"] == [{"name": "trace_id", "datasourceUid": jaeger["uid"]}]
+    dashboard = json.loads((DEPLOY / "grafana" / "dashboards" / "visloc.json").read_text())
+    exemplars = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", []) if t.get("exemplar")]
+    assert any("visloc_request_duration_seconds_bucket" in e for e in exemplars)
 
 
 def test_docs_name_every_alert():

@@ -85,6 +85,11 @@ class RetryPolicy:
         return cap / 2 + random.uniform(0, cap / 2)
 
 
+def rpc_name(request: Any) -> str:
+    """The Locator method a request message is for (``LocateRequest`` -> ``Locate``)."""
+    return type(request).__name__.removesuffix("Request")
+
+
 @dataclass(frozen=True)
 class Connection:
     """Everything needed to open a channel and authorise calls, sync or aio alike."""

@@ -11,7 +11,8 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import grpc
 import grpc.aio
 
-from visloc_client._common import ClientBase, ImageInput, UnaryCall
+from visloc_client import tracing
+from visloc_client._common import ClientBase, ImageInput, UnaryCall, rpc_name
 from visloc_client._stream import Batch, Incoming, StreamEnd, StreamRound
 from visloc_client.errors import LocateError
 from visloc_client.results import BatchItem, LocateResult, ServiceInfo
@@ -48,11 +49,12 @@ class AsyncLocatorClient(ClientBase):
 
     async def _unary(self, method: Callable[..., Awaitable[T]], request: Any) -> T:
         call = UnaryCall(self._conn)
-        while True:
-            try:
-                return call.succeeded(await method(request, timeout=call.next_timeout(), metadata=self._conn.metadata))
-            except grpc.RpcError as err:
-                await asyncio.sleep(call.failed(err))
+        with tracing.call(rpc_name(request), self._conn.metadata, self._conn.target) as metadata:
+            while True:
+                try:
+                    return call.succeeded(await method(request, timeout=call.next_timeout(), metadata=metadata))
+                except grpc.RpcError as err:
+                    await asyncio.sleep(call.failed(err))
 
     async def locate(self, image: ImageInput, **options: Unpack[LocateOptionArgs]) -> LocateResult:
         """Locate one image (bytes or a path): see ``LocatorClient.locate``. Reading and
@@ -103,30 +105,31 @@ class AsyncLocatorClient(ClientBase):
 
     async def _stream_once(self, stream: StreamRound) -> AsyncIterator[BatchItem]:
         """One stream until the batch is done or the stream fails (``stream.error`` says how)."""
-        call = self._stub.LocateStream(metadata=self._conn.metadata)
-        responses: asyncio.Queue[Incoming] = asyncio.Queue()
-        reader = asyncio.ensure_future(_read(call, responses))
-        try:
-            while True:
-                for request in stream.requests():
-                    with contextlib.suppress(*_DEAD_CALL):
-                        await call.write(request)
-                for item in stream.ready():
-                    yield item
-                if stream.over():
-                    if stream.clean:
+        with tracing.call("LocateStream", self._conn.metadata, self._conn.target) as metadata:
+            call = self._stub.LocateStream(metadata=metadata)
+            responses: asyncio.Queue[Incoming] = asyncio.Queue()
+            reader = asyncio.ensure_future(_read(call, responses))
+            try:
+                while True:
+                    for request in stream.requests():
                         with contextlib.suppress(*_DEAD_CALL):
-                            await call.done_writing()
-                    return
-                stream.receive(await _next(responses, stream.wait_time()))
-        finally:
-            if stream.clean:  # let the server finish the call rather than see it cancelled
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(asyncio.shield(reader), 1.0)
-            call.cancel()
-            reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await reader
+                            await call.write(request)
+                    for item in stream.ready():
+                        yield item
+                    if stream.over():
+                        if stream.clean:
+                            with contextlib.suppress(*_DEAD_CALL):
+                                await call.done_writing()
+                        return
+                    stream.receive(await _next(responses, stream.wait_time()))
+            finally:
+                if stream.clean:  # let the server finish the call rather than see it cancelled
+                    with contextlib.suppress(asyncio.TimeoutError):
+                        await asyncio.wait_for(asyncio.shield(reader), 1.0)
+                call.cancel()
+                reader.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await reader
 
 
 async def _read(call: Any, responses: asyncio.Queue[Incoming]) -> None:

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from visloc_client import __version__
+from visloc_client import __version__, tracing
 from visloc_client._common import LOAD_BALANCING_POLICIES, TLSConfig
 from visloc_client.client import LocatorClient
 from visloc_client.dataset import list_images, load_metadata, match_id
@@ -568,11 +568,27 @@ def _print_list(title: str, lines: list[str], out: str | None) -> None:
         print(f"  ... and {len(lines) - len(shown)} more (all listed in {out})")
 
 
+def _traced(args: argparse.Namespace, provider: Any) -> int:
+    """The command, as one span ``visloc <command>`` when tracing (each call a child of it);
+    ``visloc web`` serves for hours: its calls are traces of their own."""
+    if provider is None or args.command == "web":
+        return int(args.func(args))
+    from opentelemetry import trace
+
+    with trace.get_tracer("visloc_client").start_as_current_span(f"visloc {args.command}"):
+        return int(args.func(args))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    try:  # OTEL_* variables: this command's calls are traced and exported (the tracing extra)
+        provider = tracing.configure("visloc")
+    except tracing.TracingConfigError as err:
+        _err(f"tracing: {err}")
+        return EXIT_USAGE
     try:
-        return int(args.func(args))
+        return _traced(args, provider)
     except ValueError as err:  # bad option values, e.g. a negative --neighbours
         _err(str(err))
         return EXIT_USAGE
@@ -581,6 +597,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
+    finally:
+        if provider is not None:
+            provider.shutdown()  # export the spans before the process ends
 
 
 if __name__ == "__main__":

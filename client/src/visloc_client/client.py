@@ -10,7 +10,8 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
 
-from visloc_client._common import ClientBase, ImageInput, UnaryCall
+from visloc_client import tracing
+from visloc_client._common import ClientBase, ImageInput, UnaryCall, rpc_name
 from visloc_client._stream import Batch, Incoming, StreamEnd, StreamRound
 from visloc_client.errors import LocateError
 from visloc_client.results import BatchItem, LocateResult, ServiceInfo
@@ -61,11 +62,12 @@ class LocatorClient(ClientBase):
 
     def _unary(self, method: Callable[..., T], request: Any) -> T:
         call = UnaryCall(self._conn)
-        while True:
-            try:
-                return call.succeeded(method(request, timeout=call.next_timeout(), metadata=self._conn.metadata))
-            except grpc.RpcError as err:
-                time.sleep(call.failed(err))
+        with tracing.call(rpc_name(request), self._conn.metadata, self._conn.target) as metadata:
+            while True:
+                try:
+                    return call.succeeded(method(request, timeout=call.next_timeout(), metadata=metadata))
+                except grpc.RpcError as err:
+                    time.sleep(call.failed(err))
 
     def locate(self, image: ImageInput, **options: Unpack[LocateOptionArgs]) -> LocateResult:
         """Locate one image (bytes or a path). ``options`` are the fields of ``LocateOptions``
@@ -128,22 +130,23 @@ class LocatorClient(ClientBase):
         """Run one stream until the batch is done or the stream fails. Responses are read by a
         helper thread into a queue so that this thread can time out, retry on schedule and
         stay interruptible (Ctrl-C) while waiting."""
-        requests: queue.Queue[Any] = queue.Queue()
-        responses: queue.Queue[Incoming] = queue.Queue()
-        call = self._stub.LocateStream(iter(requests.get, _CLOSE), metadata=self._conn.metadata)
-        threading.Thread(target=_read, args=(call, responses), name="visloc-stream-reader", daemon=True).start()
-        try:
-            while True:
-                for request in stream.requests():
-                    requests.put(request)
-                yield from stream.ready()
-                if stream.over():
-                    return
-                stream.receive(_next(responses, stream.wait_time()))
-        finally:
-            requests.put(_CLOSE)
-            if not stream.clean:
-                call.cancel()
+        with tracing.call("LocateStream", self._conn.metadata, self._conn.target) as metadata:
+            requests: queue.Queue[Any] = queue.Queue()
+            responses: queue.Queue[Incoming] = queue.Queue()
+            call = self._stub.LocateStream(iter(requests.get, _CLOSE), metadata=metadata)
+            threading.Thread(target=_read, args=(call, responses), name="visloc-stream-reader", daemon=True).start()
+            try:
+                while True:
+                    for request in stream.requests():
+                        requests.put(request)
+                    yield from stream.ready()
+                    if stream.over():
+                        return
+                    stream.receive(_next(responses, stream.wait_time()))
+            finally:
+                requests.put(_CLOSE)
+                if not stream.clean:
+                    call.cancel()
 
 
 def _read(call: Iterator[pb.LocateStreamResponse], responses: queue.Queue[Incoming]) -> None:

@@ -5,6 +5,7 @@ batcher only merges requests of equal shape, closing a batch at every change (SP
 Holding requests for a short window per shape restores batching without changing a single
 pixel; Triton still merges the groups of many service replicas. Groups are keyed by (model
 version, shape): during a bundle swap, images of the old and the new bundle never share a batch.
+While tracing, each Triton request is one span linked to the span of every image it carries.
 """
 
 from __future__ import annotations
@@ -13,9 +14,11 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
+
+from . import tracing
 
 
 class InferFn(Protocol):
@@ -36,11 +39,13 @@ class BatchedOutput:
     batch_size: int
     queue_s: float
     infer_s: float
+    call: Any = None  # the SpanContext of the Triton request's span while tracing
 
 
 @dataclass
 class _Group:
-    items: list[tuple[np.ndarray, asyncio.Future, float, float | None]] = field(default_factory=list)
+    # (image, its future, when it was queued, its deadline, its caller's SpanContext or None)
+    items: list[tuple[np.ndarray, asyncio.Future, float, float | None, Any]] = field(default_factory=list)
     timer: asyncio.TimerHandle | None = None
 
 
@@ -71,7 +76,7 @@ class ShapeBatcher:
         if group is None:
             group = self._pending[key] = _Group()
             group.timer = loop.call_later(self.window_s, self._flush, key)
-        group.items.append((image, fut, time.monotonic(), deadline))
+        group.items.append((image, fut, time.monotonic(), deadline, tracing.context()))
         if len(group.items) >= self.max_batch:
             self._flush(key)
         return await fut
@@ -97,16 +102,17 @@ class ShapeBatcher:
         if self._on_batch is not None:
             self._on_batch(len(live))
         try:
-            probs, emb = await self._infer(batch, timeout, model_version=model_version)
+            with tracing.triton_call([item[4] for item in live], model_version) as call:
+                probs, emb = await self._infer(batch, timeout, model_version=model_version)
         except Exception as exc:  # noqa: BLE001 - every waiter gets the same failure
-            for _, fut, _, _ in live:
-                if not fut.done():
-                    fut.set_exception(exc)
+            for item in live:
+                if not item[1].done():
+                    item[1].set_exception(exc)
             return
         done = time.monotonic()
-        for i, (_, fut, queued, _) in enumerate(live):
+        for i, (_, fut, queued, _, _) in enumerate(live):
             if not fut.done():
-                fut.set_result(BatchedOutput(probs[i], emb[i], len(live), sent - queued, done - sent))
+                fut.set_result(BatchedOutput(probs[i], emb[i], len(live), sent - queued, done - sent, call))
 
     async def drain(self) -> None:
         """Send whatever is waiting now and wait for the batches in flight (graceful stop)."""

@@ -7,7 +7,9 @@
   swc_service.callers) or refuses with ``Unauthenticated`` (which the status interceptor then
   answers, counts and logs like any other failure); with auth off every call is "anonymous".
   The name goes to the data plane through :data:`~swc_service.callers.current_caller`;
-- :class:`MemoryDoor` (outermost): unary Locate waits or is refused at the worker's memory
+- :class:`TracingInterceptor` (outermost, only while tracing is on): one OpenTelemetry SERVER
+  span per call, continuing the caller's trace;
+- :class:`MemoryDoor` (outermost but for tracing): unary Locate waits or is refused at the worker's memory
   budget before its message is read.
 """
 
@@ -21,7 +23,7 @@ from collections.abc import Awaitable, Callable, Mapping
 
 import grpc
 
-from . import metrics
+from . import metrics, tracing
 from .callers import ANONYMOUS, current_caller, identify
 from .errors import DeadlineExceeded, Overloaded, Unauthenticated, classify
 
@@ -68,9 +70,14 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
             return grpc.unary_unary_rpc_method_handler(self.unary(method, handler.unary_unary), **codec)
         if handler.stream_stream is not None:
             return grpc.stream_stream_rpc_method_handler(self.stream(method, handler.stream_stream), **codec)
+        if handler.stream_unary is not None:  # unary Locate behind the memory door
+            return grpc.stream_unary_rpc_method_handler(self.stream_unary(method, handler.stream_unary), **codec)
         return handler
 
     def unary(self, method: str, behaviour: Behaviour) -> Behaviour:
+        return behaviour
+
+    def stream_unary(self, method: str, behaviour: Behaviour) -> Behaviour:
         return behaviour
 
     def stream(self, method: str, behaviour: Behaviour) -> Behaviour:
@@ -105,8 +112,10 @@ def access_log(method: str, code: grpc.StatusCode, started: float, request_id: s
     """Count, time and log one finished call (one JSON line on ``swc_service.access``)."""
     elapsed = time.perf_counter() - started
     metrics.REQUESTS.labels(method, code.name).inc()
-    metrics.REQUEST_SECONDS.labels(method).observe(elapsed)
+    metrics.observe_request(method, elapsed, tracing.exemplar())
     entry = {"rpc": method, "request_id": request_id, "code": code.name, "ms": round(elapsed * 1e3, 3)}
+    if (trace_id := tracing.trace_id()) and trace_id != request_id:
+        entry["trace_id"] = trace_id
     if (caller := current_caller.get()) is not None:  # None: refused before it was named
         entry["caller"] = caller
     if reason:
@@ -188,8 +197,10 @@ class MemoryDoor(grpc.aio.ServerInterceptor):
         async def behaviour(request_iterator, context: grpc.aio.ServicerContext):
             started = time.perf_counter()
             remaining = context.time_remaining()
+            deadline = None if remaining is None else time.monotonic() + remaining
             try:
-                await budget.enter(self._caller(context), None if remaining is None else time.monotonic() + remaining)
+                with tracing.span("visloc.memory_door"):
+                    await budget.enter(self._caller(context), deadline)
             except (Overloaded, DeadlineExceeded) as exc:
                 code, message = classify(exc)
                 access_log("Locate", code, started, "", message)
@@ -214,3 +225,67 @@ class MemoryDoor(grpc.aio.ServerInterceptor):
             return caller_of(self.callers, context.invocation_metadata())
         except Unauthenticated:
             return "unauthenticated"
+
+
+# Server-side failures (OpenTelemetry's gRPC conventions): the others are the caller's.
+_SERVER_ERRORS = frozenset(
+    {
+        grpc.StatusCode.UNKNOWN,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.UNIMPLEMENTED,
+        grpc.StatusCode.INTERNAL,
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.DATA_LOSS,
+    }
+)
+
+
+def _end_span(span, context: grpc.aio.ServicerContext, exc: BaseException | None) -> None:
+    """The call's gRPC status on its span (every failure reaches here as an abort or a cancellation)."""
+    if span is None:
+        return
+    if exc is None:
+        code = grpc.StatusCode.OK
+    elif isinstance(exc, asyncio.CancelledError):
+        code = grpc.StatusCode.CANCELLED
+    else:
+        code = context.code() or grpc.StatusCode.UNKNOWN
+    span.set_attribute("rpc.grpc.status_code", code.value[0])
+    if code in _SERVER_ERRORS:
+        from opentelemetry.trace import Status, StatusCode
+
+        span.set_status(Status(StatusCode.ERROR, f"{code.name}: {context.details() or ''}"[:500]))
+
+
+class TracingInterceptor(ServiceInterceptor):
+    """One SERVER span per Locator call, around everything else (the memory door's wait too),
+    continuing the caller's ``traceparent``; its children are made by the data plane. Added only
+    while tracing is on (:func:`swc_service.tracing.enabled`)."""
+
+    def unary(self, method: str, behaviour: Behaviour) -> Behaviour:
+        async def wrapper(request, context: grpc.aio.ServicerContext):
+            with tracing.server_span(method, context.invocation_metadata(), context.peer()) as span:
+                try:
+                    response = await behaviour(request, context)
+                except BaseException as exc:
+                    _end_span(span, context, exc)
+                    raise
+                _end_span(span, context, None)
+                return response
+
+        return wrapper
+
+    stream_unary = unary  # the same, with the request iterator for a request
+
+    def stream(self, method: str, behaviour: Behaviour) -> Behaviour:
+        async def wrapper(request_iterator, context: grpc.aio.ServicerContext):
+            with tracing.server_span(method, context.invocation_metadata(), context.peer()) as span:
+                try:
+                    async for item in behaviour(request_iterator, context):
+                        yield item
+                except BaseException as exc:
+                    _end_span(span, context, exc)
+                    raise
+                _end_span(span, context, None)
+
+        return wrapper

@@ -1,8 +1,9 @@
 """The data plane: one image from bytes to a LocateResponse.
 
 admission -> decode -> preprocess (thread pool) -> infer (shape-grouped batches) -> SwC -> PD
--> reply. A request that carries the model input made by the caller (``pixels``) skips the
-decode: its shape is checked against the recipe instead.
+-> reply; while tracing (:mod:`swc_service.tracing`) each stage is a span of the call's trace.
+A request that carries the model input made by the caller (``pixels``) skips the decode: its
+shape is checked against the recipe instead.
 Everything that can fail raises a :class:`~swc_service.errors.LocateFailure` subclass; the
 gRPC layer maps it to a status in one place (:func:`~swc_service.errors.classify`).
 
@@ -20,6 +21,7 @@ atomically (in-flight images finish on the state they started with).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import time
 from collections.abc import Callable
@@ -28,7 +30,7 @@ from concurrent.futures import ThreadPoolExecutor
 from visloc_client.preprocessing import Limits, PreparedImage, Recipe, from_pixels, preprocess
 from visloc_client.v1 import locator_pb2 as pb
 
-from . import metrics
+from . import metrics, tracing
 from .admission import DEFAULT_CALLER, AdmissionController
 from .batcher import ShapeBatcher
 from .bundle import Bundle
@@ -100,12 +102,27 @@ class Locator:
         # The memory it will hold is reserved, then the call admitted (or refused at once) before
         # any CPU is spent on the image; a queued call holds only its bytes, and no image is
         # decoded only to lose the race for a slot.
-        cost = pixels_cost(pixels.data) if pixels is not None else file_cost(data, draft=self.fast_decode)
-        with self.memory.hold(cost, caller):
-            async with self.admission.admit(caller, deadline):
-                image = self.checked(pixels) if pixels is not None else await self.prepare(data)
-                out = await self.batcher.submit(image.array, deadline, state.triton_version)
-        pred = predict(state, out.cell_probs, out.embedding, opts)
+        async with contextlib.AsyncExitStack() as held:
+            with tracing.span("visloc.admission") as span:
+                cost = pixels_cost(pixels.data) if pixels is not None else file_cost(data, draft=self.fast_decode)
+                if span is not None:
+                    span.set_attribute("visloc.memory.reserved_bytes", cost)
+                held.enter_context(self.memory.hold(cost, caller))
+                await held.enter_async_context(self.admission.admit(caller, deadline))
+            image = self.checked(pixels) if pixels is not None else await self.prepare(data)
+            submitted = tracing.now_ns()
+            out = await self.batcher.submit(image.array, deadline, state.triton_version)
+        tracing.record(
+            "visloc.batch_wait",
+            submitted,
+            submitted + int(out.queue_s * 1e9),
+            {"visloc.batch.size": out.batch_size},
+            links=[out.call],  # the Triton request this image went in (shared with the batch)
+        )
+        with tracing.span("visloc.swc_pd") as span:
+            pred = predict(state, out.cell_probs, out.embedding, opts)
+            if span is not None:
+                span.set_attributes({"visloc.method": pred.method, "visloc.localizable": pred.localizable})
         stages = {
             "decode": image.decode_s,
             "preprocess": image.preprocess_s,
@@ -115,12 +132,24 @@ class Locator:
             "pd": pred.pd_s,
             "total": time.perf_counter() - started,
         }
-        metrics.observe_located(image.source_width * image.source_height, stages, pred.method, pred.localizable)
+        metrics.observe_located(
+            image.source_width * image.source_height, stages, pred.method, pred.localizable, tracing.exemplar()
+        )
         return locate_response(request.request_id, state, image, out, pred, stages)
 
     async def prepare(self, data: bytes) -> PreparedImage:
         """Decode and preprocess in the thread pool (the event loop keeps serving)."""
-        return await asyncio.get_running_loop().run_in_executor(self.pool, self._preprocess, data)
+        with tracing.span("visloc.decode", {"visloc.image.bytes": len(data)}) as span:
+            image = await asyncio.get_running_loop().run_in_executor(self.pool, self._preprocess, data)
+            if span is not None:
+                span.set_attributes(
+                    {
+                        "visloc.image.source_size": f"{image.source_width}x{image.source_height}",
+                        "visloc.decode_ms": round(image.decode_s * 1e3, 3),
+                        "visloc.preprocess_ms": round(image.preprocess_s * 1e3, 3),
+                    }
+                )
+            return image
 
     def checked(self, pixels: pb.Pixels) -> PreparedImage:
         """A caller's model input: made with this service's recipe, of the shape it gives."""

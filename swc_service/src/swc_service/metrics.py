@@ -6,7 +6,17 @@ the supervisor serves the aggregate; gauges then say how they combine across pro
 
 from __future__ import annotations
 
+import glob
+import json
+import math
+import os
+import threading
+import time
+from pathlib import Path
+
 from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client.samples import Exemplar
+from prometheus_client.utils import floatToGoString
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 0.75, 1, 2.5, 5, 10)
 _STAGE_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
@@ -95,12 +105,107 @@ class AdmissionMetrics:
         ADMISSION_LIMIT.set(value)
 
 
-def observe_located(pixels: int, stages: dict[str, float], method: str, localizable: bool) -> None:
-    """One located image: its size, the seconds of each stage and what was predicted."""
+def observe_located(
+    pixels: int, stages: dict[str, float], method: str, localizable: bool, exemplar: dict[str, str] | None = None
+) -> None:
+    """One located image: its size, the seconds of each stage and what was predicted;
+    ``exemplar`` (the trace id of a sampled call) goes on its total."""
     IMAGE_PIXELS.observe(pixels)
     for stage, seconds in stages.items():
-        STAGE_SECONDS.labels(stage).observe(seconds)
+        if stage == "total" and exemplar:
+            observe_with_exemplar(STAGE_SECONDS, {"stage": stage}, _STAGE_BUCKETS, seconds, exemplar)
+        else:
+            STAGE_SECONDS.labels(stage).observe(seconds)
     PREDICTIONS.labels(method, str(localizable).lower()).inc()
+
+
+def observe_request(method: str, seconds: float, exemplar: dict[str, str] | None = None) -> None:
+    """One finished RPC's latency; ``exemplar``: the trace id of a sampled call."""
+    if exemplar:
+        observe_with_exemplar(REQUEST_SECONDS, {"method": method}, _LATENCY_BUCKETS, seconds, exemplar)
+    else:
+        REQUEST_SECONDS.labels(method).observe(seconds)
+
+
+def observe_with_exemplar(histogram: Histogram, labels: dict[str, str], buckets, value: float, exemplar) -> None:
+    """An observation with its OpenMetrics exemplar; with workers, also kept for the supervisor."""
+    histogram.labels(**labels).observe(value, exemplar=exemplar)
+    if _shared is not None:
+        _shared.add(histogram._name, labels, buckets, value, exemplar["trace_id"])
+
+
+class SharedExemplars:
+    """Exemplars across worker processes. prometheus_client's multiprocess files hold values only,
+    so each worker writes the latest exemplar of each bucket to ``exemplars_<pid>.json`` beside
+    them (a quarter of a second after the first exemplar since it last wrote), and
+    :class:`ExemplarCollector` in the supervisor puts the newest of each bucket back on the
+    aggregated histograms."""
+
+    def __init__(self, directory: str, interval_s: float = 0.25):
+        self.path = Path(directory) / f"exemplars_{os.getpid()}.json"
+        self.interval_s = interval_s
+        self.latest: dict[str, list] = {}
+        self._lock = threading.Lock()
+        self._timer: threading.Timer | None = None  # a flush of what came since the last one
+
+    def add(self, name: str, labels: dict[str, str], buckets, value: float, trace_id: str) -> None:
+        le = next((b for b in buckets if value <= b), math.inf)
+        with self._lock:
+            self.latest[bucket_key(name, {**labels, "le": floatToGoString(le)})] = [trace_id, value, time.time()]
+            if self._timer is None:
+                self._timer = threading.Timer(self.interval_s, self.flush)
+                self._timer.daemon = True
+                self._timer.start()
+
+    def flush(self) -> None:
+        with self._lock:
+            self._timer = None
+            text = json.dumps(self.latest)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(text)
+        os.replace(tmp, self.path)
+
+
+def bucket_key(name: str, labels: dict[str, str]) -> str:
+    return json.dumps([name, sorted(labels.items())])
+
+
+class ExemplarCollector:
+    """The supervisor's collector: ``inner`` (the MultiProcessCollector) with the workers'
+    exemplars on the histogram buckets (the newest per bucket)."""
+
+    def __init__(self, inner, directory: str):
+        self.inner = inner
+        self.directory = directory
+
+    def _exemplars(self) -> dict[str, list]:
+        newest: dict[str, list] = {}
+        for path in glob.glob(os.path.join(self.directory, "exemplars_*.json")):
+            try:
+                entries = json.loads(Path(path).read_text())
+            except (OSError, ValueError):  # a worker replacing its file right now: next scrape
+                continue
+            for key, entry in entries.items():
+                if key not in newest or entry[2] > newest[key][2]:
+                    newest[key] = entry
+        return newest
+
+    def collect(self):
+        exemplars = self._exemplars()
+        for metric in self.inner.collect():
+            if metric.type == "histogram" and exemplars:
+                samples = []
+                for s in metric.samples:
+                    entry = exemplars.get(bucket_key(metric.name, s.labels)) if s.name.endswith("_bucket") else None
+                    if entry is not None:
+                        s = s._replace(exemplar=Exemplar({"trace_id": entry[0]}, entry[1], entry[2]))
+                    samples.append(s)
+                metric.samples = samples
+            yield metric
+
+
+_MULTIPROC_DIR = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+_shared = SharedExemplars(_MULTIPROC_DIR) if _MULTIPROC_DIR else None
 
 
 # The Triton endpoint pool (swc_service.triton_pool) and the model check (swc_service.model_check).

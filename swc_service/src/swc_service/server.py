@@ -117,9 +117,9 @@ async def _watch_triton(pool, health_servicer: health.aio.HealthServicer, interv
 
 async def serve(settings: Settings, *, on_started=None) -> None:
     """Run one server until SIGTERM/SIGINT, then drain: NOT_SERVING, finish in-flight calls, exit."""
-    from . import metrics
+    from . import metrics, tracing
     from .admission import AdmissionController
-    from .interceptors import AuthInterceptor, MemoryDoor, StatusInterceptor
+    from .interceptors import AuthInterceptor, MemoryDoor, StatusInterceptor, TracingInterceptor
     from .locator import Locator
     from .servicer import LocatorServicer
     from .triton_pool import TritonPool
@@ -138,10 +138,12 @@ async def serve(settings: Settings, *, on_started=None) -> None:
         settings, _open_bundle(settings), inference, model_status=inference.model_status, admission=admission
     )
     callers = settings.callers()
+    tracing.start()  # each worker process exports its own spans
     server = grpc.aio.server(
-        # Outermost first: the memory door acts before a message is read; the status interceptor
-        # answers, counts and logs auth failures too.
+        # Outermost first: the call's span covers everything; the memory door acts before a
+        # message is read; the status interceptor answers, counts and logs auth failures too.
         interceptors=[
+            *([TracingInterceptor(SERVICE_NAME)] if tracing.enabled() else []),
             MemoryDoor(SERVICE_NAME, locator.memory, callers),
             StatusInterceptor(SERVICE_NAME),
             AuthInterceptor(SERVICE_NAME, callers),
@@ -207,6 +209,7 @@ async def serve(settings: Settings, *, on_started=None) -> None:
         if health_server is not None:
             await health_server.stop(None)
     await locator.close()
+    tracing.stop()  # the last spans are exported before the process ends
     log.info("stopped")
 
 
@@ -239,8 +242,12 @@ def _serve_metrics(settings: Settings, multiproc_dir: str | None) -> None:
     if multiproc_dir:
         from prometheus_client import multiprocess
 
-        registry = CollectorRegistry()
-        multiprocess.MultiProcessCollector(registry, path=multiproc_dir)
+        from .metrics import ExemplarCollector
+
+        registry = CollectorRegistry()  # the workers' values, with their exemplars (trace ids)
+        registry.register(
+            ExemplarCollector(multiprocess.MultiProcessCollector(None, path=multiproc_dir), multiproc_dir)
+        )
     start_http_server(settings.metrics_port, addr=settings.host, **({"registry": registry} if registry else {}))
     log.info("metrics on http://%s:%d/metrics", settings.host, settings.metrics_port)
 
@@ -297,6 +304,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     if not settings.quiet_settings:
         print("swc-service settings:\n" + settings.describe(), file=sys.stderr, flush=True)
+    try:  # a bad OTEL_* variable fails here, in one line, not in every worker
+        from visloc_client.tracing import TracingConfigError, check
+
+        check()
+    except TracingConfigError as exc:
+        print(f"swc-service: tracing: {exc}", file=sys.stderr)
+        return 2
     # SIGHUP (reload) would end the process by default until serve() installs its handler.
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     if settings.workers > 1:

@@ -14,7 +14,7 @@ import grpc
 from visloc_client.v1 import locator_pb2 as pb
 from visloc_client.v1 import locator_pb2_grpc as pb_grpc
 
-from . import metrics
+from . import metrics, tracing
 from .callers import ANONYMOUS, current_caller
 from .errors import DeadlineExceeded, classify
 from .locator import Locator
@@ -22,11 +22,18 @@ from .locator import Locator
 log = logging.getLogger("swc_service")
 
 
-def assign_request_id(request: pb.LocateRequest) -> str:
-    """The one place request ids are made: the caller's, or a fresh one written into the request
-    (so the reply, the access log and a failed stream item all carry it)."""
+def assign_request_id(request: pb.LocateRequest, index: int | None = None) -> str:
+    """The one place request ids are made: the caller's, or one written into the request (so the
+    reply, the access log and a failed stream item all carry it): the trace id while tracing
+    (``<trace id>-<index>`` for a stream's image), so logs, replies and traces meet on one id;
+    a fresh random one otherwise."""
     if not request.request_id:
-        request.request_id = uuid.uuid4().hex
+        trace_id = tracing.trace_id()
+        if not trace_id:
+            request.request_id = uuid.uuid4().hex
+        else:
+            request.request_id = trace_id if index is None else f"{trace_id}-{index}"
+    tracing.annotate({"visloc.request_id": request.request_id})
     return request.request_id
 
 
@@ -41,10 +48,15 @@ def caller_name() -> str:
 
 
 async def locate_within(
-    locator: Locator, request: pb.LocateRequest, deadline: float | None, caller: str = ANONYMOUS
+    locator: Locator,
+    request: pb.LocateRequest,
+    deadline: float | None,
+    caller: str = ANONYMOUS,
+    index: int | None = None,
 ) -> pb.LocateResponse:
-    """One image for ``caller``, bounded by its deadline; counts the image and its outcome."""
-    assign_request_id(request)
+    """One image for ``caller``, bounded by its deadline; counts the image and its outcome.
+    ``index``: its place in a stream."""
+    assign_request_id(request, index)
     metrics.IN_FLIGHT.inc()
     code = grpc.StatusCode.OK
     try:
@@ -86,7 +98,8 @@ class LocatorServicer(pb_grpc.LocatorServicer):
 
         async def one(index: int, request: pb.LocateRequest) -> None:
             try:
-                result = await locate_within(self.locator, request, deadline, caller)
+                with tracing.span("visloc.image", {"visloc.stream.index": index}):
+                    result = await locate_within(self.locator, request, deadline, caller, index)
                 await out.put(pb.LocateStreamResponse(request_id=result.request_id, index=index, result=result))
             except Exception as exc:  # a failure answers this image, not the whole stream
                 code, message = classify(exc, request.request_id)

@@ -6,7 +6,7 @@ import numpy as np
 import tritonclient.grpc.aio as triton
 from tritonclient.utils import InferenceServerException
 
-from . import metrics
+from . import metrics, tracing
 from .bundle import INPUT_NAME, OUTPUT_EMBEDDING, OUTPUT_PROBS
 from .errors import DeadlineExceeded, InferenceFailed, Unavailable
 
@@ -57,6 +57,7 @@ class TritonInference:
                 outputs=outputs,
                 timeout=max(1, int(timeout * 1e6)),
                 client_timeout=timeout,
+                headers=tracing.headers(),  # traceparent: Triton's own trace joins the call's
             )
         except InferenceServerException as exc:
             status = _status(exc)

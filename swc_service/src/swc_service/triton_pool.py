@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import metrics
+from . import metrics, tracing
 from .errors import LocateFailure, Unavailable
 from .inference import Inference
 from .model_check import ModelCheck, check_model
@@ -183,6 +183,7 @@ class TritonPool:
 
     async def _send(self, ep: Endpoint, batch: np.ndarray, timeout_s: float, model_version: str):
         ep.outstanding += 1
+        tracing.annotate({"server.address": ep.address, "visloc.triton.model": self.model})
         metrics.ENDPOINT_BATCHES.labels(ep.address).inc()
         metrics.ENDPOINT_OUTSTANDING.labels(ep.address).inc()
         try:
