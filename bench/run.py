@@ -9,7 +9,8 @@
 7. a realistic mix of photo shapes: exact preprocessing vs centre crop;
 8. real photos (bench/photos.py): service CPU and bytes per image, file vs fast decode vs caller-side pixels;
 9. a burst of 12 MP photos against one worker: peak memory with and without the memory budget;
-10. tracing: Locate throughput with tracing off and at 100 % sampling (OTLP to a local receiver).
+10. tracing: Locate throughput with tracing off and at 100 % sampling (OTLP to a local receiver);
+11. the claim check: SwC+PD per image with and without a claim, in turn (bench/claim_cost.py).
 
 Results: bench/results/bench.json; docs/BENCHMARKS.md and PNG plots (bench/report.py).
 Everything runs on loopback, bounded in time and count.
@@ -34,7 +35,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 
-from bench import burst, photo_mix, trace_cost
+from bench import burst, claim_cost, photo_mix, trace_cost
 from bench.load import run_load
 from bench.procstat import proc_stat, tree_cpu_s
 from devtools.net import free_port, wait_serving
@@ -468,6 +469,9 @@ def main(argv: list[str] | None = None) -> int:
             lambda svc: measure(lambda c, s: locate_unary(svc.target, images, c, s), pids_of(svc), 16, args.seconds),
             2 * args.rounds,  # the difference is small beside the machine's drift: more rounds
         ) | {"concurrency": 16, "seconds": args.seconds}
+
+        log("11. the claim check: SwC+PD per image alone and with a claim")
+        results["claims"] = claim_cost.measure(bundle)
 
         del ort
         log("4/5. seed-style pipeline and post-processing (background in RAM as float32)")

@@ -117,14 +117,9 @@ def main(argv: list[str] | None = None) -> int:
     result |= {"concurrency": args.concurrency, "seconds": args.seconds, "when": time.strftime("%Y-%m-%d %H:%M:%S")}
     print(json.dumps({k: v for k, v in result.items() if k != "rounds"}, indent=2))
     if args.update:
-        from bench.report import write_report
+        from bench.report import update_results
 
-        path = Path("bench/results/bench.json")
-        results = json.loads(path.read_text())
-        results["tracing"] = result
-        path.write_text(json.dumps(results, indent=2) + "\n")
-        write_report(results, Path("docs/BENCHMARKS.md"), Path("docs/img"))
-        log(f"updated {path} and docs/BENCHMARKS.md")
+        update_results("tracing", result)
     return 0
 
 

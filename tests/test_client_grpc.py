@@ -666,7 +666,8 @@ def test_cli_evaluate(fake, tmp_path, capsys):
     text = capsys.readouterr().out
     assert rc == 1  # one image failed
     report = json.loads(out.read_text())
-    assert report["counts"] == {"files": 6, "evaluated": 4, "failed": 1, "no_metadata": 1, "not_run": 0}
+    assert report["counts"] == {"files": 6, "evaluated": 4, "failed": 1, "no_metadata": 1, "not_run": 0,
+                                "metadata_photos": 5, "missing": 0}  # fmt: skip
     assert report["complete"] is True and report["interrupted"] is False
     assert report["failures"] == [
         {"file": "2000.jpg", "id": "2000", "code": "INVALID_ARGUMENT", "reason": "cannot decode image: unknown format"}

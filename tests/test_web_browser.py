@@ -205,6 +205,54 @@ def test_drop_a_photo_and_see_where_and_why(web, browser, tmp_path):
         assert w.problems == []
 
 
+def test_the_claim_box_shows_the_belief_around_a_claimed_place(web, browser, tmp_path):
+    """Type a claimed place, send the photo: the mass around it at every scale (next to the
+    prediction's), the rank of its cell, the photos near it, a marker; then click another place
+    on the map: the claim is that place and the photo is checked again."""
+    base, client = web
+    path, data = _photo(tmp_path, _seed(client, True))
+    claim = (48.8584, 2.2945)
+    with Watched(browser, base, "claim", viewport={"width": 1280, "height": 900}) as w:
+        page = w.page
+        page.fill("#claim", "48.8584, 2.2945")
+        page.set_input_files("#file", str(path))
+        page.wait_for_selector("#claim-check:not([hidden])", timeout=60_000)
+        expected = client.locate(data, claims=[claim], claim_neighbours=10)
+        (check,) = expected.claims
+        rows = page.locator("#claim-mass tbody tr")
+        assert rows.count() == len(check.mass) == len(expected.prediction_density)
+        for i, d in enumerate(check.mass):
+            assert float(rows.nth(i).get_attribute("data-scale")) == d.scale_km
+            assert math.isclose(float(rows.nth(i).get_attribute("data-mass")), d.density, abs_tol=1e-12)
+        assert page.get_attribute("#claim-summary", "data-rank") == str(check.rank)
+        assert "48.85840" in page.inner_text("#claim-summary") or "48.8584" in page.inner_text("#claim-summary")
+        marker = page.locator("#claim-marker")
+        assert (float(marker.get_attribute("data-lat")), float(marker.get_attribute("data-lon"))) == claim
+        near = page.locator("#claim-neighbours tbody tr")
+        assert near.count() == max(1, len(check.neighbours))
+        assert page.locator("#map .m-claim-neighbour").count() <= len(check.neighbours)
+        _save(page, tmp_path, "web-claim.png", docs=True, full_page=True)
+        # A click on the map: that place becomes the claim, and the photo is checked against it.
+        box = page.locator("#map").bounding_box()
+        page.mouse.click(box["x"] + box["width"] * 0.3, box["y"] + box["height"] * 0.35)
+        picked = page.input_value("#claim")
+        lat, lon = (float(v) for v in picked.split(","))
+        assert (lat, lon) != claim and abs(lat) <= 90 and abs(lon) <= 180
+        page.wait_for_function(
+            "lat => { const m = document.querySelector('#claim-marker'); "
+            "return m && Math.abs(Number(m.dataset.lat) - lat) < 1e-9; }",
+            arg=lat, timeout=60_000,
+        )  # fmt: skip
+        again = client.locate(data, claims=[(lat, lon)]).claims[0]
+        assert page.get_attribute("#claim-summary", "data-rank") == str(again.rank)
+        # A claim that is not a place: said so, nothing sent.
+        page.fill("#claim", "91, 0")
+        page.click("#claim-check-button")
+        page.wait_for_selector("#error:not([hidden])")
+        assert page.inner_text("#error-title") == "The claimed location is not valid"
+        assert w.problems == []
+
+
 def test_readable_errors_then_recovery(web, browser, tmp_path):
     base, client = web
     with Watched(browser, base, "errors", viewport={"width": 1280, "height": 900}) as w:

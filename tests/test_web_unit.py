@@ -486,3 +486,14 @@ def test_visloc_web_command_serves_and_stops_cleanly():
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_a_claim_in_the_query_is_one_place_or_a_precise_400():
+    assert parse_options({"claim": ["48.8584,2.2945"]}) == {"claims": ((48.8584, 2.2945),)}
+    assert parse_options({"claim": ["-33.9,-180"]}) == {"claims": ((-33.9, -180.0),)}
+    assert parse_options({"claim": [""]}) == {}
+    for bad in ("91,0", "0,180.5", "nan,0", "1e5,0", "48.8584", "48.8584,2.2945,3", "0x1,2", " 1,2", "inf,0"):
+        with pytest.raises(UploadError) as err:
+            parse_options({"claim": [bad]})
+        assert err.value.status == 400 and err.value.code == "BAD_OPTION", bad
+        assert "claim must be LAT,LON" in err.value.message

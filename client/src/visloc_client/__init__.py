@@ -9,7 +9,7 @@ with LocatorClient("127.0.0.1:50051") as client:
 
 __version__ = "0.1.0"
 
-from visloc_client._common import RetryPolicy, TLSConfig  # noqa: E402
+from visloc_client._common import Claimed, RetryPolicy, TLSConfig  # noqa: E402
 from visloc_client.aio import AsyncLocatorClient  # noqa: E402
 from visloc_client.client import LocatorClient  # noqa: E402
 from visloc_client.errors import LocateError  # noqa: E402
@@ -17,6 +17,8 @@ from visloc_client.overload import AdaptiveThrottle, RetryBudget  # noqa: E402
 from visloc_client.results import (  # noqa: E402
     BatchItem,
     Cell,
+    ClaimCheck,
+    ClaimNeighbour,
     LocateOptionArgs,
     LocateOptions,
     LocateResult,
@@ -32,6 +34,9 @@ __all__ = [
     "AsyncLocatorClient",
     "BatchItem",
     "Cell",
+    "ClaimCheck",
+    "Claimed",
+    "ClaimNeighbour",
     "LocateError",
     "LocateOptionArgs",
     "LocateOptions",

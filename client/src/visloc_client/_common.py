@@ -30,6 +30,17 @@ _ENVELOPE_BYTES = 4096
 LOAD_BALANCING_POLICIES = ("pick_first", "round_robin")
 
 ImageInput = Union[bytes, bytearray, memoryview, str, "os.PathLike[str]"]
+
+
+@dataclass(frozen=True)
+class Claimed:
+    """An image for ``locate_many`` with claims of its own: ``claims`` ((lat, lon), ...) replace
+    the batch's for this image (e.g. each photo of a labelled set against its own claims)."""
+
+    image: ImageInput
+    claims: tuple[tuple[float, float], ...]
+
+
 T = TypeVar("T")
 
 
@@ -309,6 +320,8 @@ def read_image(image: ImageInput) -> bytes:
 
 
 def source_name(image: ImageInput) -> str | None:
+    if isinstance(image, Claimed):
+        return source_name(image.image)
     return os.fspath(image) if isinstance(image, (str, os.PathLike)) else None
 
 

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import time
 import uuid
@@ -12,7 +13,7 @@ from typing import Any
 
 import grpc
 
-from visloc_client._common import Connection, ImageInput, check_size, read_image, source_name
+from visloc_client._common import Claimed, Connection, ImageInput, check_size, read_image, source_name
 from visloc_client.errors import LocateError, status_code
 from visloc_client.results import BatchItem, LocateOptions, LocateResult
 from visloc_client.upload import Upload, file_request
@@ -53,7 +54,7 @@ class Batch:
 
     def __init__(
         self,
-        images: Iterable[ImageInput],
+        images: Iterable[ImageInput | Claimed],
         options: dict[str, Any],
         conn: Connection,
         *,
@@ -115,6 +116,11 @@ class Batch:
                 self._exhausted = True
                 break
             pending = _Pending(index, source_name(image), pb.LocateRequest())
+            options = self._options
+            if isinstance(image, Claimed):  # this image's own claims
+                options = LocateOptions.from_pb(self._options)
+                options = dataclasses.replace(options, claims=image.claims).to_pb()
+                image = image.image
             try:
                 data = read_image(image)
                 check_size(data, self._conn.max_message_bytes)
@@ -122,7 +128,7 @@ class Batch:
                 self._finish(pending, None, err)
                 continue
             pending.request = pb.LocateRequest(
-                **self._upload.fields(data), options=self._options, request_id=f"{self._prefix}-{index}"
+                **self._upload.fields(data), options=options, request_id=f"{self._prefix}-{index}"
             )
             if pending.request.HasField("pixels"):
                 pending.data = data

@@ -12,7 +12,7 @@ import grpc
 import grpc.aio
 
 from visloc_client import tracing
-from visloc_client._common import ClientBase, ImageInput, UnaryCall, rpc_name
+from visloc_client._common import Claimed, ClientBase, ImageInput, UnaryCall, rpc_name
 from visloc_client._stream import Batch, Incoming, StreamEnd, StreamRound
 from visloc_client.errors import LocateError
 from visloc_client.results import BatchItem, LocateResult, ServiceInfo
@@ -86,7 +86,7 @@ class AsyncLocatorClient(ClientBase):
 
     async def locate_many(
         self,
-        images: Iterable[ImageInput],
+        images: Iterable[ImageInput | Claimed],
         *,
         concurrency: int = 8,
         ordered: bool = True,

@@ -10,6 +10,7 @@ import argparse
 import contextlib
 import dataclasses
 import json
+import math
 import os
 import sys
 import time
@@ -18,17 +19,23 @@ from pathlib import Path
 from typing import Any
 
 from visloc_client import __version__, tracing
-from visloc_client._common import LOAD_BALANCING_POLICIES, TLSConfig
+from visloc_client._common import LOAD_BALANCING_POLICIES, Claimed, TLSConfig
 from visloc_client.client import LocatorClient
 from visloc_client.dataset import list_images, load_metadata, match_id
 from visloc_client.errors import LocateError
 from visloc_client.evaluation import (
+    CLAIM_DISTANCES_KM,
+    CLAIM_FAR,
     RADII_KM,
+    claim_roc,
+    false_claims,
+    format_claim_roc,
     format_split,
     format_target,
     haversine_km,
     parse_goal,
     risk_coverage,
+    roc_curve,
     split_summary,
     target_threshold,
 )
@@ -154,6 +161,26 @@ def _option_args(parser: argparse.ArgumentParser, *, returns: bool) -> None:
     if returns:
         g.add_argument("--neighbours", type=int, default=0, help="SwC neighbours to return")
         g.add_argument("--top-cells", type=int, default=0, help="most probable cells to return")
+        c = parser.add_argument_group("claim check (docs/client.md: how to read it)")
+        c.add_argument(
+            "--claim", dest="claims", action="append", type=parse_claim, metavar="LAT,LON",
+            help="a location the photo is said to be from: the model's probability mass around it at every PD "
+            "scale, the rank of its cell, its distance from the prediction (repeatable)",
+        )  # fmt: skip
+        c.add_argument("--claim-radius-km", type=float, help="radius of the background search around a claim")
+        c.add_argument("--claim-neighbours", type=int, help="background images near each claim to return")
+
+
+def parse_claim(text: str) -> tuple[float, float]:
+    """``LAT,LON`` in degrees (``48.8584,2.2945``); the ranges are checked here and by the service."""
+    parts = text.replace(" ", "").split(",")
+    try:
+        lat, lon = (float(p) for p in parts)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: a claim is LAT,LON in degrees, e.g. 48.8584,2.2945") from None
+    if not (math.isfinite(lat) and math.isfinite(lon) and abs(lat) <= 90 and abs(lon) <= 180):
+        raise argparse.ArgumentTypeError(f"{text!r}: latitude in [-90, 90], longitude in [-180, 180]")
+    return lat, lon
 
 
 def _options(args: argparse.Namespace) -> dict[str, Any]:
@@ -220,6 +247,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="write the JSON report here")
     p.add_argument("--plot", help="write a cumulative accuracy plot here (PNG; needs matplotlib)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    c = p.add_argument_group("claim check (docs/client.md: how to read it)")
+    c.add_argument(
+        "--claims", dest="check_claims", action="store_true",
+        help="also check claims: each photo's own coordinates (true) against another photo's at least "
+        f"{'/'.join(f'{d:g}' for d in CLAIM_DISTANCES_KM)} km away (false, drawn with --seed): ROC AUC and the "
+        "true-accept rate at --claims-far for every PD scale",
+    )  # fmt: skip
+    c.add_argument("--claims-far", type=float, default=CLAIM_FAR, help=f"false-accept rate (default {CLAIM_FAR})")
+    c.add_argument("--claims-bootstrap", type=int, default=200, help="bootstrap resamples for claims (default 200)")
+    c.add_argument("--claims-plot", help="write the claim ROC curves here (PNG; needs matplotlib)")
     _option_args(p, returns=False)
     p.set_defaults(func=cmd_evaluate)
 
@@ -270,8 +307,14 @@ def _load_input(spec: str, args: argparse.Namespace) -> bytes:
 
 
 def result_line(name: str, result: LocateResult) -> str:
+    """name, lat, lon, confidence, localizable, method; then a column per claim (the mass at
+    every scale, the rank of the claim's cell, the km from the prediction)."""
     flag = "localizable" if result.localizable else "not-localizable"
-    return f"{name}\t{result.lat:.6f}\t{result.lon:.6f}\t{result.confidence:.4f}\t{flag}\t{result.method.value}"
+    line = f"{name}\t{result.lat:.6f}\t{result.lon:.6f}\t{result.confidence:.4f}\t{flag}\t{result.method.value}"
+    for c in result.claims:
+        mass = " ".join(f"{d.scale_km:g}km={d.density:.4f}" for d in c.mass)
+        line += f"\tclaim {c.lat:.6f},{c.lon:.6f}: mass {mass}; cell rank {c.rank}; {c.distance_km:.1f} km away"
+    return line
 
 
 def cmd_locate(args: argparse.Namespace) -> int:
@@ -416,7 +459,10 @@ def _plot_risk(path: str, selective: dict[str, Any], radius_km: float, name: str
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    if args.plot or args.risk_plot:
+    if not 0 < args.claims_far < 1:
+        _err(f"--claims-far must be in (0, 1), got {args.claims_far}")
+        return EXIT_USAGE
+    if args.plot or args.risk_plot or args.claims_plot:
         from visloc_client.plot import require_matplotlib
 
         try:
@@ -436,10 +482,29 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     except (OSError, ValueError, RuntimeError) as err:
         _err(_describe(err))
         return EXIT_USAGE
+    # Photos the metadata lists that the folder lacks: the denominator a reader compares with.
+    missing = sorted(set(metadata) - {image_id for _, image_id in jobs}) if args.metadata else []
+    listed = f"; {len(missing)} of the metadata's {len(metadata)} photos are not in the folder" if args.metadata else ""
     print(
-        f"evaluating {len(jobs)} images against {args.target} ({len(no_metadata)} of {len(files)} have no metadata)",
+        f"evaluating {len(jobs)} images against {args.target} ({len(no_metadata)} of {len(files)} have no "
+        f"metadata{listed})",
         file=sys.stderr,
     )
+    if missing and len(missing) > 0.01 * len(metadata):
+        share = 100 * len(missing) / len(metadata)
+        _err(
+            f"warning: {len(missing)} of the {len(metadata)} photos in {args.metadata} ({share:.1f} %) are missing "
+            f"from {args.images}: the results are over {len(jobs)} photos, not {len(metadata)}"
+        )
+    inputs: list[Any] = [path for path, _ in jobs]
+    claim_plan: list[dict[float, int | None]] = []
+    if args.check_claims:
+        points = [metadata[image_id] for _, image_id in jobs]
+        claim_plan = false_claims(points, CLAIM_DISTANCES_KM, seed=args.seed)
+        inputs = [
+            Claimed(path, (points[i], *(points[j] for j in plan.values() if j is not None)))
+            for i, ((path, _), plan) in enumerate(zip(jobs, claim_plan))
+        ]
 
     records: list[dict[str, Any]] = []
     failures: list[dict[str, Any]] = []
@@ -448,9 +513,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     stream_error: LocateError | None = None
     start = time.monotonic()
     with _client(args) as client:
-        items = client.locate_many(
-            (path for path, _ in jobs), concurrency=args.concurrency, ordered=False, **_options(args)
-        )
+        items = client.locate_many(inputs, concurrency=args.concurrency, ordered=False, **_options(args))
         try:
             with contextlib.closing(items):
                 for item in items:
@@ -458,7 +521,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                     if item.result is None:
                         failures.append(_failure(path.name, image_id, item.error))
                     else:
-                        records.append(_record(path.name, image_id, metadata[image_id], item.result))
+                        record = _record(path.name, image_id, metadata[image_id], item.result)
+                        if args.check_claims:
+                            record["claims"] = _claim_record(item.result, claim_plan[item.index])
+                        records.append(record)
                     progress.update(failed=int(item.result is None))
         except KeyboardInterrupt:
             interrupted = True
@@ -487,9 +553,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             "failed": len(failures),
             "no_metadata": len(no_metadata),
             "not_run": not_run,
+            **({"metadata_photos": len(metadata), "missing": len(missing)} if args.metadata else {}),
         },
+        "missing_first": missing[:_LISTED],
         "summary": split.to_dict(),
         "selective": selective,
+        "claims": _claims_report(args, records) if args.check_claims else None,
         "records": records,
         "failures": failures,
         "no_metadata": no_metadata,
@@ -500,6 +569,19 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         print("\nSelective prediction (lowest confidence threshold reaching the target)")
         for scale, result in selective["target"].items():
             print(f"  {format_target(float(scale), result)}")
+    if report["claims"]:
+        c = report["claims"]
+        print(f"\nClaim check: {c['true_claims']} true claims against false claims (seed {args.seed}); "
+              "a claim is accepted when the model's mass around it >= the threshold")  # fmt: skip
+        for distance, by_scale in c["results"].items():
+            for scale, result in by_scale.items():
+                print(f"  {format_claim_roc(float(distance), float(scale), result)}")
+    if args.metadata:
+        print(f"\nPhotos in the metadata: {len(metadata)}; evaluated {len(records)}; missing from the folder "
+              f"{len(missing)}")  # fmt: skip
+        if missing:
+            more = f" ... and {len(missing) - _LISTED} more" if len(missing) > _LISTED else ""
+            print(f"  first missing: {', '.join(missing[:_LISTED])}{more}")
     _print_list(f"Failed images: {len(failures)}", [_failure_line(f) for f in failures], args.out)
     _print_list(f"Images without metadata: {len(no_metadata)}", no_metadata, args.out)
     if interrupted:
@@ -520,6 +602,16 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             title=f"Cumulative accuracy: {Path(args.images).name}",
         )
         print(f"plot: {args.plot}", file=sys.stderr)
+    if args.claims_plot and report["claims"]:
+        from visloc_client.plot import plot_claim_roc
+
+        curves = report["claims"]["curves"]
+        panels = [
+            (f"false claims >= {float(d):g} km", [(f"mass within {float(s):g} km", pts) for s, pts in by_scale.items()])
+            for d, by_scale in curves.items()
+        ]
+        plot_claim_roc(args.claims_plot, panels, far=args.claims_far, title=f"Claim check: {Path(args.images).name}")
+        print(f"claims ROC plot: {args.claims_plot}", file=sys.stderr)
     if args.risk_plot:
         goal = parse_goal(args.accuracy_target) if args.accuracy_target else (None, 25.0)
         _plot_risk(args.risk_plot, selective, goal[1], Path(args.images).name)
@@ -527,6 +619,46 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if interrupted:
         return EXIT_INTERRUPTED
     return EXIT_FAILED if failures or stream_error else 0
+
+
+def _claim_record(result: LocateResult, plan: dict[float, int | None]) -> dict[str, Any]:
+    """The masses of one photo's true claim and of its false claim at each distance, by scale."""
+
+    def masses(i: int) -> dict[str, float]:
+        return {f"{d.scale_km:g}": d.density for d in result.claims[i].mass}
+
+    out: dict[str, Any] = {"true": masses(0), "true_rank": result.claims[0].rank, "false": {}}
+    i = 1
+    for distance, j in plan.items():
+        if j is not None:
+            out["false"][f"{distance:g}"] = masses(i)
+            i += 1
+    return out
+
+
+def _claims_report(args: argparse.Namespace, records: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per false-claim distance and PD scale: AUC, the true-accept rate at --claims-far, its threshold."""
+    scales = sorted({float(s) for r in records for s in r["claims"]["true"]})
+    results: dict[str, dict[str, Any]] = {}
+    curves: dict[str, dict[str, Any]] = {}
+    for distance in CLAIM_DISTANCES_KM:
+        d = f"{distance:g}"
+        results[d], curves[d] = {}, {}
+        for scale in scales:
+            s = f"{scale:g}"
+            true = [r["claims"]["true"][s] for r in records]
+            false = [r["claims"]["false"][d][s] for r in records if d in r["claims"]["false"]]
+            results[d][s] = claim_roc(true, false, far=args.claims_far, resamples=args.claims_bootstrap,
+                                      seed=args.seed)  # fmt: skip
+            curves[d][s] = roc_curve(true, false) if true and false else []
+    return {
+        "true_claims": len(records),
+        "distances_km": list(CLAIM_DISTANCES_KM),
+        "far_target": args.claims_far,
+        "seed": args.seed,
+        "results": results,
+        "curves": curves,
+    }
 
 
 def _record(name: str, image_id: str, gt: tuple[float, float], result: LocateResult) -> dict[str, Any]:

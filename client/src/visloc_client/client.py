@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import grpc
 
 from visloc_client import tracing
-from visloc_client._common import ClientBase, ImageInput, UnaryCall, rpc_name
+from visloc_client._common import Claimed, ClientBase, ImageInput, UnaryCall, rpc_name
 from visloc_client._stream import Batch, Incoming, StreamEnd, StreamRound
 from visloc_client.errors import LocateError
 from visloc_client.results import BatchItem, LocateResult, ServiceInfo
@@ -98,7 +98,7 @@ class LocatorClient(ClientBase):
 
     def locate_many(
         self,
-        images: Iterable[ImageInput],
+        images: Iterable[ImageInput | Claimed],
         *,
         concurrency: int = 8,
         ordered: bool = True,

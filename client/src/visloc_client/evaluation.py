@@ -299,3 +299,145 @@ def format_target(scale_km: float, result: dict[str, Any]) -> str:
         f"({level} CI {iv('coverage_interval', True)}), kept Acc {result['accuracy_at_threshold'] * 100:.1f}% "
         f"({level} CI {iv('accuracy_interval', True)}; reached in {boot['reached_share'] * 100:.0f}% of resamples)"
     )
+
+
+# --- claims: true against false, per scale ------------------------------------------------------
+
+CLAIM_DISTANCES_KM: tuple[float, ...] = (25.0, 200.0, 750.0)
+CLAIM_FAR = 0.05  # the false-accept rate the true-accept rate is read at
+
+
+def false_claims(
+    points: Sequence[tuple[float, float]], distances: Sequence[float] = CLAIM_DISTANCES_KM, seed: int = 0
+) -> list[dict[float, int | None]]:
+    """For each photo and each distance D, another photo of the set at least D km away (its
+    index; None when none is that far), drawn uniformly and seeded: that photo's coordinates
+    are the false claim. Drawn by rejection (a few tries on any real set), then a full scan."""
+    import random
+
+    rng = random.Random(seed)
+    n = len(points)
+    out: list[dict[float, int | None]] = []
+    for i, (lat, lon) in enumerate(points):
+        picks: dict[float, int | None] = {}
+        for d in distances:
+            pick = None
+            for _ in range(64):
+                j = rng.randrange(n)
+                if j != i and haversine_km(lat, lon, *points[j]) >= d:
+                    pick = j
+                    break
+            if pick is None:
+                far = [j for j in range(n) if j != i and haversine_km(lat, lon, *points[j]) >= d]
+                pick = rng.choice(far) if far else None
+            picks[d] = pick
+        out.append(picks)
+    return out
+
+
+def roc_auc(true: Sequence[float], false: Sequence[float]) -> float | None:
+    """P(a true claim's mass > a false claim's), ties counting half (Mann-Whitney); None if either is empty."""
+    if not true or not false:
+        return None
+    ordered = sorted(false)
+    wins = 0.0
+    for t in true:
+        below = bisect.bisect_left(ordered, t)
+        wins += below + (bisect.bisect_right(ordered, t) - below) / 2
+    return wins / (len(true) * len(false))
+
+
+def roc_curve(true: Sequence[float], false: Sequence[float]) -> list[tuple[float, float]]:
+    """(false-accept rate, true-accept rate) accepting ``mass >= t`` for every t in the scores,
+    from the strictest to the loosest, starting at (0, 0)."""
+    thresholds = sorted(set(true) | set(false), reverse=True)
+    st, sf = sorted(true), sorted(false)
+    points = [(0.0, 0.0)]
+    for t in thresholds:
+        points.append(
+            ((len(sf) - bisect.bisect_left(sf, t)) / len(sf), (len(st) - bisect.bisect_left(st, t)) / len(st))
+        )
+    return points
+
+
+def accept_threshold(true: Sequence[float], false: Sequence[float], far: float) -> tuple[float, float, float] | None:
+    """The loosest threshold t (accept ``mass >= t``) whose false-accept rate is <= ``far``:
+    (t, true-accept rate, false-accept rate); None if no threshold keeps the false-accept rate."""
+    st, sf = sorted(true), sorted(false)
+    best = None
+    for t in sorted(set(true) | set(false), reverse=True):
+        fa = (len(sf) - bisect.bisect_left(sf, t)) / len(sf)
+        if fa > far:
+            break
+        best = (t, (len(st) - bisect.bisect_left(st, t)) / len(st), fa)
+    return best
+
+
+def claim_roc(
+    true: Sequence[float],
+    false: Sequence[float],
+    *,
+    far: float = CLAIM_FAR,
+    resamples: int = BOOTSTRAP_RESAMPLES,
+    level: float = BOOTSTRAP_LEVEL,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """AUC, the true-accept rate at ``far`` and its threshold, with percentile-bootstrap
+    intervals (true and false claims resampled apart, seeded)."""
+    import random
+
+    chosen = accept_threshold(true, false, far)
+    out: dict[str, Any] = {
+        "true_claims": len(true),
+        "false_claims": len(false),
+        "auc": roc_auc(true, false),
+        "far_target": far,
+        "threshold": chosen[0] if chosen else None,
+        "tar": chosen[1] if chosen else None,
+        "far": chosen[2] if chosen else None,
+        "bootstrap": {"resamples": resamples, "level": level, "seed": seed},
+    }
+    if not true or not false or resamples < 1:
+        return out
+    rng = random.Random(seed)
+    aucs, tars, thresholds = [], [], []
+    for _ in range(resamples):
+        t = [true[rng.randrange(len(true))] for _ in true]
+        f = [false[rng.randrange(len(false))] for _ in false]
+        aucs.append(roc_auc(t, f))
+        found = accept_threshold(t, f, far)
+        if found is not None:
+            thresholds.append(found[0])
+            tars.append(found[1])
+    tail = (1 - level) / 2
+
+    def interval(values: list) -> list[float] | None:
+        values = sorted(v for v in values if v is not None)
+        return [_percentile(values, tail), _percentile(values, 1 - tail)] if values else None
+
+    out["bootstrap"] |= {
+        "auc_interval": interval(aucs),
+        "tar_interval": interval(tars),
+        "threshold_interval": interval(thresholds),
+    }
+    return out
+
+
+def format_claim_roc(distance_km: float, scale_km: float, r: dict[str, Any]) -> str:
+    """One console line: false claims >= D km away, the mass within one PD scale."""
+    if r["auc"] is None:
+        return f"false >= {distance_km:g} km, mass within {scale_km:g} km: no claims to compare"
+    boot = r["bootstrap"]
+
+    def iv(key: str, fmt: str) -> str:
+        v = boot.get(key)
+        return f" [{v[0]:{fmt}}, {v[1]:{fmt}}]" if v else ""
+
+    line = f"false >= {distance_km:g} km, mass within {scale_km:g} km: AUC {r['auc']:.3f}{iv('auc_interval', '.3f')}"
+    if r["tar"] is None:
+        return line + f"; no threshold keeps false accepts <= {r['far_target'] * 100:g}%"
+    return (
+        line + f", true-accept {r['tar'] * 100:.1f}%{iv('tar_interval', '.3f')} at false-accept "
+        f"{r['far'] * 100:.1f}% (<= {r['far_target'] * 100:g}%) with mass >= {r['threshold']:.4g}"
+        f"{iv('threshold_interval', '.4g')}"
+    )

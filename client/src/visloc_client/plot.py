@@ -97,3 +97,42 @@ def plot_risk_coverage(
         fig.savefig(os.fspath(path), format="png")
     finally:
         plt.close(fig)
+
+
+def plot_claim_roc(
+    path: str | os.PathLike[str],
+    panels: Sequence[tuple[str, Sequence[tuple[str, Sequence[tuple[float, float]]]]]],
+    *,
+    far: float | None = None,
+    title: str = "Claim check: true against false claims",
+) -> None:
+    """ROC curves of the claim mass, one panel per false-claim distance, one curve per PD scale.
+
+    ``panels``: (panel title, [(label, [(false-accept rate, true-accept rate), ...]), ...]).
+    """
+    require_matplotlib()
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4.2), dpi=120, squeeze=False)
+    try:
+        for ax, (panel, curves) in zip(axes[0], panels):
+            for label, points in curves:
+                ax.plot([f * 100 for f, _ in points], [t * 100 for _, t in points], label=label)
+            ax.plot([0, 100], [0, 100], color="0.6", linestyle=":", linewidth=0.8)
+            if far is not None:
+                ax.axvline(far * 100, color="0.5", linestyle="--", linewidth=0.8)
+            ax.set_xlim(0, 100)
+            ax.set_ylim(0, 100)
+            ax.set_xlabel("false claims accepted (%)")
+            ax.set_ylabel("true claims accepted (%)")
+            ax.set_title(panel, fontsize="medium")
+            ax.grid(True, alpha=0.3)
+            ax.legend(loc="lower right", fontsize="x-small")
+        fig.suptitle(title)
+        fig.tight_layout()
+        fig.savefig(os.fspath(path), format="png")
+    finally:
+        plt.close(fig)

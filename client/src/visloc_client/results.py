@@ -65,20 +65,35 @@ class LocateOptions:
     conf_threshold: float | None = None
     neighbours: int = 0
     top_cells: int = 0
+    claims: tuple[tuple[float, float], ...] = ()  # (lat, lon) the photo is said to be from
+    claim_radius_km: float | None = None
+    claim_neighbours: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("top_k", "neighbours", "top_cells"):
+        for name in ("top_k", "neighbours", "top_cells", "claim_neighbours"):
             value = getattr(self, name)
             if value is not None:
                 _check_int(name, value)
-        for name in ("eps_km", "conf_scale_km", "conf_threshold"):
+        for name in ("eps_km", "conf_scale_km", "conf_threshold", "claim_radius_km"):
             value = getattr(self, name)
             if value is not None:
                 _check_real(name, value)
+        claims = tuple(tuple(c) for c in self.claims)
+        for c in claims:
+            if len(c) != 2:
+                raise ValueError(f"a claim is (lat, lon), got {c!r}")
+            for value in c:
+                _check_real("a claim's coordinate", value)
+        object.__setattr__(self, "claims", claims)
 
     def to_pb(self) -> pb.LocateOptions:
-        msg = pb.LocateOptions(return_neighbours=self.neighbours, return_top_cells=self.top_cells)
-        for name in ("top_k", "eps_km", "conf_scale_km", "conf_threshold"):
+        msg = pb.LocateOptions(
+            return_neighbours=self.neighbours,
+            return_top_cells=self.top_cells,
+            claims=[pb.Claim(lat=lat, lon=lon) for lat, lon in self.claims],
+            claim_neighbours=self.claim_neighbours,
+        )
+        for name in ("top_k", "eps_km", "conf_scale_km", "conf_threshold", "claim_radius_km"):
             value = getattr(self, name)
             if value is not None:
                 setattr(msg, name, value)
@@ -93,6 +108,9 @@ class LocateOptions:
             conf_threshold=msg.conf_threshold if msg.HasField("conf_threshold") else None,
             neighbours=msg.return_neighbours,
             top_cells=msg.return_top_cells,
+            claims=tuple((c.lat, c.lon) for c in msg.claims),
+            claim_radius_km=msg.claim_radius_km if msg.HasField("claim_radius_km") else None,
+            claim_neighbours=msg.claim_neighbours,
         )
 
 
@@ -106,6 +124,9 @@ class LocateOptionArgs(TypedDict, total=False):
     conf_threshold: float | None
     neighbours: int
     top_cells: int
+    claims: tuple[tuple[float, float], ...]
+    claim_radius_km: float | None
+    claim_neighbours: int
 
 
 @dataclass(frozen=True)
@@ -135,6 +156,54 @@ class ScaleDensity(_Copied):
 
 
 @dataclass(frozen=True)
+class ClaimNeighbour(_Copied):
+    """A background image near a claimed location; ``distance_km`` from the claim."""
+
+    row_id: int
+    similarity: float
+    lat: float
+    lon: float
+    distance_km: float
+
+
+@dataclass(frozen=True)
+class ClaimCheck:
+    """How much of the model's belief lies near a claimed location (a belief, not a proof):
+    ``mass`` is the probability of the cells within each PD scale of the claim; ``cell`` the
+    cell nearest the claim and ``rank`` its place among all cells (1 = the top cell);
+    ``distance_km`` from the prediction to the claim."""
+
+    lat: float
+    lon: float
+    mass: tuple[ScaleDensity, ...] = ()
+    cell: Cell | None = None
+    rank: int = 0
+    cell_distance_km: float = 0.0
+    distance_km: float = 0.0
+    neighbours: tuple[ClaimNeighbour, ...] = ()
+
+    def mass_at(self, scale_km: float) -> float:
+        """The mass within ``scale_km`` (one of the served PD scales)."""
+        for d in self.mass:
+            if d.scale_km == scale_km:
+                return d.density
+        raise KeyError(f"{scale_km} km is not among the served scales {[d.scale_km for d in self.mass]}")
+
+    @classmethod
+    def from_pb(cls, msg: pb.ClaimCheck) -> ClaimCheck:
+        return cls(
+            lat=msg.claim.lat,
+            lon=msg.claim.lon,
+            mass=tuple(ScaleDensity.from_pb(d) for d in msg.mass),
+            cell=Cell.from_pb(msg.cell) if msg.HasField("cell") else None,
+            rank=msg.rank,
+            cell_distance_km=msg.cell_distance_km,
+            distance_km=msg.distance_km,
+            neighbours=tuple(ClaimNeighbour.from_pb(n) for n in msg.neighbours),
+        )
+
+
+@dataclass(frozen=True)
 class Timings(_Copied):
     """Server-side milliseconds per stage (``queue_ms``: waiting to be batched for Triton)."""
 
@@ -145,6 +214,7 @@ class Timings(_Copied):
     swc_ms: float = 0.0
     pd_ms: float = 0.0
     total_ms: float = 0.0
+    claim_ms: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -170,6 +240,7 @@ class LocateResult:
     input_width: int = 0
     input_height: int = 0
     batch_size: int = 0
+    claims: tuple[ClaimCheck, ...] = ()
 
     @classmethod
     def from_pb(cls, msg: pb.LocateResponse) -> LocateResult:
@@ -182,6 +253,7 @@ class LocateResult:
             neighbours=tuple(Neighbour.from_pb(n) for n in msg.neighbours),
             top_cells=tuple(Cell.from_pb(c) for c in msg.top_cells),
             timings=Timings.from_pb(msg.timings),
+            claims=tuple(ClaimCheck.from_pb(c) for c in msg.claims),
         )
 
     def to_dict(self) -> dict[str, Any]:

@@ -9,7 +9,8 @@
  *   equal rows tie exactly. Then a stable top k, DBSCAN(min_samples=1) over the candidates and
  *   the mean of the largest cluster, with geo.py's arithmetic in the same order.
  *
- * pd_select / pd_sums: Prediction Density's masked sums over the cells near the top cell.
+ * pd_select / pd_sums: Prediction Density's masked sums over the cells near the top cell (or near
+ *   any point, given as a unit vector with cell -1: the mass around a claimed location).
  *   Scales come largest first. pd_select decides "within scale s" by the dot product of unit
  *   vectors against cos(s / R): a cell within a scale is within every larger one, so one
  *   level per cell says which; it also reports the cells too close to a threshold to decide
@@ -181,9 +182,12 @@ static PyObject *pd_select(PyObject *self, PyObject *args)
     Py_buffer units, cell_at, position_of, starts, caps, thresholds, near, levels, bands, bitmap, by_cell;
     Py_ssize_t cell;
     double theta_max, band;
-    if (!PyArg_ParseTuple(args, "y*y*y*y*y*dny*dw*w*w*w*w*", &units, &cell_at, &position_of, &starts, &caps,
-                          &theta_max, &cell, &thresholds, &band, &near, &levels, &bands, &bitmap, &by_cell))
+    double px = NAN, py = NAN, pz = NAN; /* optional: a point (unit vector) instead of a cell's centre */
+    if (!PyArg_ParseTuple(args, "y*y*y*y*y*dny*dw*w*w*w*w*|(ddd)", &units, &cell_at, &position_of, &starts, &caps,
+                          &theta_max, &cell, &thresholds, &band, &near, &levels, &bands, &bitmap, &by_cell, &px, &py,
+                          &pz))
         return NULL;
+    const int at_point = !isnan(px);
     PyObject *result = NULL;
     Py_ssize_t m = cell_at.len / 4, groups = starts.len / 4 - 1;
     Py_ssize_t s = thresholds.len / (Py_ssize_t)sizeof(double), words = (m + 63) / 64;
@@ -194,8 +198,8 @@ static PyObject *pd_select(PyObject *self, PyObject *args)
         PyErr_SetString(PyExc_ValueError, "pd_select: the cell index buffers do not match");
         goto done;
     }
-    if (cell < 0 || cell >= m) {
-        PyErr_Format(PyExc_ValueError, "pd_select: cell %zd outside %zd cells", cell, m);
+    if (at_point ? (cell != -1 || !isfinite(px) || !isfinite(py) || !isfinite(pz)) : (cell < 0 || cell >= m)) {
+        PyErr_Format(PyExc_ValueError, "pd_select: cell %zd outside %zd cells (-1 with a finite point)", cell, m);
         goto done;
     }
     if (s < 1 || s > MAX_SCALES || thresholds.len % sizeof(double)) {
@@ -216,8 +220,8 @@ static PyObject *pd_select(PyObject *self, PyObject *args)
     /* units: [3, M] (x row, y row, z row) in grouped order */
     const double *ux = (const double *)units.buf, *uy = ux + m, *uz = ux + 2 * m;
     const int32_t *index_at = (const int32_t *)cell_at.buf, *start = (const int32_t *)starts.buf;
-    const Py_ssize_t p = ((const int32_t *)position_of.buf)[cell];
-    const double cx = ux[p], cy = uy[p], cz = uz[p];
+    const Py_ssize_t p = at_point ? 0 : ((const int32_t *)position_of.buf)[cell];
+    const double cx = at_point ? px : ux[p], cy = at_point ? py : uy[p], cz = at_point ? pz : uz[p];
     const double cos_max = cos(theta_max), sin_max = sin(theta_max);
     const double lowest = t[0] - band;
     double above[MAX_SCALES], below[MAX_SCALES];

@@ -34,6 +34,7 @@ from . import metrics, tracing
 from .admission import DEFAULT_CALLER, AdmissionController
 from .batcher import ShapeBatcher
 from .bundle import Bundle
+from .claim import check_claim
 from .config import Settings
 from .errors import InvalidArgument, RecipeMismatch
 from .inference import Inference
@@ -123,6 +124,16 @@ class Locator:
             pred = predict(state, out.cell_probs, out.embedding, opts)
             if span is not None:
                 span.set_attributes({"visloc.method": pred.method, "visloc.localizable": pred.localizable})
+        claims, claim_s = (), 0.0
+        if opts.claims:
+            with tracing.span("visloc.claims", {"visloc.claims": len(opts.claims)}):
+                t0 = time.perf_counter()
+                claims = tuple(
+                    check_claim(state, out.cell_probs, out.embedding, c, (pred.lat, pred.lon), opts.claim_radius_km,
+                                opts.claim_neighbours)
+                    for c in opts.claims
+                )  # fmt: skip
+                claim_s = time.perf_counter() - t0
         stages = {
             "decode": image.decode_s,
             "preprocess": image.preprocess_s,
@@ -130,12 +141,13 @@ class Locator:
             "triton": out.infer_s,
             "swc": pred.swc_s,
             "pd": pred.pd_s,
+            **({"claim": claim_s} if opts.claims else {}),
             "total": time.perf_counter() - started,
         }
         metrics.observe_located(
             image.source_width * image.source_height, stages, pred.method, pred.localizable, tracing.exemplar()
         )
-        return locate_response(request.request_id, state, image, out, pred, stages)
+        return locate_response(request.request_id, state, image, out, pred, stages, claims)
 
     async def prepare(self, data: bytes) -> PreparedImage:
         """Decode and preprocess in the thread pool (the event loop keeps serving)."""

@@ -103,6 +103,7 @@ class DensityIndex:
     BAND = 1e-12
     GRID_DEG = 5.0
     CAP_MARGIN_RAD = 1e-6  # ~6 m added to every group's radius: the skip test stays conservative
+    TIE_KM = 1e-9  # nearest-cell distances this close are float noise of one distance: a tie
 
     def __init__(self, centres: np.ndarray, scales_km: tuple[float, ...] = DEFAULT_SCALES_KM):
         centres = np.asarray(centres, dtype=np.float64)
@@ -188,21 +189,84 @@ class DensityIndex:
             raise ValueError(f"cell_probs must be float32 [{m}], got {probs.dtype} {probs.shape}")
         if not 0 <= cell < m:
             raise ValueError(f"cell {cell} outside the {m} cells")
+        return self._sums(probs, cell, None, self.centres[cell])
+
+    def density_at(self, lat: float, lon: float, cell_probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The same sums around any point (a claimed location): the mass of the cells within each
+        scale of (lat, lon), by the rules of :meth:`density` (dot products, the boundary settled by
+        the reference haversine, numpy's float32 summation). Also the cells within the largest
+        scale that has any (ascending ids): the point's nearest cell is among them (none: beyond
+        the largest scale from every cell)."""
+        m = self.centres.shape[0]
+        probs = np.ascontiguousarray(cell_probs)
+        if probs.dtype != np.float32 or probs.shape != (m,):
+            raise ValueError(f"cell_probs must be float32 [{m}], got {probs.dtype} {probs.shape}")
+        if not (math.isfinite(lat) and math.isfinite(lon) and abs(lat) <= 90 and abs(lon) <= 180):
+            raise ValueError(f"a point needs lat in [-90, 90] and lon in [-180, 180], got ({lat}, {lon})")
+        point = np.array([lat, lon], dtype=np.float64)
+        unit = latlon_to_unit(point)
+        near = []
+        out = self._sums(probs, -1, (float(unit[0]), float(unit[1]), float(unit[2])), point, keep=near)
+        return out, near[0]
+
+    def _sums(self, probs: np.ndarray, cell: int, unit, origin: np.ndarray, keep: list | None = None) -> np.ndarray:
         bufs = self._buffers()
         near, levels, unsure, values, bitmap, by_cell = bufs
+        extra = () if unit is None else (unit,)
         n_near, n_band = _kernels.pd_select(
-            *self._index, self._theta_max, cell, self._thresholds, self.BAND, near, levels, unsure, bitmap, by_cell
-        )
+            *self._index, self._theta_max, cell, self._thresholds, self.BAND, near, levels, unsure, bitmap, by_cell,
+            *extra,
+        )  # fmt: skip
         if n_band:
-            self._settle_boundary(cell, near[:n_near], levels[:n_near], unsure[:n_near])
+            self._settle_boundary(origin, near[:n_near], levels[:n_near], unsure[:n_near])
+        if keep is not None:  # the cells within the smallest scale that has any: the nearest is among them
+            lv = levels[:n_near]
+            keep.append(near[:n_near][lv == lv.max()].astype(np.int64) if n_near and lv.max() > 0 else near[:0])
         out = np.empty(len(self.scales_km), dtype=np.float64)
         _kernels.pd_sums(probs, near, levels, n_near, self._order, out, values)
         return out
 
-    def _settle_boundary(self, cell: int, near: np.ndarray, levels: np.ndarray, unsure: np.ndarray) -> None:
+    def _settle_boundary(self, origin: np.ndarray, near: np.ndarray, levels: np.ndarray, unsure: np.ndarray) -> None:
         """Cells too close to a threshold for the dot product: the reference haversine decides."""
         for r in np.flatnonzero(unsure):
             c = self.centres[near[r]]
-            d = haversine_km(self.centres[cell, 0], self.centres[cell, 1], c[0], c[1])
+            d = haversine_km(origin[0], origin[1], c[0], c[1])
             first = int(levels[r])
             levels[r] = first + int(np.count_nonzero(d <= self._sorted_km[first : first + int(unsure[r])]))
+
+    def nearest_cell(self, lat: float, lon: float, candidates: np.ndarray | None = None) -> tuple[int, float]:
+        """The cell whose centre is nearest (lat, lon) by the reference haversine (the lower id
+        on a tie: distances within ``TIE_KM``, a micrometre, as two centres mirrored across the
+        antimeridian give), and that distance in km. ``candidates``: cells known to hold the nearest (the
+        cells within a scale of the point, from :meth:`density_at`); None or empty: all cells."""
+        everywhere = candidates is None or not len(candidates)
+        if not everywhere and len(candidates) == 1:
+            close = candidates
+        else:
+            unit = latlon_to_unit(np.array([lat, lon], dtype=np.float64))
+            dots = self._units_by_cell() @ unit if everywhere else self._units_by_cell()[candidates] @ unit
+            best = dots >= dots.max() - 1e-12  # the dot product ranks; a near-tie goes to haversine
+            close = np.flatnonzero(best) if everywhere else candidates[best]
+        d = np.atleast_1d(haversine_km(lat, lon, self.centres[close, 0], self.centres[close, 1]))
+        tied = d <= d.min() + self.TIE_KM
+        best = int(np.flatnonzero(tied)[np.argmin(close[tied])])
+        return int(close[best]), float(d[best])
+
+    def cells_within(self, lat: float, lon: float, km: float) -> np.ndarray:
+        """The cells whose centre lies within ``km`` of (lat, lon) (``<=``, exact as PD), ascending."""
+        if km <= 0 or not math.isfinite(km):
+            raise ValueError(f"a radius must be positive km, got {km}")
+        single = DensityIndex.__new__(DensityIndex)
+        single.__dict__.update(self.__dict__)
+        angle = min(km / EARTH_RADIUS_KM, math.pi)
+        single.scales_km, single._order = (float(km),), np.zeros(1, dtype=np.int64)
+        single._sorted_km, single._thresholds, single._theta_max = np.array([km]), np.array([math.cos(angle)]), angle
+        single._scratch = threading.local()
+        _, cells = single.density_at(lat, lon, np.zeros(self.centres.shape[0], dtype=np.float32))
+        return cells
+
+    def _units_by_cell(self) -> np.ndarray:
+        units = getattr(self, "_cell_units", None)
+        if units is None:
+            units = self._cell_units = latlon_to_unit(self.centres)
+        return units

@@ -13,6 +13,7 @@ from .errors import InvalidArgument
 MAX_TOP_K = 1000
 MAX_TOP_CELLS = 100
 MAX_EPS_KM = 20_015.1  # half the Earth's circumference
+MAX_CLAIMS = 16
 
 
 @dataclass(frozen=True)
@@ -26,6 +27,9 @@ class Options:
 
     return_neighbours: int  # <= top_k
     return_top_cells: int
+    claims: tuple[tuple[float, float], ...] = ()  # (lat, lon) degrees, checked
+    claim_radius_km: float = 25.0
+    claim_neighbours: int = 0
 
 
 def resolve_options(req: pb.LocateOptions, settings: Settings, scales: tuple[float, ...]) -> Options:
@@ -46,4 +50,21 @@ def resolve_options(req: pb.LocateOptions, settings: Settings, scales: tuple[flo
         raise InvalidArgument(f"return_neighbours ({req.return_neighbours}) cannot exceed top_k ({top_k})")
     if req.return_top_cells > MAX_TOP_CELLS:
         raise InvalidArgument(f"return_top_cells must be in [0, {MAX_TOP_CELLS}], got {req.return_top_cells}")
-    return Options(top_k, eps, scale, thres, req.return_neighbours, req.return_top_cells)
+    if len(req.claims) > MAX_CLAIMS:
+        raise InvalidArgument(f"at most {MAX_CLAIMS} claims a request, got {len(req.claims)}")
+    for i, claim in enumerate(req.claims):
+        if not (
+            math.isfinite(claim.lat) and math.isfinite(claim.lon) and abs(claim.lat) <= 90 and abs(claim.lon) <= 180
+        ):
+            raise InvalidArgument(
+                f"claims[{i}] ({claim.lat}, {claim.lon}): latitude must be in [-90, 90] and longitude in [-180, 180]"
+            )
+    radius = req.claim_radius_km if req.HasField("claim_radius_km") else scale
+    if not (math.isfinite(radius) and 0 < radius <= MAX_EPS_KM):
+        raise InvalidArgument(f"claim_radius_km must be in (0, {MAX_EPS_KM}], got {radius}")
+    if req.claim_neighbours > MAX_TOP_K:
+        raise InvalidArgument(f"claim_neighbours must be in [0, {MAX_TOP_K}], got {req.claim_neighbours}")
+    claims = tuple((c.lat, c.lon) for c in req.claims)
+    return Options(
+        top_k, eps, scale, thres, req.return_neighbours, req.return_top_cells, claims, radius, req.claim_neighbours
+    )

@@ -9,6 +9,7 @@ from visloc_client.v1 import locator_pb2 as pb
 
 from . import __version__
 from .batcher import BatchedOutput
+from .claim import ClaimResult
 from .config import Settings
 from .prediction import Prediction, ServingState
 
@@ -22,8 +23,10 @@ def locate_response(
     out: BatchedOutput,
     pred: Prediction,
     stages: dict[str, float],
+    claims: tuple[ClaimResult, ...] = (),
 ) -> pb.LocateResponse:
-    """``stages`` maps decode, preprocess, queue, triton, swc, pd and total to seconds."""
+    """``stages`` maps decode, preprocess, queue, triton, swc, pd, claim (when asked) and total
+    to seconds."""
     return pb.LocateResponse(
         request_id=request_id, method=METHODS[pred.method], lat=pred.lat, lon=pred.lon,
         top_cell=pb.Cell(**asdict(pred.top_cell)), confidence=pred.confidence, localizable=pred.localizable,
@@ -34,6 +37,15 @@ def locate_response(
         prediction_density=[pb.ScaleDensity(**asdict(d)) for d in pred.density],
         top_cells=[pb.Cell(**asdict(c)) for c in pred.top_cells],
         timings=pb.StageTimings(**{f"{stage}_ms": seconds * 1e3 for stage, seconds in stages.items()}),
+        claims=[claim_check(c) for c in claims],
+    )  # fmt: skip
+
+
+def claim_check(c: ClaimResult) -> pb.ClaimCheck:
+    return pb.ClaimCheck(
+        claim=pb.Claim(lat=c.lat, lon=c.lon), mass=[pb.ScaleDensity(**asdict(d)) for d in c.mass],
+        cell=pb.Cell(**asdict(c.cell)), rank=c.rank, cell_distance_km=c.cell_distance_km, distance_km=c.distance_km,
+        neighbours=[pb.ClaimNeighbour(**asdict(n)) for n in c.neighbours],
     )  # fmt: skip
 
 

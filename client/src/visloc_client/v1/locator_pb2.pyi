@@ -17,20 +17,66 @@ METHOD_SWC: Method
 METHOD_CELL: Method
 
 class LocateOptions(_message.Message):
-    __slots__ = ("top_k", "eps_km", "conf_scale_km", "conf_threshold", "return_neighbours", "return_top_cells")
+    __slots__ = ("top_k", "eps_km", "conf_scale_km", "conf_threshold", "return_neighbours", "return_top_cells", "claims", "claim_radius_km", "claim_neighbours")
     TOP_K_FIELD_NUMBER: _ClassVar[int]
     EPS_KM_FIELD_NUMBER: _ClassVar[int]
     CONF_SCALE_KM_FIELD_NUMBER: _ClassVar[int]
     CONF_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     RETURN_NEIGHBOURS_FIELD_NUMBER: _ClassVar[int]
     RETURN_TOP_CELLS_FIELD_NUMBER: _ClassVar[int]
+    CLAIMS_FIELD_NUMBER: _ClassVar[int]
+    CLAIM_RADIUS_KM_FIELD_NUMBER: _ClassVar[int]
+    CLAIM_NEIGHBOURS_FIELD_NUMBER: _ClassVar[int]
     top_k: int
     eps_km: float
     conf_scale_km: float
     conf_threshold: float
     return_neighbours: int
     return_top_cells: int
-    def __init__(self, top_k: _Optional[int] = ..., eps_km: _Optional[float] = ..., conf_scale_km: _Optional[float] = ..., conf_threshold: _Optional[float] = ..., return_neighbours: _Optional[int] = ..., return_top_cells: _Optional[int] = ...) -> None: ...
+    claims: _containers.RepeatedCompositeFieldContainer[Claim]
+    claim_radius_km: float
+    claim_neighbours: int
+    def __init__(self, top_k: _Optional[int] = ..., eps_km: _Optional[float] = ..., conf_scale_km: _Optional[float] = ..., conf_threshold: _Optional[float] = ..., return_neighbours: _Optional[int] = ..., return_top_cells: _Optional[int] = ..., claims: _Optional[_Iterable[_Union[Claim, _Mapping]]] = ..., claim_radius_km: _Optional[float] = ..., claim_neighbours: _Optional[int] = ...) -> None: ...
+
+class Claim(_message.Message):
+    __slots__ = ("lat", "lon")
+    LAT_FIELD_NUMBER: _ClassVar[int]
+    LON_FIELD_NUMBER: _ClassVar[int]
+    lat: float
+    lon: float
+    def __init__(self, lat: _Optional[float] = ..., lon: _Optional[float] = ...) -> None: ...
+
+class ClaimCheck(_message.Message):
+    __slots__ = ("claim", "mass", "cell", "rank", "cell_distance_km", "distance_km", "neighbours")
+    CLAIM_FIELD_NUMBER: _ClassVar[int]
+    MASS_FIELD_NUMBER: _ClassVar[int]
+    CELL_FIELD_NUMBER: _ClassVar[int]
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    CELL_DISTANCE_KM_FIELD_NUMBER: _ClassVar[int]
+    DISTANCE_KM_FIELD_NUMBER: _ClassVar[int]
+    NEIGHBOURS_FIELD_NUMBER: _ClassVar[int]
+    claim: Claim
+    mass: _containers.RepeatedCompositeFieldContainer[ScaleDensity]
+    cell: Cell
+    rank: int
+    cell_distance_km: float
+    distance_km: float
+    neighbours: _containers.RepeatedCompositeFieldContainer[ClaimNeighbour]
+    def __init__(self, claim: _Optional[_Union[Claim, _Mapping]] = ..., mass: _Optional[_Iterable[_Union[ScaleDensity, _Mapping]]] = ..., cell: _Optional[_Union[Cell, _Mapping]] = ..., rank: _Optional[int] = ..., cell_distance_km: _Optional[float] = ..., distance_km: _Optional[float] = ..., neighbours: _Optional[_Iterable[_Union[ClaimNeighbour, _Mapping]]] = ...) -> None: ...
+
+class ClaimNeighbour(_message.Message):
+    __slots__ = ("row_id", "similarity", "lat", "lon", "distance_km")
+    ROW_ID_FIELD_NUMBER: _ClassVar[int]
+    SIMILARITY_FIELD_NUMBER: _ClassVar[int]
+    LAT_FIELD_NUMBER: _ClassVar[int]
+    LON_FIELD_NUMBER: _ClassVar[int]
+    DISTANCE_KM_FIELD_NUMBER: _ClassVar[int]
+    row_id: int
+    similarity: float
+    lat: float
+    lon: float
+    distance_km: float
+    def __init__(self, row_id: _Optional[int] = ..., similarity: _Optional[float] = ..., lat: _Optional[float] = ..., lon: _Optional[float] = ..., distance_km: _Optional[float] = ...) -> None: ...
 
 class LocateRequest(_message.Message):
     __slots__ = ("image", "options", "request_id", "pixels")
@@ -99,7 +145,7 @@ class ScaleDensity(_message.Message):
     def __init__(self, scale_km: _Optional[float] = ..., density: _Optional[float] = ...) -> None: ...
 
 class StageTimings(_message.Message):
-    __slots__ = ("decode_ms", "preprocess_ms", "queue_ms", "triton_ms", "swc_ms", "pd_ms", "total_ms")
+    __slots__ = ("decode_ms", "preprocess_ms", "queue_ms", "triton_ms", "swc_ms", "pd_ms", "total_ms", "claim_ms")
     DECODE_MS_FIELD_NUMBER: _ClassVar[int]
     PREPROCESS_MS_FIELD_NUMBER: _ClassVar[int]
     QUEUE_MS_FIELD_NUMBER: _ClassVar[int]
@@ -107,6 +153,7 @@ class StageTimings(_message.Message):
     SWC_MS_FIELD_NUMBER: _ClassVar[int]
     PD_MS_FIELD_NUMBER: _ClassVar[int]
     TOTAL_MS_FIELD_NUMBER: _ClassVar[int]
+    CLAIM_MS_FIELD_NUMBER: _ClassVar[int]
     decode_ms: float
     preprocess_ms: float
     queue_ms: float
@@ -114,10 +161,11 @@ class StageTimings(_message.Message):
     swc_ms: float
     pd_ms: float
     total_ms: float
-    def __init__(self, decode_ms: _Optional[float] = ..., preprocess_ms: _Optional[float] = ..., queue_ms: _Optional[float] = ..., triton_ms: _Optional[float] = ..., swc_ms: _Optional[float] = ..., pd_ms: _Optional[float] = ..., total_ms: _Optional[float] = ...) -> None: ...
+    claim_ms: float
+    def __init__(self, decode_ms: _Optional[float] = ..., preprocess_ms: _Optional[float] = ..., queue_ms: _Optional[float] = ..., triton_ms: _Optional[float] = ..., swc_ms: _Optional[float] = ..., pd_ms: _Optional[float] = ..., total_ms: _Optional[float] = ..., claim_ms: _Optional[float] = ...) -> None: ...
 
 class LocateResponse(_message.Message):
-    __slots__ = ("request_id", "lat", "lon", "method", "top_cell", "confidence", "localizable", "prediction_density", "neighbours", "top_cells", "model_version", "background_version", "timings", "image_width", "image_height", "input_width", "input_height", "batch_size")
+    __slots__ = ("request_id", "lat", "lon", "method", "top_cell", "confidence", "localizable", "prediction_density", "neighbours", "top_cells", "model_version", "background_version", "timings", "image_width", "image_height", "input_width", "input_height", "batch_size", "claims")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     LAT_FIELD_NUMBER: _ClassVar[int]
     LON_FIELD_NUMBER: _ClassVar[int]
@@ -136,6 +184,7 @@ class LocateResponse(_message.Message):
     INPUT_WIDTH_FIELD_NUMBER: _ClassVar[int]
     INPUT_HEIGHT_FIELD_NUMBER: _ClassVar[int]
     BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    CLAIMS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     lat: float
     lon: float
@@ -154,7 +203,8 @@ class LocateResponse(_message.Message):
     input_width: int
     input_height: int
     batch_size: int
-    def __init__(self, request_id: _Optional[str] = ..., lat: _Optional[float] = ..., lon: _Optional[float] = ..., method: _Optional[_Union[Method, str]] = ..., top_cell: _Optional[_Union[Cell, _Mapping]] = ..., confidence: _Optional[float] = ..., localizable: _Optional[bool] = ..., prediction_density: _Optional[_Iterable[_Union[ScaleDensity, _Mapping]]] = ..., neighbours: _Optional[_Iterable[_Union[Neighbour, _Mapping]]] = ..., top_cells: _Optional[_Iterable[_Union[Cell, _Mapping]]] = ..., model_version: _Optional[str] = ..., background_version: _Optional[str] = ..., timings: _Optional[_Union[StageTimings, _Mapping]] = ..., image_width: _Optional[int] = ..., image_height: _Optional[int] = ..., input_width: _Optional[int] = ..., input_height: _Optional[int] = ..., batch_size: _Optional[int] = ...) -> None: ...
+    claims: _containers.RepeatedCompositeFieldContainer[ClaimCheck]
+    def __init__(self, request_id: _Optional[str] = ..., lat: _Optional[float] = ..., lon: _Optional[float] = ..., method: _Optional[_Union[Method, str]] = ..., top_cell: _Optional[_Union[Cell, _Mapping]] = ..., confidence: _Optional[float] = ..., localizable: _Optional[bool] = ..., prediction_density: _Optional[_Iterable[_Union[ScaleDensity, _Mapping]]] = ..., neighbours: _Optional[_Iterable[_Union[Neighbour, _Mapping]]] = ..., top_cells: _Optional[_Iterable[_Union[Cell, _Mapping]]] = ..., model_version: _Optional[str] = ..., background_version: _Optional[str] = ..., timings: _Optional[_Union[StageTimings, _Mapping]] = ..., image_width: _Optional[int] = ..., image_height: _Optional[int] = ..., input_width: _Optional[int] = ..., input_height: _Optional[int] = ..., batch_size: _Optional[int] = ..., claims: _Optional[_Iterable[_Union[ClaimCheck, _Mapping]]] = ...) -> None: ...
 
 class Error(_message.Message):
     __slots__ = ("code", "message")

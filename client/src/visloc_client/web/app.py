@@ -231,7 +231,25 @@ def parse_options(query: Mapping[str, list[str]]) -> dict[str, Any]:
     name = option_error(options)  # neighbours against the given top_k
     if name is not None:
         raise bad_option(name, options[name])
+    claims = query.get("claim")
+    if claims and claims[-1] != "":
+        options["claims"] = (parse_claim(claims[-1]),)
     return options
+
+
+_CLAIM = re.compile(r"(-?[0-9]{1,2}(?:\.[0-9]{1,12})?),(-?[0-9]{1,3}(?:\.[0-9]{1,12})?)")
+
+
+def parse_claim(raw: str) -> tuple[float, float]:
+    """``claim=LAT,LON`` (decimal degrees) -> (lat, lon), or a 400 that says what is wrong."""
+    m = _CLAIM.fullmatch(raw)
+    lat, lon = (float(m.group(1)), float(m.group(2))) if m else (math.nan, math.nan)
+    if not (abs(lat) <= 90 and abs(lon) <= 180):
+        raise UploadError(
+            400, "BAD_OPTION", "The claimed location is not valid",
+            f"claim must be LAT,LON in degrees (latitude -90 to 90, longitude -180 to 180), got {raw[:40]!r}.",
+        )  # fmt: skip
+    return lat, lon
 
 
 class WebApp:
@@ -322,6 +340,8 @@ class WebApp:
             top_k = options.get("top_k") or (defaults.top_k if defaults is not None else None)
             options["neighbours"] = min(self.config.neighbours, top_k) if top_k else self.config.neighbours
         options.setdefault("top_cells", self.config.top_cells)
+        if options.get("claims"):  # the photos near the claim, as many as the page shows neighbours
+            options.setdefault("claim_neighbours", self.config.neighbours)
         name = option_error(
             options,
             default_top_k=defaults.top_k if defaults is not None else None,

@@ -15,6 +15,8 @@
     view: "world",
     previewUrl: null,
     seq: 0,
+    lastFile: null, // the photo last sent: a new claim re-checks it
+    projection: null, // the map's, for a click to a place
   };
 
   // --- small helpers ---------------------------------------------------------------------
@@ -221,6 +223,7 @@
     const answer = state.answer;
     const region = state.view === "region" && answer ? regionShape(answer) : null;
     const { projection, height } = makeProjection(width, tiles, region);
+    state.projection = projection;
     svg.setAttribute("viewBox", `0 0 ${width} ${height}`);
     svg.setAttribute("width", width);
     svg.setAttribute("height", height);
@@ -293,6 +296,20 @@
       svgTitle(m, `Neighbour #${i + 1}: similarity ${n.similarity.toFixed(3)}, ${fmtLatLon(n.lat, n.lon)}`);
     }
     if (p && !zoomed) drawPrediction(layer, p, r);
+    (r.claims || []).forEach((c) => {
+      c.neighbours.forEach((n, i) => {
+        const q = place(projection, n.lon, n.lat, width, height);
+        if (!q) return;
+        const m = svgEl("circle", { class: "m-claim-neighbour", cx: q[0], cy: q[1], r: 3.5, "data-row": n.row_id }, layer);
+        svgTitle(m, `Photo #${i + 1} near the claim: similarity ${n.similarity.toFixed(3)}, ${fmtKm(n.distance_km)} away`);
+      });
+      const q = place(projection, c.lon, c.lat, width, height);
+      if (!q) return;
+      const g = svgEl("g", { id: "claim-marker", class: "marker-claim", "data-lat": c.lat, "data-lon": c.lon,
+        transform: `translate(${q[0].toFixed(2)},${q[1].toFixed(2)})` }, layer);
+      svgTitle(g, `Claimed location: ${fmtLatLon(c.lat, c.lon)}`);
+      svgEl("path", { class: "m-claim", d: "M0,-9L9,0L0,9L-9,0Z" }, g);
+    });
   }
 
   function setView(view) {
@@ -355,12 +372,14 @@
       tr.appendChild(td);
     }
     table.querySelector("tbody").appendChild(tr);
+    return tr;
   }
 
   function clearAnswer() {
     state.answer = null;
     $("answer").hidden = true;
     $("why").hidden = true;
+    $("claim-check").hidden = true;
     $("view-region").disabled = true;
     if (state.view !== "world") setView("world");
     else drawMap();
@@ -426,9 +445,62 @@
     $("answer").hidden = false;
     $("why").hidden = false;
     drawPd(r.prediction_density, scale, answer.conf_threshold);
+    showClaim(r);
     $("view-region").disabled = !r.neighbours.length;
     drawMap();
     setStatus(`Located: ${fmtLatLon(r.lat, r.lon)}. ${answer.verdict}.`);
+  }
+
+  function showClaim(r) {
+    const c = (r.claims || [])[0];
+    $("claim-check").hidden = !c;
+    if (!c) return;
+    const conf = r.prediction_density.find((d) => d.scale_km === state.answer.conf_scale_km);  // the confidence scale
+    const at = c.mass.find((d) => conf && d.scale_km === conf.scale_km) || c.mass[c.mass.length - 1];
+    setText("claim-summary", `${fmtLatLon(c.lat, c.lon)}: ${(at.density * 100).toFixed(2)}% of the model's ` +
+      `belief within ${fmtKm(at.scale_km)} of it; its cell ranks #${c.rank}; ${fmtKm(c.distance_km)} from ` +
+      "the prediction.");
+    $("claim-summary").dataset.rank = String(c.rank);
+    const mass = $("claim-mass");
+    clear(mass.querySelector("tbody"));
+    c.mass.forEach((d) => {
+      const pd = r.prediction_density.find((p) => p.scale_km === d.scale_km);
+      const tr = row(mass, [fmtKm(d.scale_km), `${(d.density * 100).toFixed(2)}%`,
+        pd ? `${(pd.density * 100).toFixed(2)}%` : "\u2013"]);
+      tr.dataset.scale = String(d.scale_km);
+      tr.dataset.mass = String(d.density);
+    });
+    const nb = $("claim-neighbours");
+    clear(nb.querySelector("tbody"));
+    c.neighbours.forEach((n, i) => {
+      row(nb, [String(i + 1), n.similarity.toFixed(3), `${n.lat.toFixed(4)}, ${n.lon.toFixed(4)}`,
+        fmtKm(n.distance_km), String(n.row_id)]);
+    });
+    if (!c.neighbours.length) row(nb, ["\u2013", "no background photo near the claim", "", "", ""]);
+  }
+
+  // The claim box: "lat, lon" as typed, or a place clicked on the map.
+  function claimText() {
+    const text = $("claim").value.trim();
+    if (!text) return null;
+    const m = text.match(/^(-?\d{1,2}(?:\.\d+)?)\s*[, ]\s*(-?\d{1,3}(?:\.\d+)?)$/);
+    const lat = m ? Number(m[1]) : NaN;
+    const lon = m ? Number(m[2]) : NaN;
+    if (!(Math.abs(lat) <= 90 && Math.abs(lon) <= 180)) return undefined;
+    return `${lat},${lon}`;
+  }
+
+  function pickOnMap(event) {
+    const svg = $("map");
+    const box = svg.getBoundingClientRect();
+    const width = Number(svg.getAttribute("width")) || box.width;
+    const x = ((event.clientX - box.left) / box.width) * width;
+    const y = ((event.clientY - box.top) / box.height) * (Number(svg.getAttribute("height")) || box.height);
+    const ll = state.projection && state.projection.invert ? state.projection.invert([x, y]) : null;
+    if (!ll || !Number.isFinite(ll[0]) || !Number.isFinite(ll[1]) || Math.abs(ll[1]) > 90) return;
+    const lon = ((((ll[0] + 180) % 360) + 360) % 360) - 180;
+    $("claim").value = `${ll[1].toFixed(4)}, ${lon.toFixed(4)}`;
+    if (state.lastFile) locateFile(state.lastFile);
   }
 
   // --- upload --------------------------------------------------------------------------------
@@ -449,6 +521,14 @@
 
   async function locateFile(file) {
     if (!file) return;
+    const claim = claimText();
+    if (claim === undefined) {
+      showError({ title: "The claimed location is not valid",
+        message: "Type a latitude (-90 to 90) and a longitude (-180 to 180), e.g. 48.8584, 2.2945." });
+      return;
+    }
+    state.lastFile = file;
+    $("claim-check-button").disabled = false;
     const seq = ++state.seq;
     hideError();
     clearAnswer();
@@ -470,7 +550,7 @@
     let resp;
     let body = null;
     try {
-      resp = await fetch("/api/locate", {
+      resp = await fetch(claim ? `/api/locate?claim=${encodeURIComponent(claim)}` : "/api/locate", {
         method: "POST",
         headers: { "Content-Type": "application/octet-stream", Accept: "application/json" },
         body: file,
@@ -520,6 +600,11 @@
       const file = e.clipboardData && Array.from(e.clipboardData.files)[0];
       if (file) locateFile(file);
     });
+    $("claim-check-button").addEventListener("click", () => locateFile(state.lastFile));
+    $("claim").addEventListener("keydown", (e) => {
+      if (e.key === "Enter" && state.lastFile) locateFile(state.lastFile);
+    });
+    $("map").addEventListener("click", pickOnMap);
     $("view-world").addEventListener("click", () => setView("world"));
     $("view-region").addEventListener("click", () => setView("region"));
     let pending = 0;

@@ -1,0 +1,125 @@
+"""What a claim check costs: SwC+PD per image alone, and with one claim (and with its nearby
+background images), measured image by image in turn with the service's own functions
+(``prediction.predict``, ``claim.check_claim``) at the bundle's scale.
+
+Claims: half a few km from the top cell's centre (the claims worth checking), half anywhere on
+Earth (the ocean included). The model outputs are the bundle's network on sample photos, the
+top cell moved over every cell size as in step 5.
+
+``python -m bench.claim_cost --bundle .cache/bench/bundle-upstream-scale [--update]``; ``make
+bench`` runs it as step 11.
+"""
+
+from __future__ import annotations
+
+import os
+
+# As in the service (swc_service/server.py): single-threaded BLAS for the small numpy work.
+for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")
+
+import argparse
+import json
+import math
+import sys
+import time
+
+import numpy as np
+
+from swc_service.bundle import load_bundle
+from swc_service.claim import check_claim
+from swc_service.config import Settings
+from swc_service.options import resolve_options
+from swc_service.prediction import ServingState, predict
+from visloc_client.preprocessing import preprocess
+from visloc_client.v1 import locator_pb2 as pb
+from visloc_export import samples
+
+SHAPE = (400, 300)
+
+
+def log(msg: str) -> None:
+    print(f"[claim_cost {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def measure(bundle, count: int = 2000, neighbours: int = 5) -> dict:
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(bundle.model_path), providers=["CPUExecutionProvider"])
+    outs = [sess.run(None, {"image": preprocess(samples.photo_bytes(s, SHAPE)).array[None]}) for s in range(8)]
+    state = ServingState.of(bundle)
+    settings = Settings(bundle=str(bundle.path))
+    opts = resolve_options(pb.LocateOptions(), settings, state.density.scales_km)
+    rng = np.random.default_rng(0)
+    for a in range(0, bundle.num_background, 65536):  # a warm page cache, as in a serving process
+        for array in (bundle.features, bundle.labels, bundle.row_ids):
+            np.asarray(array[a : a + 65536]).max()
+    plain, claimed, near = [], [], []
+    for i in range(count):
+        probs, emb = outs[i % len(outs)][0][0], outs[i % len(outs)][1][0]
+        target = int(rng.integers(0, bundle.num_cells))
+        probs = np.ascontiguousarray(np.roll(probs, target - int(np.argmax(probs))))
+        if i % 2:
+            lat, lon = math.degrees(math.asin(rng.uniform(-1, 1))), rng.uniform(-180, 180)
+        else:
+            lat, lon = bundle.centres[target] + rng.normal(0, 0.05, 2)
+            lat, lon = float(np.clip(lat, -90, 90)), float((lon + 180) % 360 - 180)
+
+        def alone(probs=probs, emb=emb) -> float:
+            t = time.perf_counter()
+            predict(state, probs, emb, opts)
+            return time.perf_counter() - t
+
+        def with_claim(probs=probs, emb=emb, claim=(lat, lon)) -> float:
+            t = time.perf_counter()
+            pred = predict(state, probs, emb, opts)
+            check_claim(state, probs, emb, claim, (pred.lat, pred.lon), opts.claim_radius_km, 0)
+            return time.perf_counter() - t
+
+        # In turn, the order alternating: the second run of an image finds its cell's rows cached.
+        if i % 4 < 2:
+            plain.append(alone())
+            claimed.append(with_claim())
+        else:
+            claimed.append(with_claim())
+            plain.append(alone())
+        pred = predict(state, probs, emb, opts)
+        t = time.perf_counter()
+        check_claim(state, probs, emb, (lat, lon), (pred.lat, pred.lon), opts.claim_radius_km, neighbours)
+        near.append(time.perf_counter() - t)
+    pct = lambda xs, q: 1e3 * float(np.percentile(xs, q))  # noqa: E731
+    res = {
+        "images": count,
+        "swc_pd_p50_ms": pct(plain, 50), "swc_pd_p99_ms": pct(plain, 99),
+        "with_claim_p50_ms": pct(claimed, 50), "with_claim_p99_ms": pct(claimed, 99),
+        "claim_neighbours": neighbours,
+        "neighbours_p50_ms": pct(near, 50), "neighbours_p99_ms": pct(near, 99),
+        "when": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }  # fmt: skip
+    res["ratio_p50"] = res["with_claim_p50_ms"] / res["swc_pd_p50_ms"]
+    res["ratio_p99"] = res["with_claim_p99_ms"] / res["swc_pd_p99_ms"]
+    log(
+        f"SwC+PD p50 {res['swc_pd_p50_ms']:.3f} ms, with a claim {res['with_claim_p50_ms']:.3f} ms "
+        f"({res['ratio_p50']:.2f}x; p99 {res['ratio_p99']:.2f}x); a claim with {neighbours} nearby images "
+        f"p50 {res['neighbours_p50_ms']:.3f} ms"
+    )
+    return res
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.claim_cost", description=__doc__.split("\n\n")[0])
+    p.add_argument("--bundle", default=".cache/bench/bundle-upstream-scale")
+    p.add_argument("--count", type=int, default=2000)
+    p.add_argument("--update", action="store_true", help="write into bench/results/bench.json and docs/BENCHMARKS.md")
+    args = p.parse_args(argv)
+    result = measure(load_bundle(args.bundle), args.count)
+    print(json.dumps(result, indent=2))
+    if args.update:
+        from bench.report import update_results
+
+        update_results("claims", result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
