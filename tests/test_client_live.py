@@ -55,6 +55,8 @@ def test_evaluate_matches_single_locate_calls(live_target, dataset, tmp_path, ca
         "failed": 1,
         "no_metadata": 1,
         "not_run": 0,
+        "metadata_photos": N_IMAGES + 1,  # the broken one is listed too
+        "missing": 0,
     }
     assert report["failures"][0]["file"] == "broken.jpg"
     assert report["failures"][0]["code"] == "INVALID_ARGUMENT"

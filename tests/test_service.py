@@ -294,7 +294,12 @@ def test_several_workers_share_one_port(demo_bundle, local_triton):
     port = free_port()
     svc = ServiceProcess(demo_bundle, local_triton.grpc_url, "--workers", "2", port=port)
     try:
-        wait_serving(svc.target)
+        wait_serving(svc.target)  # one worker; the other may still be running its model check
+        deadline = time.monotonic() + 60
+        while len({line.split("[")[1].split("]")[0] for line in svc.log_text().splitlines()
+                   if "health: SERVING" in line}) < 2:  # fmt: skip
+            assert time.monotonic() < deadline and svc.proc.poll() is None, svc.log_text()[-3000:]
+            time.sleep(0.1)
         seen = set()
         for i in range(8):  # new connections are spread over the workers by the kernel
             with grpc.insecure_channel(svc.target, options=[("grpc.use_local_subchannel_pool", 1)]) as ch:
