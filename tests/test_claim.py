@@ -88,6 +88,10 @@ def test_claim_mass_rank_and_cell_match_float64_haversine(cells, tiny_bundle):  
         assert np.abs(mass - want_mass).max() <= 1e-6, (lat, lon)
         assert cell == want_cell and rank_of(probs, cell) == want_rank, (lat, lon)
         assert km == pytest.approx(want_km, abs=1e-6)
+        if i % 20 == 0:  # the cells within a radius (the search for images near a claim)
+            d = reference_haversine(lat, lon, centres)
+            for radius in (10.0, 300.0, 5000.0):
+                assert density.cells_within(lat, lon, radius).tolist() == np.flatnonzero(d <= radius).tolist()
 
 
 def test_claim_mass_matches_on_the_demo_bundle(demo_bundle):

@@ -253,17 +253,25 @@ class DensityIndex:
         return int(close[best]), float(d[best])
 
     def cells_within(self, lat: float, lon: float, km: float) -> np.ndarray:
-        """The cells whose centre lies within ``km`` of (lat, lon) (``<=``, exact as PD), ascending."""
-        if km <= 0 or not math.isfinite(km):
+        """The cells whose centre lies within ``km`` of (lat, lon) (``<=``, exact as PD), ascending:
+        the same selection kernel with one threshold, the boundary settled by the reference haversine."""
+        if not (km > 0 and math.isfinite(km)):
             raise ValueError(f"a radius must be positive km, got {km}")
-        single = DensityIndex.__new__(DensityIndex)
-        single.__dict__.update(self.__dict__)
+        if not (math.isfinite(lat) and math.isfinite(lon) and abs(lat) <= 90 and abs(lon) <= 180):
+            raise ValueError(f"a point needs lat in [-90, 90] and lon in [-180, 180], got ({lat}, {lon})")
         angle = min(km / EARTH_RADIUS_KM, math.pi)
-        single.scales_km, single._order = (float(km),), np.zeros(1, dtype=np.int64)
-        single._sorted_km, single._thresholds, single._theta_max = np.array([km]), np.array([math.cos(angle)]), angle
-        single._scratch = threading.local()
-        _, cells = single.density_at(lat, lon, np.zeros(self.centres.shape[0], dtype=np.float32))
-        return cells
+        unit = latlon_to_unit(np.array([lat, lon], dtype=np.float64))
+        near, levels, unsure, _, bitmap, by_cell = self._buffers()
+        n_near, _ = _kernels.pd_select(
+            *self._index, angle, -1, np.array([math.cos(angle)]), self.BAND, near, levels, unsure, bitmap, by_cell,
+            (float(unit[0]), float(unit[1]), float(unit[2])),
+        )  # fmt: skip
+        cells = near[:n_near].astype(np.int64)
+        inside = levels[:n_near] > 0
+        for r in np.flatnonzero(unsure[:n_near]):  # too close to the radius for the dot product
+            c = self.centres[cells[r]]
+            inside[r] = bool(haversine_km(float(lat), float(lon), float(c[0]), float(c[1])) <= km)
+        return cells[inside]
 
     def _units_by_cell(self) -> np.ndarray:
         units = getattr(self, "_cell_units", None)
