@@ -19,6 +19,7 @@ for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_var, "1")
 
 import argparse
+import dataclasses
 import json
 import math
 import sys
@@ -70,10 +71,12 @@ def measure(bundle, count: int = 2000, neighbours: int = 5) -> dict:
             predict(state, probs, emb, opts)
             return time.perf_counter() - t
 
-        def with_claim(probs=probs, emb=emb, claim=(lat, lon)) -> float:
+        one = dataclasses.replace(opts, claims=((lat, lon),))
+
+        def with_claim(probs=probs, emb=emb, one=one) -> float:  # as locator.py runs it
             t = time.perf_counter()
-            pred = predict(state, probs, emb, opts)
-            check_claim(state, probs, emb, claim, (pred.lat, pred.lon), opts.claim_radius_km, 0)
+            pred = predict(state, probs, emb, one)
+            check_claim(state, probs, emb, one.claims[0], (pred.lat, pred.lon), 0.0, 0, pred.claimed[0])
             return time.perf_counter() - t
 
         # In turn, the order alternating: the second run of an image finds its cell's rows cached.
@@ -83,9 +86,10 @@ def measure(bundle, count: int = 2000, neighbours: int = 5) -> dict:
         else:
             claimed.append(with_claim())
             plain.append(alone())
-        pred = predict(state, probs, emb, opts)
+        pred = predict(state, probs, emb, one)
         t = time.perf_counter()
-        check_claim(state, probs, emb, (lat, lon), (pred.lat, pred.lon), opts.claim_radius_km, neighbours)
+        at = pred.claimed[0]
+        check_claim(state, probs, emb, (lat, lon), (pred.lat, pred.lon), one.claim_radius_km, neighbours, at)
         near.append(time.perf_counter() - t)
     pct = lambda xs, q: 1e3 * float(np.percentile(xs, q))  # noqa: E731
     res = {

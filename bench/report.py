@@ -332,7 +332,8 @@ def claims_section(c: dict) -> list[str]:
         "## What a claim check costs",
         "",
         f"{c['images']} images at the bundle's scale, each through `prediction.predict` alone and with one claim "
-        "(`claim.check_claim`: the mass at every PD scale, the nearest cell and its rank, the distance), in "
+        "(the mass at every PD scale with PD, the nearest cell and its rank, then `claim.check_claim`: the distance "
+        "and the reply's fields), as `locator.py` runs them, in "
         f"turn{when}; half the claims a few km from the top cell, half anywhere on Earth.",
         "",
         "| | p50 ms | p99 ms |",
@@ -342,11 +343,13 @@ def claims_section(c: dict) -> list[str]:
         f"| a claim's {c['claim_neighbours']} nearby background images, on top | {c['neighbours_p50_ms']:.3f} | "
         f"{c['neighbours_p99_ms']:.3f} |",
         "",
-        f"Ratio **{c['ratio_p50']:.2f}x** at p50 ({c['ratio_p99']:.2f}x at p99). A claim's mass is a second Prediction "
-        "Density around another point, the same exact kernel over the cells within 2,500 km of it, plus the nearest "
-        "cell among them, its rank over all cells and the Python around them: a claim costs more than PD itself "
-        "(PD is over half of SwC+PD at this scale), so the 1.3x asked for would need PD and the claims in one pass "
-        "over the cells. Per image it is a fraction of a millisecond beside Triton's ~100 ms of model time.",
+        f"Ratio **{c['ratio_p50']:.2f}x** at p50 ({c['ratio_p99']:.2f}x at p99). PD and the claims run in one "
+        "kernel call, one pass over the cell index (`DensityIndex.densities`), but a claim's mass is PD's exact sum "
+        "over another neighbourhood: each cell within 2,500 km of the claim is compared, ordered and added once "
+        "more (that work is per origin and is most of PD's cost), then the nearest cell and its rank over all "
+        "cells. So a claim costs about two thirds of a PD, and PD is about half of SwC+PD at this scale: the "
+        "ratio stays above 1.3 until PD's per-cell work shrinks well below SwC's. Per image it is a few hundredths "
+        "of a millisecond beside Triton's ~100 ms of model time.",
         "",
     ]
 

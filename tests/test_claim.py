@@ -18,7 +18,7 @@ from test_dataplane import CENTRES, FakeInference, grey, make_locator, tiny_bund
 from test_tracing import traced_server
 
 from swc_service.bundle import load_bundle
-from swc_service.claim import check_claim, rank_of
+from swc_service.claim import check_claim
 from swc_service.method import DensityIndex
 from swc_service.prediction import ServingState
 from visloc_client.v1 import locator_pb2 as pb
@@ -82,12 +82,11 @@ def test_claim_mass_rank_and_cell_match_float64_haversine(cells, tiny_bundle):  
     claims = SPECIAL + random_claims(200, seed=1)
     for i, (lat, lon) in enumerate(claims):
         probs = probabilities(len(centres), seed=i)
-        mass, near = density.density_at(lat, lon, probs)
-        cell, km = density.nearest_cell(lat, lon, near)
+        at = density.density_at(lat, lon, probs)
         want_mass, want_cell, want_rank, want_km = reference_check(centres, probs, lat, lon)
-        assert np.abs(mass - want_mass).max() <= 1e-6, (lat, lon)
-        assert cell == want_cell and rank_of(probs, cell) == want_rank, (lat, lon)
-        assert km == pytest.approx(want_km, abs=1e-6)
+        assert np.abs(at.mass - want_mass).max() <= 1e-6, (lat, lon)
+        assert at.cell == want_cell and at.rank == want_rank, (lat, lon)
+        assert at.cell_km == pytest.approx(want_km, abs=1e-6)
         if i % 20 == 0:  # the cells within a radius (the search for images near a claim)
             d = reference_haversine(lat, lon, centres)
             for radius in (10.0, 300.0, 5000.0):
@@ -99,9 +98,9 @@ def test_claim_mass_matches_on_the_demo_bundle(demo_bundle):
     density = DensityIndex(centres, SCALES)
     for i, (lat, lon) in enumerate(SPECIAL + random_claims(100, seed=2)):
         probs = probabilities(len(centres), seed=100 + i)
-        mass, near = density.density_at(lat, lon, probs)
-        want_mass, want_cell, _, _ = reference_check(centres, probs, lat, lon)
-        assert np.abs(mass - want_mass).max() <= 1e-6 and density.nearest_cell(lat, lon, near)[0] == want_cell
+        at = density.density_at(lat, lon, probs)
+        want_mass, want_cell, want_rank, _ = reference_check(centres, probs, lat, lon)
+        assert np.abs(at.mass - want_mass).max() <= 1e-6 and (at.cell, at.rank) == (want_cell, want_rank)
 
 
 def test_claim_at_the_top_cells_centre_is_its_prediction_density():
@@ -110,8 +109,28 @@ def test_claim_at_the_top_cells_centre_is_its_prediction_density():
     density = DensityIndex(centres, SCALES)
     probs = probabilities(len(centres), seed=3)
     top = int(np.argmax(probs))
-    mass, _ = density.density_at(*centres[top], probs)
-    assert mass.tolist() == density.density(top, probs).tolist()
+    at = density.density_at(*centres[top], probs)
+    assert at.mass.tolist() == density.density(top, probs).tolist() and (at.cell, at.rank) == (top, 1)
+
+
+@pytest.mark.parametrize("place", [(40.0, 10.0), (-75.0, -150.0)])  # among the cells; 3,000+ km from the others
+def test_nearest_cell_ties_go_to_the_lower_id(place):
+    """Twenty cells on one centre (more near-ties than the kernel keeps while it scans) and two
+    mirrored across the antimeridian: the lower id, as the float64 reference says."""
+    rng = np.random.default_rng(7)
+    centres = np.c_[rng.uniform(20, 60, 500), rng.uniform(-20, 40, 500)]
+    twins = rng.choice(np.arange(3, 500), 20, replace=False)
+    centres[twins] = place
+    centres[[7, 2]] = [(10.0, 179.95), (10.0, -179.95)]
+    density = DensityIndex(centres, SCALES)
+    for i, (lat, lon) in enumerate([place, (place[0] + 1e-7, place[1]), (10.0, 180.0), (10.0, -180.0), (-60.0, 0.0)]):
+        probs = probabilities(len(centres), seed=50 + i)
+        at = density.density_at(lat, lon, probs)
+        want_mass, want_cell, want_rank, want_km = reference_check(centres, probs, lat, lon)
+        assert (at.cell, at.rank) == (want_cell, want_rank) and at.cell_km == pytest.approx(want_km, abs=1e-6)
+        assert np.abs(at.mass - want_mass).max() <= 1e-6
+    assert density.density_at(*place, probabilities(len(centres), 0)).cell == min(twins)
+    assert density.density_at(10.0, 180.0, probabilities(len(centres), 0)).cell == 2
 
 
 def test_claim_neighbours_are_the_most_similar_images_within_the_radius(tiny_bundle):  # noqa: F811

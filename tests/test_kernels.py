@@ -245,6 +245,34 @@ def test_density_rejects_bad_input():
         _kernels.pd_select(idx._index[0][:, :1].copy(), *idx._index[1:], *args)
     with pytest.raises(ValueError, match="centres must be finite"):
         DensityIndex(np.array([[0.0, 0.0], [np.nan, 1.0]]))
+    with pytest.raises(ValueError, match=r"lat in \[-90, 90\]"):
+        idx.density_at(91.0, 0.0, np.ones(2, np.float32))
+    _, _, _, values, bitmap, _ = idx._buffers()
+
+    def mass(origins, probs=np.ones(2, np.float32), codes=None):
+        n = len(origins)
+        codes = idx._codes(n) if codes is None else codes
+        _kernels.pd_mass(
+            *idx._index, idx.centres, idx._theta_max, idx._thresholds, idx._sorted_km, idx.BAND, bitmap, codes, probs,
+            idx._order, values, np.array(origins, dtype=np.float64), np.empty((n, len(idx.scales_km))),
+            np.empty(n, np.int64), np.empty(n), np.empty(n, np.int64),
+        )  # fmt: skip
+
+    for bad in [(2, 0, 0), (-2, 0, 0), (0.5, 0, 0)]:
+        with pytest.raises(ValueError, match="outside 2 cells"):
+            mass([bad])
+    for bad in [(-1, np.nan, 0), (-1, 0, 180.5)]:
+        with pytest.raises(ValueError, match=r"a point needs lat in \[-90, 90\]"):
+            mass([(0, 0, 0), bad])
+    with pytest.raises(ValueError, match="buffer sizes do not match"):  # another bundle's probabilities
+        mass([(0, 0, 0)], probs=np.ones(3, np.float32))
+    with pytest.raises(ValueError, match="buffer sizes do not match"):  # codes for one origin, two asked
+        mass([(0, 0, 0), (-1, 0, 0)], codes=np.zeros(2, np.uint8))
+    with pytest.raises(ValueError, match="1 to 17 origins"):
+        mass([(-1, 0, 0)] * 18, codes=np.zeros(36, np.uint8))
+    with pytest.raises(ValueError, match="at most 16 points"):
+        idx.densities(0, ((0.0, 0.0),) * 17, np.ones(2, np.float32))
+    assert not idx._codes(2).any() and not bitmap.any()  # nothing left behind by the refused calls
 
 
 @pytest.mark.parametrize("top_k", [1, 3, 10, 64, 200])

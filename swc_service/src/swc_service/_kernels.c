@@ -9,15 +9,17 @@
  *   equal rows tie exactly. Then a stable top k, DBSCAN(min_samples=1) over the candidates and
  *   the mean of the largest cluster, with geo.py's arithmetic in the same order.
  *
- * pd_select / pd_sums: Prediction Density's masked sums over the cells near the top cell (or near
- *   any point, given as a unit vector with cell -1: the mass around a claimed location).
- *   Scales come largest first. pd_select decides "within scale s" by the dot product of unit
- *   vectors against cos(s / R): a cell within a scale is within every larger one, so one
- *   level per cell says which; it also reports the cells too close to a threshold to decide
- *   that way (method.py settles those with the reference haversine). pd_sums adds the selected
- *   float32 probabilities in index order exactly as numpy 1.x's float32 add.reduce does:
- *   pairwise summation over chunks of the ufunc buffer size (8192), chunk sums accumulated in
- *   order, so each PD value equals the reference's probs[d <= s].sum() bit for bit.
+ * pd_mass: Prediction Density around the top cell and the mass around any claimed points, in one
+ *   pass over the cell index. Scales come largest first. "Within scale s" is decided by the dot
+ *   product of unit vectors against cos(s / R): a cell within a scale is within every larger one,
+ *   so one level per cell and origin says which; cells too close to a threshold to decide that way
+ *   are settled on the spot by the reference haversine. The selected cells are walked in
+ *   ascending id order and each selection's float32 probabilities are added exactly as numpy
+ *   1.x's float32 add.reduce does: pairwise summation over chunks of the ufunc buffer size
+ *   (8192), chunk sums accumulated in order, so each value equals the reference's
+ *   probs[d <= s].sum() bit for bit. For a point, also its nearest cell and that cell's rank.
+ *   pd_select / pd_settle / pd_sums: the same selection, boundary rule and sums as separate steps
+ *   (the cells within a radius of a claim; tests).
  *
  * haversine / latlon_to_unit: the service's great-circle geometry (geo.py wraps them), so SwC's
  *   clustering, PD's boundary cases and everything else use one implementation.
@@ -177,79 +179,185 @@ __attribute__((target("avx2,fma,f16c"))) static void dot_rows_avx2(const void *r
  * spherical cap (centre, radius) lies beyond the largest scale is skipped whole, so only the
  * cells near the top cell are touched. A bitmap over cell indices then puts the near cells
  * back in index order, the order the sums need. */
-static PyObject *pd_select(PyObject *self, PyObject *args)
+static double haversine_km(double lat1, double lon1, double lat2, double lon2);
+static void to_unit(double lat_deg, double lon_deg, double *xyz);
+
+#define TIE_DOT 1e-12   /* nearest cell: dot products this close go to the reference haversine */
+#define TIE_KM 1e-9     /* nearest cell: distances this close (a micrometre) are one distance: lower id */
+#define MAX_NEAR 16     /* near-tied candidates kept while scanning; more: a full rescan */
+#define MAX_ORIGINS 17  /* pd_mass: the top cell and up to 16 points (claims) in one pass */
+
+/* The cell index of method.DensityIndex, borrowed from its buffers. */
+typedef struct {
+    Py_ssize_t m, groups;
+    const double *ux, *uy, *uz; /* unit vectors [3, M] in group order */
+    const int32_t *index_at;    /* cell id at each group-order position */
+    const int32_t *position_of; /* group-order position of each cell id */
+    const int32_t *start;       /* group starts [G + 1] */
+    const double *caps;         /* [G, 6]: the group's spherical cap: centre xyz, cos r, sin r, r */
+} cell_index;
+
+/* Whether any cell of group cap `cap` can lie within angle theta (cos, sin given) of unit vector c:
+ * not when angle(c, centre) > theta + r (tested on the dot product, conservatively). */
+static inline int cap_reaches(const double *cap, const double *c, double theta, double cos_t, double sin_t)
 {
-    Py_buffer units, cell_at, position_of, starts, caps, thresholds, near, levels, bands, bitmap, by_cell;
-    Py_ssize_t cell;
-    double theta_max, band;
-    double px = NAN, py = NAN, pz = NAN; /* optional: a point (unit vector) instead of a cell's centre */
-    if (!PyArg_ParseTuple(args, "y*y*y*y*y*dny*dw*w*w*w*w*|(ddd)", &units, &cell_at, &position_of, &starts, &caps,
-                          &theta_max, &cell, &thresholds, &band, &near, &levels, &bands, &bitmap, &by_cell, &px, &py,
-                          &pz))
-        return NULL;
-    const int at_point = !isnan(px);
-    PyObject *result = NULL;
-    Py_ssize_t m = cell_at.len / 4, groups = starts.len / 4 - 1;
-    Py_ssize_t s = thresholds.len / (Py_ssize_t)sizeof(double), words = (m + 63) / 64;
-    Py_ssize_t n_near = 0, n_band = 0;
-    const double *t = (const double *)thresholds.buf;
-    if (m < 1 || cell_at.len % 4 || units.len != 3 * m * 8 || position_of.len != m * 4 || groups < 1 ||
-        caps.len != groups * 6 * 8 || bitmap.len < words * 8 || by_cell.len < 2 * m) {
-        PyErr_SetString(PyExc_ValueError, "pd_select: the cell index buffers do not match");
-        goto done;
+    if (theta + cap[5] >= PI)
+        return 1;
+    const double dc = cap[0] * c[0] + cap[1] * c[1] + cap[2] * c[2];
+    return !(dc < cos_t * cap[3] - sin_t * cap[4] - 1e-9);
+}
+
+/* Within how many of the largest scales a dot product puts a cell (thresholds ascending, with the
+ * band around each) and how many next scales are too close to call that way. */
+static inline uint32_t dot_level(double dot, const double *above, const double *below, Py_ssize_t s,
+                                 uint32_t *unsure)
+{
+    uint32_t level = 0, maybe = 0;
+    while (level < s && dot > above[level])
+        level++;
+    while (level + maybe < s && dot >= below[level + maybe]) /* almost never */
+        maybe++;
+    *unsure = maybe;
+    return level;
+}
+
+/* A level too close to call: the reference haversine `d` decides how many of the unsure next
+ * scales (`km`, largest first) the cell is within. */
+static inline uint32_t settle_level(uint32_t level, uint32_t unsure, double d, const double *km)
+{
+    uint32_t settled = level;
+    for (uint32_t i = level; i < level + unsure; i++)
+        settled += d <= km[i];
+    return settled;
+}
+
+/* The cells whose dot product with a point is largest (within TIE_DOT of the largest). */
+typedef struct {
+    double best;
+    int n, overflow;
+    int32_t cell[MAX_NEAR];
+    double dot[MAX_NEAR];
+} nearest_set;
+
+static inline void nearest_see(nearest_set *ns, double dot, int32_t j)
+{
+    if (dot < ns->best - TIE_DOT)
+        return;
+    if (dot > ns->best) {
+        ns->best = dot;
+        int kept = 0;
+        for (int i = 0; i < ns->n; i++) {
+            if (ns->dot[i] >= dot - TIE_DOT) {
+                ns->cell[kept] = ns->cell[i];
+                ns->dot[kept++] = ns->dot[i];
+            }
+        }
+        ns->n = kept;
     }
-    if (at_point ? (cell != -1 || !isfinite(px) || !isfinite(py) || !isfinite(pz)) : (cell < 0 || cell >= m)) {
-        PyErr_Format(PyExc_ValueError, "pd_select: cell %zd outside %zd cells (-1 with a finite point)", cell, m);
-        goto done;
+    if (ns->n < MAX_NEAR) {
+        ns->cell[ns->n] = j;
+        ns->dot[ns->n++] = dot;
+    } else {
+        ns->overflow = 1;
     }
-    if (s < 1 || s > MAX_SCALES || thresholds.len % sizeof(double)) {
-        PyErr_Format(PyExc_ValueError, "pd_select: 1 to %d scales, got %zd", MAX_SCALES, s);
-        goto done;
+}
+
+static void nearest_scan_group(const cell_index *ix, Py_ssize_t g, const double *c, nearest_set *ns)
+{
+    for (Py_ssize_t q = ix->start[g]; q < ix->start[g + 1]; q++)
+        nearest_see(ns, ix->ux[q] * c[0] + ix->uy[q] * c[1] + ix->uz[q] * c[2], ix->index_at[q]);
+}
+
+/* Fill `ns` from every cell, for a point beyond the largest scale from all cells (or whose
+ * near-ties reach below it): the group with the nearest cap centre first, then every group
+ * that can still hold a cell within TIE_DOT of the best dot product. */
+static void nearest_everywhere(const cell_index *ix, const double *c, nearest_set *ns)
+{
+    ns->best = -INFINITY;
+    ns->n = ns->overflow = 0;
+    Py_ssize_t first = 0;
+    double closest = -INFINITY;
+    for (Py_ssize_t g = 0; g < ix->groups; g++) {
+        const double *cap = ix->caps + 6 * g;
+        const double dc = cap[0] * c[0] + cap[1] * c[1] + cap[2] * c[2];
+        if (dc > closest)
+            closest = dc, first = g;
     }
-    for (Py_ssize_t i = 1; i < s; i++) {
-        if (!(t[i - 1] <= t[i])) {
-            PyErr_SetString(PyExc_ValueError, "pd_select: thresholds must ascend (scales descend)");
-            goto done;
+    nearest_scan_group(ix, first, c, ns);
+    double floor = NAN, theta = 0, cos_t = 1, sin_t = 0;
+    for (Py_ssize_t g = 0; g < ix->groups; g++) {
+        if (g == first)
+            continue;
+        if (ns->best - TIE_DOT != floor) { /* the best moved: the angle a group must come within */
+            floor = ns->best - TIE_DOT;
+            theta = acos(floor < -1.0 ? -1.0 : (floor > 1.0 ? 1.0 : floor));
+            cos_t = cos(theta), sin_t = sin(theta);
+        }
+        if (cap_reaches(ix->caps + 6 * g, c, theta, cos_t, sin_t))
+            nearest_scan_group(ix, g, c, ns);
+    }
+}
+
+/* The nearest cell by the reference haversine among the cells of largest dot product (the dot
+ * ranks; a near-tie goes to haversine; distances within TIE_KM: the lower id). An overflowed set
+ * is settled by passes over every cell. Writes the distance. */
+static int32_t nearest_settle(const cell_index *ix, const double *centres, const double *c, double lat, double lon,
+                              const nearest_set *ns, double *km)
+{
+    double dmin = INFINITY, d[MAX_NEAR];
+    int32_t chosen = -1;
+    if (!ns->overflow) {
+        for (int i = 0; i < ns->n; i++) {
+            d[i] = haversine_km(lat, lon, centres[2 * ns->cell[i]], centres[2 * ns->cell[i] + 1]);
+            if (d[i] < dmin)
+                dmin = d[i];
+        }
+        for (int i = 0; i < ns->n; i++)
+            if (d[i] <= dmin + TIE_KM && (chosen < 0 || ns->cell[i] < chosen))
+                chosen = ns->cell[i];
+    } else {
+        const double floor = ns->best - TIE_DOT;
+        for (int pass = 0; pass < 2; pass++) {
+            for (Py_ssize_t q = 0; q < ix->m; q++) {
+                if (ix->ux[q] * c[0] + ix->uy[q] * c[1] + ix->uz[q] * c[2] < floor)
+                    continue;
+                const int32_t j = ix->index_at[q];
+                const double dq = haversine_km(lat, lon, centres[2 * j], centres[2 * j + 1]);
+                if (pass == 0 && dq < dmin)
+                    dmin = dq;
+                if (pass == 1 && dq <= dmin + TIE_KM && (chosen < 0 || j < chosen))
+                    chosen = j;
+            }
         }
     }
-    if (near.len != m * 4 || levels.len != m * 4 || bands.len != m * 4) {
-        PyErr_SetString(PyExc_ValueError, "pd_select: the output buffers must hold one 4-byte value per cell");
-        goto done;
-    }
-    Py_BEGIN_ALLOW_THREADS
-    /* units: [3, M] (x row, y row, z row) in grouped order */
-    const double *ux = (const double *)units.buf, *uy = ux + m, *uz = ux + 2 * m;
-    const int32_t *index_at = (const int32_t *)cell_at.buf, *start = (const int32_t *)starts.buf;
-    const Py_ssize_t p = at_point ? 0 : ((const int32_t *)position_of.buf)[cell];
-    const double cx = at_point ? px : ux[p], cy = at_point ? py : uy[p], cz = at_point ? pz : uz[p];
-    const double cos_max = cos(theta_max), sin_max = sin(theta_max);
-    const double lowest = t[0] - band;
+    *km = haversine_km(lat, lon, centres[2 * chosen], centres[2 * chosen + 1]);
+    return chosen;
+}
+
+/* The cells within the largest scale of unit vector c, ascending ids, each with its level (within
+ * the `level` largest scales, by the dot product) and how many next scales are too close to call
+ * (settle_level settles those). The bitmap is all zero before and after. */
+static void select_near(const cell_index *ix, const double *c, double theta_max, const double *t, Py_ssize_t s,
+                        double band, uint64_t *bits, uint8_t *level_of, int32_t *near_out, uint32_t *level_out,
+                        uint32_t *band_out, Py_ssize_t *n_near_out, Py_ssize_t *n_band_out)
+{
+    const Py_ssize_t m = ix->m, words = (m + 63) / 64;
+    uint8_t *unsure_of = level_of + m;
+    const double cos_max = cos(theta_max), sin_max = sin(theta_max), lowest = t[0] - band;
     double above[MAX_SCALES], below[MAX_SCALES];
-    for (Py_ssize_t i = 0; i < s; i++) {
-        above[i] = t[i] + band;
-        below[i] = t[i] - band;
-    }
-    uint64_t *bits = (uint64_t *)bitmap.buf; /* all zero between calls */
-    uint8_t *level_of = (uint8_t *)by_cell.buf, *unsure_of = level_of + m;
-    for (Py_ssize_t g = 0; g < groups; g++) {
-        const double *cap = (const double *)caps.buf + 6 * g; /* centre xyz, cos r, sin r, r */
-        if (theta_max + cap[5] < PI) {
-            /* angle(c, centre) > theta_max + r: every cell of the group is beyond the largest scale */
-            const double dc = cap[0] * cx + cap[1] * cy + cap[2] * cz;
-            if (dc < cos_max * cap[3] - sin_max * cap[4] - 1e-9)
-                continue;
-        }
-        for (Py_ssize_t q = start[g]; q < start[g + 1]; q++) {
-            const double dot = ux[q] * cx + uy[q] * cy + uz[q] * cz;
+    for (Py_ssize_t i = 0; i < s; i++)
+        above[i] = t[i] + band, below[i] = t[i] - band;
+    Py_ssize_t n_near = 0, n_band = 0;
+    for (Py_ssize_t g = 0; g < ix->groups; g++) {
+        if (!cap_reaches(ix->caps + 6 * g, c, theta_max, cos_max, sin_max))
+            continue;
+        for (Py_ssize_t q = ix->start[g]; q < ix->start[g + 1]; q++) {
+            const double dot = ix->ux[q] * c[0] + ix->uy[q] * c[1] + ix->uz[q] * c[2];
             if (!(dot >= lowest))
                 continue;
-            uint32_t level = 0, unsure = 0;
-            while (level < s && dot > above[level]) /* most near cells stop after the first */
-                level++;
-            while (level + unsure < s && dot >= below[level + unsure]) /* almost never */
-                unsure++;
+            uint32_t unsure, level = dot_level(dot, above, below, s, &unsure);
             if (level | unsure) {
-                const int32_t j = index_at[q];
+                const int32_t j = ix->index_at[q];
                 bits[j >> 6] |= (uint64_t)1 << (j & 63);
                 level_of[j] = (uint8_t)level;
                 unsure_of[j] = (uint8_t)unsure;
@@ -257,8 +365,6 @@ static PyObject *pd_select(PyObject *self, PyObject *args)
             }
         }
     }
-    int32_t *near_out = (int32_t *)near.buf;
-    uint32_t *level_out = (uint32_t *)levels.buf, *band_out = (uint32_t *)bands.buf;
     for (Py_ssize_t w = 0; w < words; w++) {
         uint64_t word = bits[w];
         if (!word)
@@ -273,6 +379,84 @@ static PyObject *pd_select(PyObject *self, PyObject *args)
             n_near++;
         }
     }
+    *n_near_out = n_near;
+    *n_band_out = n_band;
+}
+
+/* The index buffers, checked against each other; 0 with a ValueError set if they do not match. */
+static int index_of(cell_index *ix, const Py_buffer *units, const Py_buffer *cell_at, const Py_buffer *position_of,
+                    const Py_buffer *starts, const Py_buffer *caps, const Py_buffer *bitmap, const char *who)
+{
+    const Py_ssize_t m = cell_at->len / 4, groups = starts->len / 4 - 1;
+    if (m < 1 || cell_at->len % 4 || units->len != 3 * m * 8 || position_of->len != m * 4 || groups < 1 ||
+        caps->len != groups * 6 * 8 || bitmap->len < (m + 63) / 64 * 8) {
+        PyErr_Format(PyExc_ValueError, "%s: the cell index buffers do not match", who);
+        return 0;
+    }
+    ix->m = m;
+    ix->groups = groups;
+    ix->ux = (const double *)units->buf;
+    ix->uy = ix->ux + m;
+    ix->uz = ix->ux + 2 * m;
+    ix->index_at = (const int32_t *)cell_at->buf;
+    ix->position_of = (const int32_t *)position_of->buf;
+    ix->start = (const int32_t *)starts->buf;
+    ix->caps = (const double *)caps->buf;
+    return 1;
+}
+
+/* 1 to MAX_SCALES thresholds ascending; 0 with a ValueError set otherwise. */
+static int thresholds_ok(const Py_buffer *thresholds, const char *who)
+{
+    const Py_ssize_t s = thresholds->len / (Py_ssize_t)sizeof(double);
+    const double *t = (const double *)thresholds->buf;
+    if (s < 1 || s > MAX_SCALES || thresholds->len % sizeof(double)) {
+        PyErr_Format(PyExc_ValueError, "%s: 1 to %d scales, got %zd", who, MAX_SCALES, s);
+        return 0;
+    }
+    for (Py_ssize_t i = 1; i < s; i++) {
+        if (!(t[i - 1] <= t[i])) {
+            PyErr_Format(PyExc_ValueError, "%s: thresholds must ascend (scales descend)", who);
+            return 0;
+        }
+    }
+    return 1;
+}
+
+static PyObject *pd_select(PyObject *self, PyObject *args)
+{
+    Py_buffer units, cell_at, position_of, starts, caps, thresholds, near, levels, bands, bitmap, by_cell;
+    Py_ssize_t cell;
+    double theta_max, band;
+    double c[3] = {NAN, NAN, NAN}; /* optional: a point (unit vector) instead of a cell's centre */
+    if (!PyArg_ParseTuple(args, "y*y*y*y*y*dny*dw*w*w*w*w*|(ddd)", &units, &cell_at, &position_of, &starts, &caps,
+                          &theta_max, &cell, &thresholds, &band, &near, &levels, &bands, &bitmap, &by_cell, &c[0],
+                          &c[1], &c[2]))
+        return NULL;
+    const int at_point = !isnan(c[0]);
+    PyObject *result = NULL;
+    cell_index ix;
+    Py_ssize_t n_near = 0, n_band = 0;
+    if (!index_of(&ix, &units, &cell_at, &position_of, &starts, &caps, &bitmap, "pd_select"))
+        goto done;
+    if (at_point ? (cell != -1 || !isfinite(c[0]) || !isfinite(c[1]) || !isfinite(c[2])) : (cell < 0 || cell >= ix.m)) {
+        PyErr_Format(PyExc_ValueError, "pd_select: cell %zd outside %zd cells (-1 with a finite point)", cell, ix.m);
+        goto done;
+    }
+    if (!thresholds_ok(&thresholds, "pd_select"))
+        goto done;
+    if (near.len != ix.m * 4 || levels.len != ix.m * 4 || bands.len != ix.m * 4 || by_cell.len < 2 * ix.m) {
+        PyErr_SetString(PyExc_ValueError, "pd_select: the output buffers must hold one 4-byte value per cell");
+        goto done;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    if (!at_point) {
+        const Py_ssize_t p = ix.position_of[cell];
+        c[0] = ix.ux[p], c[1] = ix.uy[p], c[2] = ix.uz[p];
+    }
+    select_near(&ix, c, theta_max, (const double *)thresholds.buf, thresholds.len / (Py_ssize_t)sizeof(double), band,
+                (uint64_t *)bitmap.buf, (uint8_t *)by_cell.buf, (int32_t *)near.buf, (uint32_t *)levels.buf,
+                (uint32_t *)bands.buf, &n_near, &n_band);
     Py_END_ALLOW_THREADS
     result = Py_BuildValue("nn", n_near, n_band);
 done:
@@ -287,6 +471,49 @@ done:
     PyBuffer_Release(&bands);
     PyBuffer_Release(&bitmap);
     PyBuffer_Release(&by_cell);
+    return result;
+}
+
+/* pd_settle(centres_f64 [M, 2], near_i32, levels_u32, unsure_u32, n_near, lat, lon, km_descending_f64):
+ * settle_level for pd_select's output, from (lat, lon). */
+static PyObject *pd_settle(PyObject *self, PyObject *args)
+{
+    Py_buffer centres, near, levels, unsure, km;
+    Py_ssize_t n_near;
+    double lat, lon;
+    if (!PyArg_ParseTuple(args, "y*y*w*y*nddy*", &centres, &near, &levels, &unsure, &n_near, &lat, &lon, &km))
+        return NULL;
+    PyObject *result = NULL;
+    const Py_ssize_t m = centres.len / 16, s = km.len / (Py_ssize_t)sizeof(double);
+    if (centres.len % 16 || n_near < 0 || n_near > m || near.len < n_near * 4 || levels.len < n_near * 4 ||
+        unsure.len < n_near * 4 || s < 1 || km.len % sizeof(double)) {
+        PyErr_SetString(PyExc_ValueError, "pd_settle: buffer sizes do not match");
+        goto done;
+    }
+    const int32_t *idx = (const int32_t *)near.buf;
+    uint32_t *lv = (uint32_t *)levels.buf;
+    const uint32_t *un = (const uint32_t *)unsure.buf;
+    for (Py_ssize_t k = 0; k < n_near; k++) {
+        if (idx[k] < 0 || idx[k] >= m || (uint64_t)lv[k] + un[k] > (uint64_t)s) {
+            PyErr_Format(PyExc_ValueError, "pd_settle: cell %d / levels %u+%u outside %zd cells / %zd scales", idx[k],
+                         lv[k], un[k], m, s);
+            goto done;
+        }
+    }
+    Py_BEGIN_ALLOW_THREADS
+    const double *ll = (const double *)centres.buf;
+    for (Py_ssize_t r = 0; r < n_near; r++)
+        if (un[r])
+            lv[r] = settle_level(lv[r], un[r], haversine_km(lat, lon, ll[2 * idx[r]], ll[2 * idx[r] + 1]),
+                                 (const double *)km.buf);
+    Py_END_ALLOW_THREADS
+    result = Py_NewRef(Py_None);
+done:
+    PyBuffer_Release(&centres);
+    PyBuffer_Release(&near);
+    PyBuffer_Release(&levels);
+    PyBuffer_Release(&unsure);
+    PyBuffer_Release(&km);
     return result;
 }
 
@@ -326,6 +553,23 @@ static float numpy_sum(const float *a, Py_ssize_t n)
     return res;
 }
 
+/* 1 if order holds s slots in [0, s); 0 with a ValueError set otherwise. */
+static int order_ok(const Py_buffer *order, Py_ssize_t s, const char *who)
+{
+    const int64_t *slot = (const int64_t *)order->buf;
+    if (order->len != s * 8) {
+        PyErr_Format(PyExc_ValueError, "%s: buffer sizes do not match", who);
+        return 0;
+    }
+    for (Py_ssize_t i = 0; i < s; i++) {
+        if (slot[i] < 0 || slot[i] >= s) {
+            PyErr_Format(PyExc_ValueError, "%s: order is not a permutation of the scales", who);
+            return 0;
+        }
+    }
+    return 1;
+}
+
 /* The float32 sum of probs over the near cells with level > i, in index order, written to
  * out[order[i]] (the caller's order of the scales). */
 static PyObject *pd_sums(PyObject *self, PyObject *args)
@@ -337,17 +581,12 @@ static PyObject *pd_sums(PyObject *self, PyObject *args)
     PyObject *result = NULL;
     Py_ssize_t m = probs.len / 4, s = out.len / (Py_ssize_t)sizeof(double);
     if (probs.len % 4 || n_near < 0 || n_near > m || near.len < n_near * 4 || levels.len < n_near * 4 || s < 1 ||
-        s > MAX_SCALES || out.len % sizeof(double) || order.len != s * 8 || scratch.len < s * n_near * 4) {
+        s > MAX_SCALES || out.len % sizeof(double) || scratch.len < s * n_near * 4) {
         PyErr_SetString(PyExc_ValueError, "pd_sums: buffer sizes do not match");
         goto done;
     }
-    const int64_t *slot = (const int64_t *)order.buf;
-    for (Py_ssize_t i = 0; i < s; i++) {
-        if (slot[i] < 0 || slot[i] >= s) {
-            PyErr_SetString(PyExc_ValueError, "pd_sums: order is not a permutation of the scales");
-            goto done;
-        }
-    }
+    if (!order_ok(&order, s, "pd_sums"))
+        goto done;
     const int32_t *idx = (const int32_t *)near.buf;
     const uint32_t *level = (const uint32_t *)levels.buf;
     for (Py_ssize_t k = 0; k < n_near; k++) {
@@ -359,8 +598,8 @@ static PyObject *pd_sums(PyObject *self, PyObject *args)
     }
     Py_BEGIN_ALLOW_THREADS
     const float *p = (const float *)probs.buf;
+    const int64_t *slot = (const int64_t *)order.buf;
     float *buf = (float *)scratch.buf; /* s runs of n_near values: each scale's selection, in order */
-    double *sums = (double *)out.buf;
     Py_ssize_t count[MAX_SCALES] = {0};
     for (Py_ssize_t k = 0; k < n_near; k++) {
         const float v = p[idx[k]];
@@ -368,7 +607,7 @@ static PyObject *pd_sums(PyObject *self, PyObject *args)
             buf[i * n_near + count[i]++] = v;
     }
     for (Py_ssize_t i = 0; i < s; i++)
-        sums[slot[i]] = (double)numpy_sum(buf + i * n_near, count[i]);
+        ((double *)out.buf)[slot[i]] = (double)numpy_sum(buf + i * n_near, count[i]);
     Py_END_ALLOW_THREADS
     result = Py_NewRef(Py_None);
 done:
@@ -378,6 +617,240 @@ done:
     PyBuffer_Release(&order);
     PyBuffer_Release(&out);
     PyBuffer_Release(&scratch);
+    return result;
+}
+
+/* 1 + the cells before `cell` by probability (more probable, or as probable with a lower id). */
+static Py_ssize_t rank_of(const float *p, Py_ssize_t m, Py_ssize_t cell)
+{
+    const float pc = p[cell];
+    Py_ssize_t before = 0;
+    for (Py_ssize_t a = 0; a < m; a += 1 << 20) { /* 32-bit counts in blocks: the compiler vectorizes them */
+        const Py_ssize_t b = m - a < (1 << 20) ? m : a + (1 << 20);
+        const Py_ssize_t c = cell < a ? a : (cell < b ? cell : b);
+        uint32_t more = 0, tied = 0;
+        for (Py_ssize_t i = a; i < b; i++)
+            more += p[i] > pc;
+        for (Py_ssize_t i = a; i < c; i++)
+            tied += p[i] == pc;
+        before += (Py_ssize_t)more + tied;
+    }
+    return 1 + before;
+}
+
+/* One origin of pd_mass: a cell's centre, or a point. */
+typedef struct {
+    double c[3], lat, lon;
+    int point;
+} origin;
+
+/* pd_mass(index..., centres, theta_max, thresholds, km, band, bitmap, codes, probs, order, scratch, origins,
+ *         out, nearest, nearest_km, rank) -> n_union
+ * PD around several origins in one pass over the cells: origins [P, 3] float64 rows (cell, 0, 0)
+ * for a cell's centre or (-1, lat, lon) for a point; out [P, s] the masses. Each cell's dot
+ * product with every origin whose reach holds its group gives its level per origin (the
+ * boundary settled by haversine on the spot); the union of the selected cells is walked once in
+ * ascending id order, each probability read once and appended to every selection it is in; each
+ * selection is then summed as numpy sums (pairwise, 8192-value chunks): for every origin the same
+ * bits as the reference's probs[d <= s].sum(). For a point, also the cell nearest it (nearest,
+ * nearest_km) and that cell's rank by probability; -1, NaN, 0 for a cell. bitmap and codes
+ * (uint8, >= P * M) are all zero before and after. */
+static PyObject *pd_mass(PyObject *self, PyObject *args)
+{
+    Py_buffer units, cell_at, position_of, starts, caps, centres, thresholds, km, bitmap, codes, probs, order, scratch,
+        origins, out, nearest, nearest_km, rank;
+    double theta_max, band;
+    if (!PyArg_ParseTuple(args, "y*y*y*y*y*y*dy*y*dw*w*y*y*w*y*w*w*w*w*", &units, &cell_at, &position_of, &starts,
+                          &caps, &centres, &theta_max, &thresholds, &km, &band, &bitmap, &codes, &probs, &order,
+                          &scratch, &origins, &out, &nearest, &nearest_km, &rank))
+        return NULL;
+    PyObject *result = NULL;
+    cell_index ix;
+    const Py_ssize_t s = thresholds.len / (Py_ssize_t)sizeof(double), n_org = origins.len / 24;
+    Py_ssize_t n_union = 0;
+    int no_memory = 0;
+    if (!index_of(&ix, &units, &cell_at, &position_of, &starts, &caps, &bitmap, "pd_mass") ||
+        !thresholds_ok(&thresholds, "pd_mass"))
+        goto done;
+    const Py_ssize_t m = ix.m;
+    if (n_org < 1 || n_org > MAX_ORIGINS || origins.len % 24) {
+        PyErr_Format(PyExc_ValueError, "pd_mass: 1 to %d origins, got %zd", MAX_ORIGINS, n_org);
+        goto done;
+    }
+    if (centres.len != 16 * m || km.len != thresholds.len || codes.len < n_org * m || probs.len != 4 * m ||
+        out.len != 8 * s * n_org || nearest.len != 8 * n_org || nearest_km.len != 8 * n_org ||
+        rank.len != 8 * n_org) {
+        PyErr_SetString(PyExc_ValueError, "pd_mass: buffer sizes do not match");
+        goto done;
+    }
+    if (!order_ok(&order, s, "pd_mass"))
+        goto done;
+    const double *ll = (const double *)centres.buf, *row = (const double *)origins.buf;
+    origin org[MAX_ORIGINS];
+    for (Py_ssize_t o = 0; o < n_org; o++) {
+        const double cell = row[3 * o], lat = row[3 * o + 1], lon = row[3 * o + 2];
+        if (cell == -1.0) {
+            if (!(isfinite(lat) && isfinite(lon) && fabs(lat) <= 90.0 && fabs(lon) <= 180.0)) {
+                char text[64];
+                PyOS_snprintf(text, sizeof text, "(%.17g, %.17g)", lat, lon);
+                PyErr_Format(PyExc_ValueError, "pd_mass: origin %zd: a point needs lat in [-90, 90] and lon in "
+                             "[-180, 180], got %s", o, text);
+                goto done;
+            }
+            org[o].point = 1, org[o].lat = lat, org[o].lon = lon;
+            to_unit(lat, lon, org[o].c);
+        } else if (cell >= 0 && cell < (double)m && cell == floor(cell)) {
+            const Py_ssize_t j = (Py_ssize_t)cell, p = ix.position_of[j];
+            org[o].point = 0, org[o].lat = ll[2 * j], org[o].lon = ll[2 * j + 1];
+            org[o].c[0] = ix.ux[p], org[o].c[1] = ix.uy[p], org[o].c[2] = ix.uz[p];
+        } else {
+            char text[32];
+            PyOS_snprintf(text, sizeof text, "%.17g", cell);
+            PyErr_Format(PyExc_ValueError, "pd_mass: origin %zd: cell %s outside %zd cells (-1: a point)", o, text, m);
+            goto done;
+        }
+    }
+    Py_BEGIN_ALLOW_THREADS
+    const double *t = (const double *)thresholds.buf, *kms = (const double *)km.buf;
+    const float *p = (const float *)probs.buf;
+    const int64_t *slot = (const int64_t *)order.buf;
+    uint64_t *bits = (uint64_t *)bitmap.buf;
+    uint8_t *code = (uint8_t *)codes.buf; /* [P, M]: each origin's level for each cell, 0 = outside */
+    const double cos_max = cos(theta_max), sin_max = sin(theta_max), lowest = t[0] - band;
+    double above[MAX_SCALES], below[MAX_SCALES + 1];
+    for (Py_ssize_t i = 0; i < s; i++)
+        above[i] = t[i] + band, below[i] = t[i] - band;
+    below[s] = INFINITY;
+    nearest_set ns[MAX_ORIGINS];
+    for (Py_ssize_t o = 0; o < n_org; o++)
+        ns[o].best = -INFINITY, ns[o].n = ns[o].overflow = 0;
+    for (Py_ssize_t g = 0; g < ix.groups; g++) {
+        for (Py_ssize_t o = 0; o < n_org; o++) {
+            if (!cap_reaches(ix.caps + 6 * g, org[o].c, theta_max, cos_max, sin_max))
+                continue;
+            const double cx = org[o].c[0], cy = org[o].c[1], cz = org[o].c[2];
+            uint8_t *co = code + o * m;
+            for (Py_ssize_t q = ix.start[g]; q < ix.start[g + 1]; q++) {
+                const double dot = ix.ux[q] * cx + ix.uy[q] * cy + ix.uz[q] * cz;
+                if (!(dot >= lowest))
+                    continue;
+                const int32_t j = ix.index_at[q];
+                if (org[o].point)
+                    nearest_see(&ns[o], dot, j);
+                uint32_t level = 1;
+                if (!(dot > above[0] && dot < below[1])) { /* not simply within the largest scale only */
+                    uint32_t unsure;
+                    level = dot_level(dot, above, below, s, &unsure);
+                    if (unsure) /* too close to a threshold for the dot product: the reference haversine */
+                        level = settle_level(level, unsure, haversine_km(org[o].lat, org[o].lon, ll[2 * j],
+                                                                         ll[2 * j + 1]), kms);
+                    if (!level)
+                        continue;
+                }
+                co[j] = (uint8_t)level;
+                bits[j >> 6] |= (uint64_t)1 << (j & 63);
+            }
+        }
+    }
+    /* the union in ascending ids; then per origin its selection (probability and level, in id
+     * order) within the largest scale and within the next, narrowed further scale by scale (a
+     * cell within a scale is within every larger one) */
+    const Py_ssize_t words = (m + 63) / 64;
+    for (Py_ssize_t w = 0; w < words; w++)
+        n_union += __builtin_popcountll(bits[w]);
+    const size_t need = (size_t)n_union * 14; /* id 4, two runs of probability 4 + level 1 */
+    void *own = NULL;
+    int32_t *in_union = (int32_t *)scratch.buf;
+    if (need > (size_t)scratch.len) {
+        own = PyMem_RawMalloc(need);
+        no_memory = own == NULL;
+        in_union = (int32_t *)own;
+    }
+    Py_ssize_t k = 0;
+    for (Py_ssize_t w = 0; w < words; w++) {
+        uint64_t word = bits[w];
+        if (!word)
+            continue;
+        bits[w] = 0;
+        while (word) {
+            const int32_t j = (int32_t)(w * 64 + __builtin_ctzll(word));
+            word &= word - 1;
+            if (in_union)
+                in_union[k++] = j;
+            else
+                for (Py_ssize_t o = 0; o < n_org; o++)
+                    code[o * m + j] = 0;
+        }
+    }
+    double *sums = (double *)out.buf;
+    for (Py_ssize_t o = 0; o < n_org && in_union; o++) {
+        float *vals = (float *)(in_union + n_union), *next = vals + n_union;
+        uint8_t *levs = (uint8_t *)(next + n_union);
+        uint8_t *co = code + o * m;
+        Py_ssize_t n = 0, n_next = 0;
+        for (Py_ssize_t r = 0; r < n_union; r++) {
+            const int32_t j = in_union[r];
+            const uint8_t level = co[j];
+            const float v = p[j];
+            co[j] = 0;
+            vals[n] = v;
+            n += level != 0;
+            next[n_next] = v;
+            levs[n_next] = level;
+            n_next += level > 1;
+        }
+        sums[o * s + slot[0]] = (double)numpy_sum(vals, n);
+        n = n_next;
+        for (Py_ssize_t i = 1; i < s; i++) {
+            if (i > 1) { /* keep the cells within scale i */
+                Py_ssize_t kept = 0;
+                for (Py_ssize_t r = 0; r < n; r++) {
+                    next[kept] = next[r];
+                    levs[kept] = levs[r];
+                    kept += levs[r] > i;
+                }
+                n = kept;
+            }
+            sums[o * s + slot[i]] = (double)numpy_sum(next, n);
+        }
+    }
+    double *dist = (double *)nearest_km.buf;
+    int64_t *best = (int64_t *)nearest.buf, *ranks = (int64_t *)rank.buf;
+    for (Py_ssize_t o = 0; o < n_org && !no_memory; o++) {
+        best[o] = -1, dist[o] = NAN, ranks[o] = 0;
+        if (org[o].point) {
+            /* the cells within the largest scale hold the nearest, unless none is or its near-ties reach below it */
+            if (ns[o].n == 0 || ns[o].best - TIE_DOT < lowest)
+                nearest_everywhere(&ix, org[o].c, &ns[o]);
+            best[o] = nearest_settle(&ix, ll, org[o].c, org[o].lat, org[o].lon, &ns[o], &dist[o]);
+            ranks[o] = rank_of(p, m, best[o]);
+        }
+    }
+    PyMem_RawFree(own);
+    Py_END_ALLOW_THREADS
+    if (no_memory)
+        PyErr_NoMemory();
+    else
+        result = PyLong_FromSsize_t(n_union);
+done:
+    PyBuffer_Release(&units);
+    PyBuffer_Release(&cell_at);
+    PyBuffer_Release(&position_of);
+    PyBuffer_Release(&starts);
+    PyBuffer_Release(&caps);
+    PyBuffer_Release(&centres);
+    PyBuffer_Release(&thresholds);
+    PyBuffer_Release(&km);
+    PyBuffer_Release(&bitmap);
+    PyBuffer_Release(&codes);
+    PyBuffer_Release(&probs);
+    PyBuffer_Release(&order);
+    PyBuffer_Release(&scratch);
+    PyBuffer_Release(&origins);
+    PyBuffer_Release(&out);
+    PyBuffer_Release(&nearest);
+    PyBuffer_Release(&nearest_km);
+    PyBuffer_Release(&rank);
     return result;
 }
 
@@ -435,6 +908,15 @@ done:
     PyBuffer_Release(&d);
     PyBuffer_Release(&out);
     return result;
+}
+
+/* distance_km(lat1, lon1, lat2, lon2) -> km: one pair, without buffers. */
+static PyObject *distance_km(PyObject *self, PyObject *args)
+{
+    double lat1, lon1, lat2, lon2;
+    if (!PyArg_ParseTuple(args, "dddd", &lat1, &lon1, &lat2, &lon2))
+        return NULL;
+    return PyFloat_FromDouble(haversine_km(lat1, lon1, lat2, lon2));
 }
 
 /* latlon_to_unit(latlon [n, 2] float64, out [n, 3] float64) */
@@ -621,9 +1103,15 @@ done:
 static PyMethodDef methods[] = {
     {"pd_select", pd_select, METH_VARARGS,
      "pd_select(index..., theta_max, cell, thresholds_ascending_f64, band, near, levels, unsure, bitmap, by_cell) -> (n_near, n_band)"},
+    {"pd_settle", pd_settle, METH_VARARGS,
+     "pd_settle(centres_f64, near_i32, levels_u32, unsure_u32, n_near, lat, lon, km_descending_f64): haversine decides"},
+    {"pd_mass", pd_mass, METH_VARARGS,
+     "pd_mass(index..., centres, theta_max, thresholds, km, band, bitmap, codes, probs, order, scratch, origins, out, "
+     "nearest, nearest_km, rank) -> n_union"},
     {"pd_sums", pd_sums, METH_VARARGS,
      "pd_sums(probs_f32, near_i32, levels_u32, n_near, order_i64, out_f64, scratch_f32): numpy's float32 sums"},
     {"haversine", haversine, METH_VARARGS, "haversine(lat1, lon1, lat2, lon2, out): km, elementwise, float64"},
+    {"distance_km", distance_km, METH_VARARGS, "distance_km(lat1, lon1, lat2, lon2) -> km: haversine for one pair"},
     {"latlon_to_unit", latlon_to_unit, METH_VARARGS, "latlon_to_unit(latlon [n, 2], out [n, 3]): unit vectors"},
     {"swc", swc, METH_VARARGS,
      "swc(rows, is_half, labels_f64, query_f32, eps_km, order_i64, sims_f32, clusters_i64, simd=True) -> (chosen, members, lat, lon)"},
@@ -642,7 +1130,8 @@ PyMODINIT_FUNC PyInit__kernels(void)
     if (m == NULL)
         return NULL;
     if (PyModule_AddStringConstant(m, "SIMD", use_simd ? "avx2+fma+f16c" : "portable") < 0 ||
-        PyModule_AddIntConstant(m, "LANES", LANES) < 0 || PyModule_AddIntConstant(m, "MAX_SCALES", MAX_SCALES) < 0) {
+        PyModule_AddIntConstant(m, "LANES", LANES) < 0 || PyModule_AddIntConstant(m, "MAX_SCALES", MAX_SCALES) < 0 ||
+        PyModule_AddIntConstant(m, "MAX_ORIGINS", MAX_ORIGINS) < 0) {
         Py_DECREF(m);
         return NULL;
     }

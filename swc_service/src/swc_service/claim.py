@@ -4,8 +4,9 @@ The model already holds the answer to "was this taken where the post says?": its
 over all cells. Prediction Density measures the mass near the predicted cell; the same mass
 measured around a claimed point, at every served scale, says how plausible the claim is to the
 model (:meth:`~swc_service.method.DensityIndex.density_at`: PD's exact rules, centred on the
-claim). With it: the cell nearest the claim and its rank, the distance from the prediction, and
-the background images near the claim that look most like the photo. A belief, not a proof.
+claim). With it, from the same kernel call: the cell nearest the claim and its rank; then the
+distance from the prediction and the background images near the claim that look most like the
+photo. A belief, not a proof.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from visloc_client.results import Cell, ClaimNeighbour, ScaleDensity
 
 from .bundle import Bundle
 from .geo import haversine_km
-from .method import search_within_cell
+from .method import PointDensity, search_within_cell
 from .prediction import ServingState
 
 
@@ -32,13 +33,6 @@ class ClaimResult:
     cell_distance_km: float
     distance_km: float
     neighbours: tuple[ClaimNeighbour, ...]
-
-
-def rank_of(probs: np.ndarray, cell: int) -> int:
-    """1 + the cells before ``cell`` by probability (more probable, or as probable with a lower id):
-    the order of top cells and argmax."""
-    p = probs[cell]
-    return 1 + int(np.count_nonzero(probs > p)) + int(np.count_nonzero(probs[:cell] == p))
 
 
 _extents: dict[str, float] = {}  # by bundle id (a content hash); a few bundles over a process's life
@@ -93,20 +87,21 @@ def check_claim(
     predicted: tuple[float, float],
     radius_km: float,
     neighbours: int,
+    at: PointDensity | None = None,
 ) -> ClaimResult:
-    """One claim against one image's model outputs and prediction."""
+    """One claim against one image's model outputs and prediction; ``at``: the claim's mass and
+    nearest cell when :func:`~swc_service.prediction.predict` computed them with PD."""
     lat, lon = claim
-    density = state.density
-    mass, near = density.density_at(lat, lon, probs)
-    cell, cell_km = density.nearest_cell(lat, lon, near)
-    centre = state.bundle.centres[cell]
+    if at is None:
+        at = state.density.density_at(lat, lon, probs)
+    centre = state.bundle.centres[at.cell]
     return ClaimResult(
         lat=lat,
         lon=lon,
-        mass=tuple(ScaleDensity(s, float(v)) for s, v in zip(density.scales_km, mass)),
-        cell=Cell(cell, float(centre[0]), float(centre[1]), float(probs[cell])),
-        rank=rank_of(probs, cell),
-        cell_distance_km=cell_km,
+        mass=tuple(ScaleDensity(s, float(v)) for s, v in zip(state.density.scales_km, at.mass)),
+        cell=Cell(at.cell, float(centre[0]), float(centre[1]), float(probs[at.cell])),
+        rank=at.rank,
+        cell_distance_km=at.cell_km,
         distance_km=float(haversine_km(float(predicted[0]), float(predicted[1]), lat, lon)),
         neighbours=neighbours_near(state, embedding, lat, lon, radius_km, neighbours) if neighbours else (),
     )

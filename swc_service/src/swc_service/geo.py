@@ -20,9 +20,7 @@ def haversine_km(lat1, lon1, lat2, lon2) -> np.ndarray:
     20015 km instead of the reference's NaN.
     """
     if all(isinstance(x, (float, int)) for x in (lat1, lon1, lat2, lon2)):  # one pair: no broadcasting
-        buf = np.array([lat1, lon1, lat2, lon2, 0.0], dtype=np.float64)
-        _kernels.haversine(buf[0:1], buf[1:2], buf[2:3], buf[3:4], buf[4:5])
-        return buf[4]
+        return np.float64(_kernels.distance_km(lat1, lon1, lat2, lon2))
     args = np.broadcast_arrays(*(np.asarray(x, dtype=np.float64) for x in (lat1, lon1, lat2, lon2)))
     out = np.empty(args[0].shape, dtype=np.float64)
     _kernels.haversine(*(np.ascontiguousarray(a).reshape(-1) for a in args), out.reshape(-1))

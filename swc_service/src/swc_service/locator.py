@@ -130,8 +130,8 @@ class Locator:
                 t0 = time.perf_counter()
                 claims = tuple(
                     check_claim(state, out.cell_probs, out.embedding, c, (pred.lat, pred.lon), opts.claim_radius_km,
-                                opts.claim_neighbours)
-                    for c in opts.claims
+                                opts.claim_neighbours, at)
+                    for c, at in zip(opts.claims, pred.claimed, strict=True)
                 )  # fmt: skip
                 claim_s = time.perf_counter() - t0
         stages = {

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import _kernels
-from .geo import EARTH_RADIUS_KM, haversine_km, latlon_to_unit
+from .geo import EARTH_RADIUS_KM, latlon_to_unit
 
 DEFAULT_TOP_K = 10
 DEFAULT_EPS_KM = 1.0
@@ -89,6 +89,20 @@ def search_within_cell(
     return SwcResult(lat, lon, order, sims, clusters, chosen)
 
 
+@dataclass(frozen=True)
+class PointDensity:
+    """The mass around a point at every scale, and the cell nearest it: by the reference
+    haversine (the dot product ranks, near-ties go to haversine; distances within a micrometre,
+    as two centres mirrored across the antimeridian give, are a tie: the lower id), its distance
+    in km and its rank by probability (1 + the cells more probable, or as probable with a lower
+    id: the order of top cells and argmax)."""
+
+    mass: np.ndarray  # float64, aligned with scales_km
+    cell: int
+    cell_km: float
+    rank: int
+
+
 class DensityIndex:
     """Prediction Density over fixed cell centres, exact and fast.
 
@@ -103,10 +117,9 @@ class DensityIndex:
     BAND = 1e-12
     GRID_DEG = 5.0
     CAP_MARGIN_RAD = 1e-6  # ~6 m added to every group's radius: the skip test stays conservative
-    TIE_KM = 1e-9  # nearest-cell distances this close are float noise of one distance: a tie
 
     def __init__(self, centres: np.ndarray, scales_km: tuple[float, ...] = DEFAULT_SCALES_KM):
-        centres = np.asarray(centres, dtype=np.float64)
+        centres = np.ascontiguousarray(centres, dtype=np.float64)
         if centres.ndim != 2 or centres.shape[1] != 2 or centres.shape[0] == 0:
             raise ValueError(f"cell centres must be [M, 2] with M >= 1, got {centres.shape}")
         if not np.all(np.isfinite(centres)) or np.any(np.abs(centres[:, 0]) > 90):
@@ -122,7 +135,7 @@ class DensityIndex:
         # The kernel takes the scales largest first (cosines ascending); beyond half the
         # circumference every cell is within, and cos is not monotone past pi.
         self._order = np.argsort(-np.asarray(self.scales_km), kind="stable").astype(np.int64)
-        self._sorted_km = np.asarray(self.scales_km)[self._order]
+        self._sorted_km = np.ascontiguousarray(np.asarray(self.scales_km)[self._order])
         angles = np.minimum(self._sorted_km / EARTH_RADIUS_KM, math.pi)
         self._thresholds = np.cos(angles)
         self._theta_max = float(angles[0])
@@ -183,74 +196,59 @@ class DensityIndex:
         float32 values in the same order as the reference's ``probs[d <= s].sum()`` (numpy's
         pairwise summation, replicated in the kernel) and gives the same number, bit for bit.
         """
+        return self.densities(cell, (), cell_probs)[0]
+
+    def density_at(self, lat: float, lon: float, cell_probs: np.ndarray) -> PointDensity:
+        """The same sums around any point (a claimed location), with the cell nearest the point
+        and its rank: :meth:`densities` for one point and no cell."""
+        return self.densities(None, ((lat, lon),), cell_probs)[1][0]
+
+    def densities(
+        self, cell: int | None, points: tuple[tuple[float, float], ...], cell_probs: np.ndarray
+    ) -> tuple[np.ndarray | None, tuple[PointDensity, ...]]:
+        """PD around top cell ``cell`` and the mass around each point (a claimed location) by the
+        same rules (dot products, the boundary settled by the reference haversine, numpy's float32
+        summation), with each point's nearest cell and its rank: one pass over the cells for all
+        of them, so a claim checked with the prediction costs a fraction of a second PD."""
         m = self.centres.shape[0]
         probs = np.ascontiguousarray(cell_probs)
         if probs.dtype != np.float32 or probs.shape != (m,):
             raise ValueError(f"cell_probs must be float32 [{m}], got {probs.dtype} {probs.shape}")
-        if not 0 <= cell < m:
+        if cell is not None and not 0 <= cell < m:
             raise ValueError(f"cell {cell} outside the {m} cells")
-        return self._sums(probs, cell, None, self.centres[cell])
-
-    def density_at(self, lat: float, lon: float, cell_probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """The same sums around any point (a claimed location): the mass of the cells within each
-        scale of (lat, lon), by the rules of :meth:`density` (dot products, the boundary settled by
-        the reference haversine, numpy's float32 summation). Also the cells within the largest
-        scale that has any (ascending ids): the point's nearest cell is among them (none: beyond
-        the largest scale from every cell)."""
-        m = self.centres.shape[0]
-        probs = np.ascontiguousarray(cell_probs)
-        if probs.dtype != np.float32 or probs.shape != (m,):
-            raise ValueError(f"cell_probs must be float32 [{m}], got {probs.dtype} {probs.shape}")
-        if not (math.isfinite(lat) and math.isfinite(lon) and abs(lat) <= 90 and abs(lon) <= 180):
-            raise ValueError(f"a point needs lat in [-90, 90] and lon in [-180, 180], got ({lat}, {lon})")
-        point = np.array([lat, lon], dtype=np.float64)
-        unit = latlon_to_unit(point)
-        near = []
-        out = self._sums(probs, -1, (float(unit[0]), float(unit[1]), float(unit[2])), point, keep=near)
-        return out, near[0]
-
-    def _sums(self, probs: np.ndarray, cell: int, unit, origin: np.ndarray, keep: list | None = None) -> np.ndarray:
-        bufs = self._buffers()
-        near, levels, unsure, values, bitmap, by_cell = bufs
-        extra = () if unit is None else (unit,)
-        n_near, n_band = _kernels.pd_select(
-            *self._index, self._theta_max, cell, self._thresholds, self.BAND, near, levels, unsure, bitmap, by_cell,
-            *extra,
+        if len(points) + (cell is not None) > _kernels.MAX_ORIGINS:
+            raise ValueError(f"at most {_kernels.MAX_ORIGINS - 1} points with a cell, got {len(points)}")
+        rows = [(float(cell), 0.0, 0.0)] if cell is not None else []
+        for lat, lon in points:
+            lat, lon = float(lat), float(lon)
+            if not (math.isfinite(lat) and math.isfinite(lon) and abs(lat) <= 90 and abs(lon) <= 180):
+                raise ValueError(f"a point needs lat in [-90, 90] and lon in [-180, 180], got ({lat}, {lon})")
+            rows.append((-1.0, lat, lon))
+        if not rows:
+            return None, ()
+        origins = np.array(rows, dtype=np.float64)
+        n = len(rows)
+        out = np.empty((n, len(self.scales_km)), dtype=np.float64)
+        nearest, rank = np.empty(n, dtype=np.int64), np.empty(n, dtype=np.int64)
+        km = np.empty(n, dtype=np.float64)
+        _, _, _, values, bitmap, _ = self._buffers()
+        _kernels.pd_mass(
+            *self._index, self.centres, self._theta_max, self._thresholds, self._sorted_km, self.BAND, bitmap,
+            self._codes(n), probs, self._order, values, origins, out, nearest, km, rank,
         )  # fmt: skip
-        if n_band:
-            self._settle_boundary(origin, near[:n_near], levels[:n_near], unsure[:n_near])
-        if keep is not None:  # the cells within the smallest scale that has any: the nearest is among them
-            lv = levels[:n_near]
-            keep.append(near[:n_near][lv == lv.max()].astype(np.int64) if n_near and lv.max() > 0 else near[:0])
-        out = np.empty(len(self.scales_km), dtype=np.float64)
-        _kernels.pd_sums(probs, near, levels, n_near, self._order, out, values)
-        return out
+        first = 1 if cell is not None else 0
+        at = tuple(
+            PointDensity(out[k], int(nearest[k]), float(km[k]), int(rank[k])) for k in range(first, n)
+        )  # fmt: skip
+        return (out[0] if cell is not None else None), at
 
-    def _settle_boundary(self, origin: np.ndarray, near: np.ndarray, levels: np.ndarray, unsure: np.ndarray) -> None:
-        """Cells too close to a threshold for the dot product: the reference haversine decides."""
-        for r in np.flatnonzero(unsure):
-            c = self.centres[near[r]]
-            d = haversine_km(origin[0], origin[1], c[0], c[1])
-            first = int(levels[r])
-            levels[r] = first + int(np.count_nonzero(d <= self._sorted_km[first : first + int(unsure[r])]))
-
-    def nearest_cell(self, lat: float, lon: float, candidates: np.ndarray | None = None) -> tuple[int, float]:
-        """The cell whose centre is nearest (lat, lon) by the reference haversine (the lower id
-        on a tie: distances within ``TIE_KM``, a micrometre, as two centres mirrored across the
-        antimeridian give), and that distance in km. ``candidates``: cells known to hold the nearest (the
-        cells within a scale of the point, from :meth:`density_at`); None or empty: all cells."""
-        everywhere = candidates is None or not len(candidates)
-        if not everywhere and len(candidates) == 1:
-            close = candidates
-        else:
-            unit = latlon_to_unit(np.array([lat, lon], dtype=np.float64))
-            dots = self._units_by_cell() @ unit if everywhere else self._units_by_cell()[candidates] @ unit
-            best = dots >= dots.max() - 1e-12  # the dot product ranks; a near-tie goes to haversine
-            close = np.flatnonzero(best) if everywhere else candidates[best]
-        d = np.atleast_1d(haversine_km(lat, lon, self.centres[close, 0], self.centres[close, 1]))
-        tied = d <= d.min() + self.TIE_KM
-        best = int(np.flatnonzero(tied)[np.argmin(close[tied])])
-        return int(close[best]), float(d[best])
+    def _codes(self, origins: int) -> np.ndarray:
+        """Per thread: one byte per cell per origin, all zero between kernel calls."""
+        codes = getattr(self._scratch, "codes", None)
+        need = origins * self.centres.shape[0]
+        if codes is None or len(codes) < need:
+            codes = self._scratch.codes = np.zeros(need, dtype=np.uint8)
+        return codes
 
     def cells_within(self, lat: float, lon: float, km: float) -> np.ndarray:
         """The cells whose centre lies within ``km`` of (lat, lon) (``<=``, exact as PD), ascending:
@@ -262,19 +260,11 @@ class DensityIndex:
         angle = min(km / EARTH_RADIUS_KM, math.pi)
         unit = latlon_to_unit(np.array([lat, lon], dtype=np.float64))
         near, levels, unsure, _, bitmap, by_cell = self._buffers()
-        n_near, _ = _kernels.pd_select(
+        n_near, n_band = _kernels.pd_select(
             *self._index, angle, -1, np.array([math.cos(angle)]), self.BAND, near, levels, unsure, bitmap, by_cell,
             (float(unit[0]), float(unit[1]), float(unit[2])),
         )  # fmt: skip
-        cells = near[:n_near].astype(np.int64)
-        inside = levels[:n_near] > 0
-        for r in np.flatnonzero(unsure[:n_near]):  # too close to the radius for the dot product
-            c = self.centres[cells[r]]
-            inside[r] = bool(haversine_km(float(lat), float(lon), float(c[0]), float(c[1])) <= km)
-        return cells[inside]
-
-    def _units_by_cell(self) -> np.ndarray:
-        units = getattr(self, "_cell_units", None)
-        if units is None:
-            units = self._cell_units = latlon_to_unit(self.centres)
-        return units
+        if n_band:  # too close to the radius for the dot product
+            radius = np.array([float(km)])
+            _kernels.pd_settle(self.centres, near, levels, unsure, n_near, float(lat), float(lon), radius)
+        return near[:n_near][levels[:n_near] > 0].astype(np.int64)

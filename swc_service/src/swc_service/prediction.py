@@ -17,7 +17,7 @@ from visloc_client.results import Cell, Neighbour, ScaleDensity
 
 from .bundle import Bundle
 from .errors import InferenceFailed
-from .method import DEFAULT_SCALES_KM, DensityIndex, search_within_cell, top_cell
+from .method import DEFAULT_SCALES_KM, DensityIndex, PointDensity, search_within_cell, top_cell
 from .options import Options
 
 
@@ -51,7 +51,8 @@ class Prediction:
     neighbours: tuple[Neighbour, ...]
     top_cells: tuple[Cell, ...]
     swc_s: float
-    pd_s: float
+    pd_s: float  # PD and the claims' masses: one pass over the cells
+    claimed: tuple[PointDensity, ...] = ()  # the mass around each of opts.claims, in order
 
 
 def top_cells(probs: np.ndarray, n: int) -> np.ndarray:
@@ -69,7 +70,8 @@ def _cell(state: ServingState, probs: np.ndarray, c: int) -> Cell:
 
 
 def predict(state: ServingState, probs: np.ndarray, emb: np.ndarray, opts: Options) -> Prediction:
-    """SwC within the top cell, then PD; raises INTERNAL when the outputs do not fit the bundle."""
+    """SwC within the top cell, then PD (with the mass around every claim in the same pass);
+    raises INTERNAL when the outputs do not fit the bundle."""
     bundle = state.bundle
     if probs.shape != (bundle.num_cells,) or emb.shape != (state.embedding_dim,):
         raise InferenceFailed(
@@ -81,7 +83,7 @@ def predict(state: ServingState, probs: np.ndarray, emb: np.ndarray, opts: Optio
     feats, labels, row_ids = bundle.cell_slice(c)
     swc = search_within_cell(emb, feats, labels, opts.top_k, opts.eps_km) if feats.shape[0] else None
     t1 = time.perf_counter()
-    pd = state.density.density(c, probs)
+    pd, claimed = state.density.densities(c, opts.claims, probs)
     t2 = time.perf_counter()
     scales = state.density.scales_km
     confidence = float(pd[scales.index(opts.conf_scale_km)])
@@ -108,4 +110,5 @@ def predict(state: ServingState, probs: np.ndarray, emb: np.ndarray, opts: Optio
         else (),
         swc_s=t1 - t0,
         pd_s=t2 - t1,
+        claimed=claimed,
     )
