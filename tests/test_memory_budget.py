@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import asyncio
 import io
+import os
+import subprocess
+import sys
 import time
 
 import grpc
@@ -173,3 +176,38 @@ def test_a_call_refused_at_the_door_is_never_read(tmp_path):
             await loc.close()
 
     asyncio.run(scenario())
+
+
+FRAGMENTS = """
+import sys
+from swc_service.memory import bound_allocator
+bounded = sys.argv[1] == "1" and bound_allocator()
+def rss():
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) << 10 for line in f if line.startswith("VmRSS"))
+freed = bytearray(30 << 20)  # an mmapped buffer freed: glibc raises its threshold to its size
+del freed
+base, keep, frames = rss(), [], []
+for _ in range(8):  # 20 MB buffers, each followed by a small one that lives on
+    frames.append(bytearray(20 << 20))
+    keep.append(bytearray(100_000))
+del frames
+print(int(bounded), (rss() - base) >> 20)
+"""
+
+
+@pytest.mark.parametrize("bounded", [False, True])
+def test_a_bounded_allocator_gives_freed_frames_back(bounded):
+    """What the service's main() sets: after a large buffer is freed, glibc keeps later freed
+    frames resident (the RSS of a burst grew past the memory budget); with the threshold fixed,
+    they go back to the OS."""
+    env = {k: v for k, v in os.environ.items() if k != "MALLOC_MMAP_THRESHOLD_"}
+    out = subprocess.run(
+        [sys.executable, "-c", FRAGMENTS, "1" if bounded else "0"], env=env, capture_output=True, text=True, check=True
+    )
+    applied, retained_mb = map(int, out.stdout.split())
+    assert applied == bounded
+    if bounded:
+        assert retained_mb <= 20  # at most one frame's worth of noise
+    else:
+        assert retained_mb >= 100  # the eight frames, kept

@@ -313,6 +313,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     # SIGHUP (reload) would end the process by default until serve() installs its handler.
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    from .memory import bound_allocator
+
+    bound_allocator()  # the worker's RSS follows its memory budget (memory.py)
     if settings.workers > 1:
         return _supervise(settings, argv)
     _serve_metrics(settings, os.environ.get("PROMETHEUS_MULTIPROC_DIR") if settings.metrics_port else None)
