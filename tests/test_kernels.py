@@ -178,10 +178,14 @@ def test_pd_boundary_cells_take_the_haversine_path():
         centres[j + 4] = (lat0, lon0 + scale / 6371.0 * 180 / math.pi / math.cos(math.radians(lat0)))
     idx = DensityIndex(centres, scales)
     m = len(centres)
-    near, levels, unsure, _, bitmap, by_cell = idx._buffers()
-    args = (idx._theta_max, c, idx._thresholds, idx.BAND, near, levels, unsure, bitmap, by_cell)
-    _, n_band = _kernels.pd_select(*idx._index, *args)
-    assert n_band >= 3  # the boundary path really runs
+    near, levels, _, bitmap = idx._buffers()
+    args = (idx.centres, idx._theta_max, idx._thresholds, idx._sorted_km, idx.BAND, bitmap, idx._codes(1), near, levels)
+    n_near, settled = _kernels.pd_select(*idx._index, *args, np.array([float(c), 0.0, 0.0]))
+    assert settled >= 3  # the boundary path really runs
+    d = haversine_km(lat0, lon0, centres[:, 0], centres[:, 1])  # the reference formula, as PD settles
+    want = [int(np.count_nonzero(dj <= np.asarray(idx._sorted_km))) for dj in d]
+    assert near[:n_near].tolist() == [j for j in range(m) if want[j]]
+    assert levels[:n_near].tolist() == [want[j] for j in range(m) if want[j]]
     probs = rng.dirichlet(np.ones(m)).astype(np.float32)
     np.testing.assert_array_equal(idx.density(c, probs), reference_pd(c, probs, centres, scales))
 
@@ -237,8 +241,9 @@ def test_density_rejects_bad_input():
             np.empty(1),
             np.empty(4, np.float32),
         )
-    near, levels, unsure, _, bitmap, by_cell = idx._buffers()
-    args = (idx._theta_max, 0, np.array([0.5, 0.1]), 1e-12, near, levels, unsure, bitmap, by_cell)
+    near, levels, _, bitmap = idx._buffers()
+    args = (idx.centres, idx._theta_max, np.array([0.5, 0.1]), np.array([2.0, 1.0]), 1e-12, bitmap, idx._codes(1), near,
+            levels, np.zeros(3))  # fmt: skip
     with pytest.raises(ValueError, match="ascend"):
         _kernels.pd_select(*idx._index, *args)
     with pytest.raises(ValueError, match="do not match"):
@@ -247,7 +252,7 @@ def test_density_rejects_bad_input():
         DensityIndex(np.array([[0.0, 0.0], [np.nan, 1.0]]))
     with pytest.raises(ValueError, match=r"lat in \[-90, 90\]"):
         idx.density_at(91.0, 0.0, np.ones(2, np.float32))
-    _, _, _, values, bitmap, _ = idx._buffers()
+    _, _, values, bitmap = idx._buffers()
 
     def mass(origins, probs=np.ones(2, np.float32), codes=None):
         n = len(origins)

@@ -18,8 +18,8 @@
  *   1.x's float32 add.reduce does: pairwise summation over chunks of the ufunc buffer size
  *   (8192), chunk sums accumulated in order, so each value equals the reference's
  *   probs[d <= s].sum() bit for bit. For a point, also its nearest cell and that cell's rank.
- *   pd_select / pd_settle / pd_sums: the same selection, boundary rule and sums as separate steps
- *   (the cells within a radius of a claim; tests).
+ *   pd_select: the same selection for one origin, as a list of cells (the cells within a radius
+ *   of a claim); pd_sums: the same sums over a given selection.
  *
  * haversine / latlon_to_unit: the service's great-circle geometry (geo.py wraps them), so SwC's
  *   clustering, PD's boundary cases and everything else use one implementation.
@@ -334,55 +334,6 @@ static int32_t nearest_settle(const cell_index *ix, const double *centres, const
     return chosen;
 }
 
-/* The cells within the largest scale of unit vector c, ascending ids, each with its level (within
- * the `level` largest scales, by the dot product) and how many next scales are too close to call
- * (settle_level settles those). The bitmap is all zero before and after. */
-static void select_near(const cell_index *ix, const double *c, double theta_max, const double *t, Py_ssize_t s,
-                        double band, uint64_t *bits, uint8_t *level_of, int32_t *near_out, uint32_t *level_out,
-                        uint32_t *band_out, Py_ssize_t *n_near_out, Py_ssize_t *n_band_out)
-{
-    const Py_ssize_t m = ix->m, words = (m + 63) / 64;
-    uint8_t *unsure_of = level_of + m;
-    const double cos_max = cos(theta_max), sin_max = sin(theta_max), lowest = t[0] - band;
-    double above[MAX_SCALES], below[MAX_SCALES];
-    for (Py_ssize_t i = 0; i < s; i++)
-        above[i] = t[i] + band, below[i] = t[i] - band;
-    Py_ssize_t n_near = 0, n_band = 0;
-    for (Py_ssize_t g = 0; g < ix->groups; g++) {
-        if (!cap_reaches(ix->caps + 6 * g, c, theta_max, cos_max, sin_max))
-            continue;
-        for (Py_ssize_t q = ix->start[g]; q < ix->start[g + 1]; q++) {
-            const double dot = ix->ux[q] * c[0] + ix->uy[q] * c[1] + ix->uz[q] * c[2];
-            if (!(dot >= lowest))
-                continue;
-            uint32_t unsure, level = dot_level(dot, above, below, s, &unsure);
-            if (level | unsure) {
-                const int32_t j = ix->index_at[q];
-                bits[j >> 6] |= (uint64_t)1 << (j & 63);
-                level_of[j] = (uint8_t)level;
-                unsure_of[j] = (uint8_t)unsure;
-                n_band += unsure != 0;
-            }
-        }
-    }
-    for (Py_ssize_t w = 0; w < words; w++) {
-        uint64_t word = bits[w];
-        if (!word)
-            continue;
-        bits[w] = 0;
-        while (word) {
-            const int32_t j = (int32_t)(w * 64 + __builtin_ctzll(word));
-            word &= word - 1;
-            near_out[n_near] = j;
-            level_out[n_near] = level_of[j];
-            band_out[n_near] = unsure_of[j];
-            n_near++;
-        }
-    }
-    *n_near_out = n_near;
-    *n_band_out = n_band;
-}
-
 /* The index buffers, checked against each other; 0 with a ValueError set if they do not match. */
 static int index_of(cell_index *ix, const Py_buffer *units, const Py_buffer *cell_at, const Py_buffer *position_of,
                     const Py_buffer *starts, const Py_buffer *caps, const Py_buffer *bitmap, const char *who)
@@ -421,100 +372,6 @@ static int thresholds_ok(const Py_buffer *thresholds, const char *who)
         }
     }
     return 1;
-}
-
-static PyObject *pd_select(PyObject *self, PyObject *args)
-{
-    Py_buffer units, cell_at, position_of, starts, caps, thresholds, near, levels, bands, bitmap, by_cell;
-    Py_ssize_t cell;
-    double theta_max, band;
-    double c[3] = {NAN, NAN, NAN}; /* optional: a point (unit vector) instead of a cell's centre */
-    if (!PyArg_ParseTuple(args, "y*y*y*y*y*dny*dw*w*w*w*w*|(ddd)", &units, &cell_at, &position_of, &starts, &caps,
-                          &theta_max, &cell, &thresholds, &band, &near, &levels, &bands, &bitmap, &by_cell, &c[0],
-                          &c[1], &c[2]))
-        return NULL;
-    const int at_point = !isnan(c[0]);
-    PyObject *result = NULL;
-    cell_index ix;
-    Py_ssize_t n_near = 0, n_band = 0;
-    if (!index_of(&ix, &units, &cell_at, &position_of, &starts, &caps, &bitmap, "pd_select"))
-        goto done;
-    if (at_point ? (cell != -1 || !isfinite(c[0]) || !isfinite(c[1]) || !isfinite(c[2])) : (cell < 0 || cell >= ix.m)) {
-        PyErr_Format(PyExc_ValueError, "pd_select: cell %zd outside %zd cells (-1 with a finite point)", cell, ix.m);
-        goto done;
-    }
-    if (!thresholds_ok(&thresholds, "pd_select"))
-        goto done;
-    if (near.len != ix.m * 4 || levels.len != ix.m * 4 || bands.len != ix.m * 4 || by_cell.len < 2 * ix.m) {
-        PyErr_SetString(PyExc_ValueError, "pd_select: the output buffers must hold one 4-byte value per cell");
-        goto done;
-    }
-    Py_BEGIN_ALLOW_THREADS
-    if (!at_point) {
-        const Py_ssize_t p = ix.position_of[cell];
-        c[0] = ix.ux[p], c[1] = ix.uy[p], c[2] = ix.uz[p];
-    }
-    select_near(&ix, c, theta_max, (const double *)thresholds.buf, thresholds.len / (Py_ssize_t)sizeof(double), band,
-                (uint64_t *)bitmap.buf, (uint8_t *)by_cell.buf, (int32_t *)near.buf, (uint32_t *)levels.buf,
-                (uint32_t *)bands.buf, &n_near, &n_band);
-    Py_END_ALLOW_THREADS
-    result = Py_BuildValue("nn", n_near, n_band);
-done:
-    PyBuffer_Release(&units);
-    PyBuffer_Release(&cell_at);
-    PyBuffer_Release(&position_of);
-    PyBuffer_Release(&starts);
-    PyBuffer_Release(&caps);
-    PyBuffer_Release(&thresholds);
-    PyBuffer_Release(&near);
-    PyBuffer_Release(&levels);
-    PyBuffer_Release(&bands);
-    PyBuffer_Release(&bitmap);
-    PyBuffer_Release(&by_cell);
-    return result;
-}
-
-/* pd_settle(centres_f64 [M, 2], near_i32, levels_u32, unsure_u32, n_near, lat, lon, km_descending_f64):
- * settle_level for pd_select's output, from (lat, lon). */
-static PyObject *pd_settle(PyObject *self, PyObject *args)
-{
-    Py_buffer centres, near, levels, unsure, km;
-    Py_ssize_t n_near;
-    double lat, lon;
-    if (!PyArg_ParseTuple(args, "y*y*w*y*nddy*", &centres, &near, &levels, &unsure, &n_near, &lat, &lon, &km))
-        return NULL;
-    PyObject *result = NULL;
-    const Py_ssize_t m = centres.len / 16, s = km.len / (Py_ssize_t)sizeof(double);
-    if (centres.len % 16 || n_near < 0 || n_near > m || near.len < n_near * 4 || levels.len < n_near * 4 ||
-        unsure.len < n_near * 4 || s < 1 || km.len % sizeof(double)) {
-        PyErr_SetString(PyExc_ValueError, "pd_settle: buffer sizes do not match");
-        goto done;
-    }
-    const int32_t *idx = (const int32_t *)near.buf;
-    uint32_t *lv = (uint32_t *)levels.buf;
-    const uint32_t *un = (const uint32_t *)unsure.buf;
-    for (Py_ssize_t k = 0; k < n_near; k++) {
-        if (idx[k] < 0 || idx[k] >= m || (uint64_t)lv[k] + un[k] > (uint64_t)s) {
-            PyErr_Format(PyExc_ValueError, "pd_settle: cell %d / levels %u+%u outside %zd cells / %zd scales", idx[k],
-                         lv[k], un[k], m, s);
-            goto done;
-        }
-    }
-    Py_BEGIN_ALLOW_THREADS
-    const double *ll = (const double *)centres.buf;
-    for (Py_ssize_t r = 0; r < n_near; r++)
-        if (un[r])
-            lv[r] = settle_level(lv[r], un[r], haversine_km(lat, lon, ll[2 * idx[r]], ll[2 * idx[r] + 1]),
-                                 (const double *)km.buf);
-    Py_END_ALLOW_THREADS
-    result = Py_NewRef(Py_None);
-done:
-    PyBuffer_Release(&centres);
-    PyBuffer_Release(&near);
-    PyBuffer_Release(&levels);
-    PyBuffer_Release(&unsure);
-    PyBuffer_Release(&km);
-    return result;
 }
 
 /* numpy 1.x FLOAT_pairwise_sum (numpy/core/src/umath/loops_utils.h.src), contiguous. */
@@ -638,11 +495,156 @@ static Py_ssize_t rank_of(const float *p, Py_ssize_t m, Py_ssize_t cell)
     return 1 + before;
 }
 
-/* One origin of pd_mass: a cell's centre, or a point. */
+/* One origin of a selection: a cell's centre, or a point. */
 typedef struct {
     double c[3], lat, lon;
     int point;
 } origin;
+
+/* The origin at row o of origins [P, 3] float64: (cell, 0, 0) for a cell's centre, (-1, lat, lon)
+ * for a point; 0 with a ValueError set if it is neither. */
+static int origin_of(origin *org, const double *row, Py_ssize_t o, const cell_index *ix, const double *ll,
+                     const char *who)
+{
+    const double cell = row[0], lat = row[1], lon = row[2];
+    char text[64];
+    if (cell == -1.0) {
+        if (!(isfinite(lat) && isfinite(lon) && fabs(lat) <= 90.0 && fabs(lon) <= 180.0)) {
+            PyOS_snprintf(text, sizeof text, "(%.17g, %.17g)", lat, lon);
+            PyErr_Format(PyExc_ValueError, "%s: origin %zd: a point needs lat in [-90, 90] and lon in [-180, 180], "
+                         "got %s", who, o, text);
+            return 0;
+        }
+        org->point = 1, org->lat = lat, org->lon = lon;
+        to_unit(lat, lon, org->c);
+        return 1;
+    }
+    if (cell >= 0 && cell < (double)ix->m && cell == floor(cell)) {
+        const Py_ssize_t j = (Py_ssize_t)cell, p = ix->position_of[j];
+        org->point = 0, org->lat = ll[2 * j], org->lon = ll[2 * j + 1];
+        org->c[0] = ix->ux[p], org->c[1] = ix->uy[p], org->c[2] = ix->uz[p];
+        return 1;
+    }
+    PyOS_snprintf(text, sizeof text, "%.17g", cell);
+    PyErr_Format(PyExc_ValueError, "%s: origin %zd: cell %s outside %zd cells (-1: a point)", who, o, text, ix->m);
+    return 0;
+}
+
+/* The selection around every origin in one pass over the cell index: for each group within reach
+ * of an origin, each cell's dot product with it gives its level (within the `level` largest
+ * scales; thresholds ascending, with `band` around each); cells too close to a threshold to
+ * decide that way are settled on the spot by the reference haversine from the origin (`km`:
+ * the scales, largest first). A cell's level for origin o goes to code[o * M + cell] and the
+ * cell into the bitmap when it is within any scale of any origin; with `ns`, the point origins
+ * also track the cells of largest dot product. Returns how many levels haversine settled. */
+static Py_ssize_t select_origins(const cell_index *ix, const double *ll, const origin *org, Py_ssize_t n_org,
+                                 double theta_max, const double *t, const double *km, Py_ssize_t s, double band,
+                                 uint64_t *bits, uint8_t *code, nearest_set *ns)
+{
+    const Py_ssize_t m = ix->m;
+    const double cos_max = cos(theta_max), sin_max = sin(theta_max), lowest = t[0] - band;
+    double above[MAX_SCALES], below[MAX_SCALES + 1];
+    for (Py_ssize_t i = 0; i < s; i++)
+        above[i] = t[i] + band, below[i] = t[i] - band;
+    below[s] = INFINITY;
+    Py_ssize_t settled = 0;
+    for (Py_ssize_t g = 0; g < ix->groups; g++) {
+        for (Py_ssize_t o = 0; o < n_org; o++) {
+            if (!cap_reaches(ix->caps + 6 * g, org[o].c, theta_max, cos_max, sin_max))
+                continue;
+            const double cx = org[o].c[0], cy = org[o].c[1], cz = org[o].c[2];
+            uint8_t *co = code + o * m;
+            for (Py_ssize_t q = ix->start[g]; q < ix->start[g + 1]; q++) {
+                const double dot = ix->ux[q] * cx + ix->uy[q] * cy + ix->uz[q] * cz;
+                if (!(dot >= lowest))
+                    continue;
+                const int32_t j = ix->index_at[q];
+                if (ns && org[o].point)
+                    nearest_see(&ns[o], dot, j);
+                uint32_t level = 1;
+                if (!(dot > above[0] && dot < below[1])) { /* not simply within the largest scale only */
+                    uint32_t unsure;
+                    level = dot_level(dot, above, below, s, &unsure);
+                    if (unsure) { /* too close to a threshold for the dot product: the reference haversine */
+                        level = settle_level(level, unsure,
+                                             haversine_km(org[o].lat, org[o].lon, ll[2 * j], ll[2 * j + 1]), km);
+                        settled++;
+                    }
+                    if (!level)
+                        continue;
+                }
+                co[j] = (uint8_t)level;
+                bits[j >> 6] |= (uint64_t)1 << (j & 63);
+            }
+        }
+    }
+    return settled;
+}
+
+/* pd_select(index..., centres, theta_max, thresholds, km, band, bitmap, codes, near, levels, origin)
+ *   -> (n_near, n_settled)
+ * The cells within the largest scale of one origin (a row (cell, 0, 0) or (-1, lat, lon), as in
+ * pd_mass), ascending ids in near, each with its level; the selection of pd_mass on its own (the
+ * cells within a radius of a claim). bitmap and codes are all zero before and after. */
+static PyObject *pd_select(PyObject *self, PyObject *args)
+{
+    Py_buffer units, cell_at, position_of, starts, caps, centres, thresholds, km, bitmap, codes, near, levels, row;
+    double theta_max, band;
+    if (!PyArg_ParseTuple(args, "y*y*y*y*y*y*dy*y*dw*w*w*w*y*", &units, &cell_at, &position_of, &starts, &caps,
+                          &centres, &theta_max, &thresholds, &km, &band, &bitmap, &codes, &near, &levels, &row))
+        return NULL;
+    PyObject *result = NULL;
+    cell_index ix;
+    origin org;
+    if (!index_of(&ix, &units, &cell_at, &position_of, &starts, &caps, &bitmap, "pd_select") ||
+        !thresholds_ok(&thresholds, "pd_select"))
+        goto done;
+    const Py_ssize_t m = ix.m, s = thresholds.len / (Py_ssize_t)sizeof(double);
+    if (centres.len != 16 * m || km.len != thresholds.len || codes.len < m || near.len != 4 * m ||
+        levels.len != 4 * m || row.len != 24) {
+        PyErr_SetString(PyExc_ValueError, "pd_select: buffer sizes do not match");
+        goto done;
+    }
+    const double *ll = (const double *)centres.buf;
+    if (!origin_of(&org, (const double *)row.buf, 0, &ix, ll, "pd_select"))
+        goto done;
+    Py_ssize_t n_near = 0, settled;
+    Py_BEGIN_ALLOW_THREADS
+    uint64_t *bits = (uint64_t *)bitmap.buf;
+    uint8_t *code = (uint8_t *)codes.buf;
+    settled = select_origins(&ix, ll, &org, 1, theta_max, (const double *)thresholds.buf, (const double *)km.buf, s,
+                             band, bits, code, NULL);
+    int32_t *near_out = (int32_t *)near.buf;
+    uint32_t *level_out = (uint32_t *)levels.buf;
+    for (Py_ssize_t w = 0; w < (m + 63) / 64; w++) {
+        uint64_t word = bits[w];
+        bits[w] = 0;
+        while (word) {
+            const int32_t j = (int32_t)(w * 64 + __builtin_ctzll(word));
+            word &= word - 1;
+            near_out[n_near] = j;
+            level_out[n_near++] = code[j];
+            code[j] = 0;
+        }
+    }
+    Py_END_ALLOW_THREADS
+    result = Py_BuildValue("nn", n_near, settled);
+done:
+    PyBuffer_Release(&units);
+    PyBuffer_Release(&cell_at);
+    PyBuffer_Release(&position_of);
+    PyBuffer_Release(&starts);
+    PyBuffer_Release(&caps);
+    PyBuffer_Release(&centres);
+    PyBuffer_Release(&thresholds);
+    PyBuffer_Release(&km);
+    PyBuffer_Release(&bitmap);
+    PyBuffer_Release(&codes);
+    PyBuffer_Release(&near);
+    PyBuffer_Release(&levels);
+    PyBuffer_Release(&row);
+    return result;
+}
 
 /* pd_mass(index..., centres, theta_max, thresholds, km, band, bitmap, codes, probs, order, scratch, origins,
  *         out, nearest, nearest_km, rank) -> n_union
@@ -687,71 +689,20 @@ static PyObject *pd_mass(PyObject *self, PyObject *args)
         goto done;
     const double *ll = (const double *)centres.buf, *row = (const double *)origins.buf;
     origin org[MAX_ORIGINS];
-    for (Py_ssize_t o = 0; o < n_org; o++) {
-        const double cell = row[3 * o], lat = row[3 * o + 1], lon = row[3 * o + 2];
-        if (cell == -1.0) {
-            if (!(isfinite(lat) && isfinite(lon) && fabs(lat) <= 90.0 && fabs(lon) <= 180.0)) {
-                char text[64];
-                PyOS_snprintf(text, sizeof text, "(%.17g, %.17g)", lat, lon);
-                PyErr_Format(PyExc_ValueError, "pd_mass: origin %zd: a point needs lat in [-90, 90] and lon in "
-                             "[-180, 180], got %s", o, text);
-                goto done;
-            }
-            org[o].point = 1, org[o].lat = lat, org[o].lon = lon;
-            to_unit(lat, lon, org[o].c);
-        } else if (cell >= 0 && cell < (double)m && cell == floor(cell)) {
-            const Py_ssize_t j = (Py_ssize_t)cell, p = ix.position_of[j];
-            org[o].point = 0, org[o].lat = ll[2 * j], org[o].lon = ll[2 * j + 1];
-            org[o].c[0] = ix.ux[p], org[o].c[1] = ix.uy[p], org[o].c[2] = ix.uz[p];
-        } else {
-            char text[32];
-            PyOS_snprintf(text, sizeof text, "%.17g", cell);
-            PyErr_Format(PyExc_ValueError, "pd_mass: origin %zd: cell %s outside %zd cells (-1: a point)", o, text, m);
+    for (Py_ssize_t o = 0; o < n_org; o++)
+        if (!origin_of(&org[o], row + 3 * o, o, &ix, ll, "pd_mass"))
             goto done;
-        }
-    }
     Py_BEGIN_ALLOW_THREADS
     const double *t = (const double *)thresholds.buf, *kms = (const double *)km.buf;
     const float *p = (const float *)probs.buf;
     const int64_t *slot = (const int64_t *)order.buf;
     uint64_t *bits = (uint64_t *)bitmap.buf;
     uint8_t *code = (uint8_t *)codes.buf; /* [P, M]: each origin's level for each cell, 0 = outside */
-    const double cos_max = cos(theta_max), sin_max = sin(theta_max), lowest = t[0] - band;
-    double above[MAX_SCALES], below[MAX_SCALES + 1];
-    for (Py_ssize_t i = 0; i < s; i++)
-        above[i] = t[i] + band, below[i] = t[i] - band;
-    below[s] = INFINITY;
+    const double lowest = t[0] - band;
     nearest_set ns[MAX_ORIGINS];
     for (Py_ssize_t o = 0; o < n_org; o++)
         ns[o].best = -INFINITY, ns[o].n = ns[o].overflow = 0;
-    for (Py_ssize_t g = 0; g < ix.groups; g++) {
-        for (Py_ssize_t o = 0; o < n_org; o++) {
-            if (!cap_reaches(ix.caps + 6 * g, org[o].c, theta_max, cos_max, sin_max))
-                continue;
-            const double cx = org[o].c[0], cy = org[o].c[1], cz = org[o].c[2];
-            uint8_t *co = code + o * m;
-            for (Py_ssize_t q = ix.start[g]; q < ix.start[g + 1]; q++) {
-                const double dot = ix.ux[q] * cx + ix.uy[q] * cy + ix.uz[q] * cz;
-                if (!(dot >= lowest))
-                    continue;
-                const int32_t j = ix.index_at[q];
-                if (org[o].point)
-                    nearest_see(&ns[o], dot, j);
-                uint32_t level = 1;
-                if (!(dot > above[0] && dot < below[1])) { /* not simply within the largest scale only */
-                    uint32_t unsure;
-                    level = dot_level(dot, above, below, s, &unsure);
-                    if (unsure) /* too close to a threshold for the dot product: the reference haversine */
-                        level = settle_level(level, unsure, haversine_km(org[o].lat, org[o].lon, ll[2 * j],
-                                                                         ll[2 * j + 1]), kms);
-                    if (!level)
-                        continue;
-                }
-                co[j] = (uint8_t)level;
-                bits[j >> 6] |= (uint64_t)1 << (j & 63);
-            }
-        }
-    }
+    select_origins(&ix, ll, org, n_org, theta_max, t, kms, s, band, bits, code, ns);
     /* the union in ascending ids; then per origin its selection (probability and level, in id
      * order) within the largest scale and within the next, narrowed further scale by scale (a
      * cell within a scale is within every larger one) */
@@ -1102,9 +1053,8 @@ done:
 
 static PyMethodDef methods[] = {
     {"pd_select", pd_select, METH_VARARGS,
-     "pd_select(index..., theta_max, cell, thresholds_ascending_f64, band, near, levels, unsure, bitmap, by_cell) -> (n_near, n_band)"},
-    {"pd_settle", pd_settle, METH_VARARGS,
-     "pd_settle(centres_f64, near_i32, levels_u32, unsure_u32, n_near, lat, lon, km_descending_f64): haversine decides"},
+     "pd_select(index..., centres, theta_max, thresholds, km, band, bitmap, codes, near, levels, origin) -> "
+     "(n_near, n_settled)"},
     {"pd_mass", pd_mass, METH_VARARGS,
      "pd_mass(index..., centres, theta_max, thresholds, km, band, bitmap, codes, probs, order, scratch, origins, out, "
      "nearest, nearest_km, rank) -> n_union"},

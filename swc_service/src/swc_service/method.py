@@ -175,16 +175,16 @@ class DensityIndex:
         return index
 
     def _buffers(self) -> tuple[np.ndarray, ...]:
+        """Per thread (the kernels release the GIL): near cells, their levels, the sums' scratch,
+        and the bitmap of selected cells (all zero between kernel calls)."""
         bufs = getattr(self._scratch, "bufs", None)
         if bufs is None:
             m = self.centres.shape[0]
             bufs = (
-                np.empty(m, dtype=np.int32),  # near cells, in index order
-                np.empty(m, dtype=np.uint32),  # level: within the `level` largest scales
-                np.empty(m, dtype=np.uint32),  # how many next scales are too close to call
-                np.empty(len(self.scales_km) * m, dtype=np.float32),  # each scale's selection
-                np.zeros((m + 63) // 64, dtype=np.uint64),  # near cells by index (left all zero)
-                np.empty(2 * m, dtype=np.uint8),  # level and unsure count by cell index
+                np.empty(m, dtype=np.int32),
+                np.empty(m, dtype=np.uint32),
+                np.empty(len(self.scales_km) * m, dtype=np.float32),
+                np.zeros((m + 63) // 64, dtype=np.uint64),
             )
             self._scratch.bufs = bufs
         return bufs
@@ -231,7 +231,7 @@ class DensityIndex:
         out = np.empty((n, len(self.scales_km)), dtype=np.float64)
         nearest, rank = np.empty(n, dtype=np.int64), np.empty(n, dtype=np.int64)
         km = np.empty(n, dtype=np.float64)
-        _, _, _, values, bitmap, _ = self._buffers()
+        _, _, values, bitmap = self._buffers()
         _kernels.pd_mass(
             *self._index, self.centres, self._theta_max, self._thresholds, self._sorted_km, self.BAND, bitmap,
             self._codes(n), probs, self._order, values, origins, out, nearest, km, rank,
@@ -258,13 +258,9 @@ class DensityIndex:
         if not (math.isfinite(lat) and math.isfinite(lon) and abs(lat) <= 90 and abs(lon) <= 180):
             raise ValueError(f"a point needs lat in [-90, 90] and lon in [-180, 180], got ({lat}, {lon})")
         angle = min(km / EARTH_RADIUS_KM, math.pi)
-        unit = latlon_to_unit(np.array([lat, lon], dtype=np.float64))
-        near, levels, unsure, _, bitmap, by_cell = self._buffers()
-        n_near, n_band = _kernels.pd_select(
-            *self._index, angle, -1, np.array([math.cos(angle)]), self.BAND, near, levels, unsure, bitmap, by_cell,
-            (float(unit[0]), float(unit[1]), float(unit[2])),
+        near, levels, _, bitmap = self._buffers()
+        n_near, _ = _kernels.pd_select(
+            *self._index, self.centres, angle, np.array([math.cos(angle)]), np.array([float(km)]), self.BAND, bitmap,
+            self._codes(1), near, levels, np.array([-1.0, float(lat), float(lon)]),
         )  # fmt: skip
-        if n_band:  # too close to the radius for the dot product
-            radius = np.array([float(km)])
-            _kernels.pd_settle(self.centres, near, levels, unsure, n_near, float(lat), float(lon), radius)
-        return near[:n_near][levels[:n_near] > 0].astype(np.int64)
+        return near[:n_near].astype(np.int64)
