@@ -208,8 +208,8 @@ class DensityIndex:
     ) -> tuple[np.ndarray | None, tuple[PointDensity, ...]]:
         """PD around top cell ``cell`` and the mass around each point (a claimed location) by the
         same rules (dot products, the boundary settled by the reference haversine, numpy's float32
-        summation), with each point's nearest cell and its rank: one pass over the cells for all
-        of them, so a claim checked with the prediction costs a fraction of a second PD."""
+        summation), with each point's nearest cell and its rank, in one kernel call: one pass
+        over the cell index for all of them (each origin still compares and adds its own cells)."""
         m = self.centres.shape[0]
         probs = np.ascontiguousarray(cell_probs)
         if probs.dtype != np.float32 or probs.shape != (m,):
