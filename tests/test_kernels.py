@@ -221,26 +221,6 @@ def test_density_rejects_bad_input():
         idx.density(2, np.ones(2, np.float32))
     with pytest.raises(ValueError, match="at most"):
         DensityIndex(np.zeros((2, 2)), tuple(float(s) for s in range(1, 40)))
-    with pytest.raises(ValueError, match="outside"):
-        _kernels.pd_sums(
-            np.ones(2, np.float32),
-            np.array([0, 5], np.int32),
-            np.ones(2, np.uint32),
-            2,
-            np.zeros(1, np.int64),
-            np.empty(1),
-            np.empty(4, np.float32),
-        )
-    with pytest.raises(ValueError, match="permutation"):
-        _kernels.pd_sums(
-            np.ones(2, np.float32),
-            np.zeros(1, np.int32),
-            np.ones(1, np.uint32),
-            1,
-            np.array([3]),
-            np.empty(1),
-            np.empty(4, np.float32),
-        )
     near, levels, _, bitmap = idx._buffers()
     args = (idx.centres, idx._theta_max, np.array([0.5, 0.1]), np.array([2.0, 1.0]), 1e-12, bitmap, idx._codes(1), near,
             levels, np.zeros(3))  # fmt: skip
@@ -254,12 +234,12 @@ def test_density_rejects_bad_input():
         idx.density_at(91.0, 0.0, np.ones(2, np.float32))
     _, _, values, bitmap = idx._buffers()
 
-    def mass(origins, probs=np.ones(2, np.float32), codes=None):
+    def mass(origins, probs=np.ones(2, np.float32), codes=None, order=idx._order):
         n = len(origins)
         codes = idx._codes(n) if codes is None else codes
         _kernels.pd_mass(
             *idx._index, idx.centres, idx._theta_max, idx._thresholds, idx._sorted_km, idx.BAND, bitmap, codes, probs,
-            idx._order, values, np.array(origins, dtype=np.float64), np.empty((n, len(idx.scales_km))),
+            order, values, np.array(origins, dtype=np.float64), np.empty((n, len(idx.scales_km))),
             np.empty(n, np.int64), np.empty(n), np.empty(n, np.int64),
         )  # fmt: skip
 
@@ -273,6 +253,8 @@ def test_density_rejects_bad_input():
         mass([(0, 0, 0)], probs=np.ones(3, np.float32))
     with pytest.raises(ValueError, match="buffer sizes do not match"):  # codes for one origin, two asked
         mass([(0, 0, 0), (-1, 0, 0)], codes=np.zeros(2, np.uint8))
+    with pytest.raises(ValueError, match="permutation"):
+        mass([(0, 0, 0)], order=np.full(len(idx.scales_km), 9))
     with pytest.raises(ValueError, match="1 to 17 origins"):
         mass([(-1, 0, 0)] * 18, codes=np.zeros(36, np.uint8))
     with pytest.raises(ValueError, match="at most 16 points"):

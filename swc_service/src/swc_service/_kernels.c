@@ -19,7 +19,7 @@
  *   (8192), chunk sums accumulated in order, so each value equals the reference's
  *   probs[d <= s].sum() bit for bit. For a point, also its nearest cell and that cell's rank.
  *   pd_select: the same selection for one origin, as a list of cells (the cells within a radius
- *   of a claim); pd_sums: the same sums over a given selection.
+ *   of a claim).
  *
  * haversine / latlon_to_unit: the service's great-circle geometry (geo.py wraps them), so SwC's
  *   clustering, PD's boundary cases and everything else use one implementation.
@@ -425,56 +425,6 @@ static int order_ok(const Py_buffer *order, Py_ssize_t s, const char *who)
         }
     }
     return 1;
-}
-
-/* The float32 sum of probs over the near cells with level > i, in index order, written to
- * out[order[i]] (the caller's order of the scales). */
-static PyObject *pd_sums(PyObject *self, PyObject *args)
-{
-    Py_buffer probs, near, levels, order, out, scratch;
-    Py_ssize_t n_near;
-    if (!PyArg_ParseTuple(args, "y*y*y*ny*w*w*", &probs, &near, &levels, &n_near, &order, &out, &scratch))
-        return NULL;
-    PyObject *result = NULL;
-    Py_ssize_t m = probs.len / 4, s = out.len / (Py_ssize_t)sizeof(double);
-    if (probs.len % 4 || n_near < 0 || n_near > m || near.len < n_near * 4 || levels.len < n_near * 4 || s < 1 ||
-        s > MAX_SCALES || out.len % sizeof(double) || scratch.len < s * n_near * 4) {
-        PyErr_SetString(PyExc_ValueError, "pd_sums: buffer sizes do not match");
-        goto done;
-    }
-    if (!order_ok(&order, s, "pd_sums"))
-        goto done;
-    const int32_t *idx = (const int32_t *)near.buf;
-    const uint32_t *level = (const uint32_t *)levels.buf;
-    for (Py_ssize_t k = 0; k < n_near; k++) {
-        if (idx[k] < 0 || idx[k] >= m || level[k] > (uint32_t)s) {
-            PyErr_Format(PyExc_ValueError, "pd_sums: cell %d / level %u outside %zd cells / %zd scales", idx[k],
-                         level[k], m, s);
-            goto done;
-        }
-    }
-    Py_BEGIN_ALLOW_THREADS
-    const float *p = (const float *)probs.buf;
-    const int64_t *slot = (const int64_t *)order.buf;
-    float *buf = (float *)scratch.buf; /* s runs of n_near values: each scale's selection, in order */
-    Py_ssize_t count[MAX_SCALES] = {0};
-    for (Py_ssize_t k = 0; k < n_near; k++) {
-        const float v = p[idx[k]];
-        for (uint32_t i = 0; i < level[k]; i++)
-            buf[i * n_near + count[i]++] = v;
-    }
-    for (Py_ssize_t i = 0; i < s; i++)
-        ((double *)out.buf)[slot[i]] = (double)numpy_sum(buf + i * n_near, count[i]);
-    Py_END_ALLOW_THREADS
-    result = Py_NewRef(Py_None);
-done:
-    PyBuffer_Release(&probs);
-    PyBuffer_Release(&near);
-    PyBuffer_Release(&levels);
-    PyBuffer_Release(&order);
-    PyBuffer_Release(&out);
-    PyBuffer_Release(&scratch);
-    return result;
 }
 
 /* 1 + the cells before `cell` by probability (more probable, or as probable with a lower id). */
@@ -1058,8 +1008,6 @@ static PyMethodDef methods[] = {
     {"pd_mass", pd_mass, METH_VARARGS,
      "pd_mass(index..., centres, theta_max, thresholds, km, band, bitmap, codes, probs, order, scratch, origins, out, "
      "nearest, nearest_km, rank) -> n_union"},
-    {"pd_sums", pd_sums, METH_VARARGS,
-     "pd_sums(probs_f32, near_i32, levels_u32, n_near, order_i64, out_f64, scratch_f32): numpy's float32 sums"},
     {"haversine", haversine, METH_VARARGS, "haversine(lat1, lon1, lat2, lon2, out): km, elementwise, float64"},
     {"distance_km", distance_km, METH_VARARGS, "distance_km(lat1, lon1, lat2, lon2) -> km: haversine for one pair"},
     {"latlon_to_unit", latlon_to_unit, METH_VARARGS, "latlon_to_unit(latlon [n, 2], out [n, 3]): unit vectors"},
