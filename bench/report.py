@@ -369,12 +369,12 @@ def claims_section(c: dict) -> list[str]:
         f"{c['neighbours_p99_ms']:.3f} |",
         "",
         f"Ratio **{c['ratio_p50']:.2f}x** at p50 ({c['ratio_p99']:.2f}x at p99). PD and the claims run in one "
-        "kernel call, one pass over the cell index (`DensityIndex.densities`), but a claim's mass is PD's exact sum "
-        "over another neighbourhood: each cell within 2,500 km of the claim is compared, ordered and added once "
-        "more (that work is per origin and is most of PD's cost), then the nearest cell and its rank over all "
-        "cells. So a claim costs about two thirds of a PD, and PD is about half of SwC+PD at this scale: the "
-        "ratio stays above 1.3 until PD's per-cell work shrinks well below SwC's. Per image it is a few hundredths "
-        "of a millisecond beside Triton's ~100 ms of model time.",
+        "kernel call, one pass over the cell index (`DensityIndex.densities`). A claim near the top cell (within "
+        "1/25 of the largest scale) reuses PD's selection: the top cell's dot products decide its levels except in "
+        "thin bands around each boundary (the triangle inequality), and at each scale its sum is PD's unless a "
+        "cell in a band changes it; a claim anywhere else selects its own cells. Then the nearest cell and its "
+        "rank over all cells (one vector pass). Per image it is a few hundredths of a millisecond beside "
+        "Triton's ~100 ms of model time.",
         "",
     ]
 

@@ -19,6 +19,7 @@ from test_tracing import traced_server
 
 from swc_service.bundle import load_bundle
 from swc_service.claim import check_claim
+from swc_service.geo import haversine_km
 from swc_service.method import DensityIndex
 from swc_service.prediction import ServingState
 from visloc_client.v1 import locator_pb2 as pb
@@ -111,6 +112,69 @@ def test_claim_at_the_top_cells_centre_is_its_prediction_density():
     top = int(np.argmax(probs))
     at = density.density_at(*centres[top], probs)
     assert at.mass.tolist() == density.density(top, probs).tolist() and (at.cell, at.rank) == (top, 1)
+
+
+def offset(lat: float, lon: float, km: float, bearing_deg: float) -> tuple[float, float]:
+    """The point `km` from (lat, lon) along a great circle at `bearing_deg` (the direct problem)."""
+    d, b, p1, l1 = km / R, math.radians(bearing_deg), math.radians(lat), math.radians(lon)
+    p2 = math.asin(math.sin(p1) * math.cos(d) + math.cos(p1) * math.sin(d) * math.cos(b))
+    l2 = l1 + math.atan2(math.sin(b) * math.sin(d) * math.cos(p1), math.cos(d) - math.sin(p1) * math.sin(p2))
+    return math.degrees(p2), (math.degrees(l2) + 180.0) % 360.0 - 180.0
+
+
+def test_claims_near_the_top_cell_match_the_claim_alone_and_float64_haversine():
+    """A claim within 1/25 of the largest scale of the top cell takes its levels from the top cell's
+    dot products wherever the triangle inequality decides them, and its own elsewhere; the result
+    must be the claim computed alone (bit for bit) and the float64 reference, at every offset up to
+    and past that limit (100 km here), near the poles and across the antimeridian, with several
+    claims at once."""
+    centres = upstream_scale_cells(seed=4)
+    density = DensityIndex(centres, SCALES)
+    rng = np.random.default_rng(4)
+    tops = [*rng.integers(0, len(centres), 40).tolist(), 31_000, 31_001, 31_002, 31_003, 31_004]  # + the edge cells
+    for i, top in enumerate(tops):
+        probs = probabilities(len(centres), seed=200 + i)
+        lat0, lon0 = centres[top]
+        claims = tuple(
+            offset(lat0, lon0, km, rng.uniform(0, 360)) for km in (0.0, 1e-6, 0.3, 5.0, 24.999, 60.0, 99.9, 100.1)
+        )
+        pd, at = density.densities(top, claims, probs)
+        d_top = reference_haversine(lat0, lon0, centres)
+        np.testing.assert_array_equal(pd, [probs[d_top <= s].sum() for s in SCALES])  # PD, unchanged
+        for (lat, lon), got in zip(claims, at, strict=True):
+            alone = density.density_at(lat, lon, probs)
+            assert got.mass.tolist() == alone.mass.tolist(), (top, lat, lon)
+            assert (got.cell, got.rank, got.cell_km) == (alone.cell, alone.rank, alone.cell_km), (top, lat, lon)
+            want_mass, want_cell, want_rank, want_km = reference_check(centres, probs, lat, lon)
+            assert np.abs(got.mass - want_mass).max() <= 1e-6 and (got.cell, got.rank) == (want_cell, want_rank)
+            assert got.cell_km == pytest.approx(want_km, abs=1e-6)
+
+
+def test_claim_near_the_top_cell_with_cells_on_its_boundaries():
+    """Cells placed at each scale (and a micrometre either side) from a claim 3 km from the top cell
+    and from the top cell itself: the claim's own dot products and the reference haversine decide
+    them, as for the claim alone and as the reference's masked sums (bit for bit)."""
+    rng = np.random.default_rng(11)
+    centres = np.c_[rng.uniform(20, 60, 3000), rng.uniform(-20, 40, 3000)]
+    top = 0
+    centres[top] = (40.0, 10.0)
+    claim = offset(40.0, 10.0, 3.0, 30.0)
+    k = 1
+    for s in SCALES:
+        for bearing in (0.0, 77.0, 160.0, 250.0):
+            for origin in (claim, (40.0, 10.0)):
+                for nudge in (-1e-9, 0.0, 1e-9):
+                    centres[k] = offset(*origin, s + nudge, bearing)
+                    k += 1
+    density = DensityIndex(centres, SCALES)
+    for seed in range(5):
+        probs = probabilities(len(centres), seed=300 + seed)
+        pd, (got,) = density.densities(top, (claim,), probs)
+        alone = density.density_at(*claim, probs)
+        assert got.mass.tolist() == alone.mass.tolist() and (got.cell, got.rank) == (alone.cell, alone.rank)
+        d = haversine_km(*claim, centres[:, 0], centres[:, 1])  # the reference's formula: it decides a boundary
+        assert got.mass.tolist() == [float(probs[d <= s].sum()) for s in SCALES]
+        assert got.mass.tolist() != pd.tolist()  # the claim's own selection, not the top cell's
 
 
 @pytest.mark.parametrize("place", [(40.0, 10.0), (-75.0, -150.0)])  # among the cells; 3,000+ km from the others

@@ -234,11 +234,11 @@ def test_density_rejects_bad_input():
         idx.density_at(91.0, 0.0, np.ones(2, np.float32))
     _, _, values, bitmap = idx._buffers()
 
-    def mass(origins, probs=np.ones(2, np.float32), codes=None, order=idx._order):
+    def mass(origins, probs=np.ones(2, np.float32), codes=None, order=idx._order, bits=bitmap):
         n = len(origins)
         codes = idx._codes(n) if codes is None else codes
         _kernels.pd_mass(
-            *idx._index, idx.centres, idx._theta_max, idx._thresholds, idx._sorted_km, idx.BAND, bitmap, codes, probs,
+            *idx._index, idx.centres, idx._theta_max, idx._thresholds, idx._sorted_km, idx.BAND, bits, codes, probs,
             order, values, np.array(origins, dtype=np.float64), np.empty((n, len(idx.scales_km))),
             np.empty(n, np.int64), np.empty(n), np.empty(n, np.int64),
         )  # fmt: skip
@@ -253,6 +253,8 @@ def test_density_rejects_bad_input():
         mass([(0, 0, 0)], probs=np.ones(3, np.float32))
     with pytest.raises(ValueError, match="buffer sizes do not match"):  # codes for one origin, two asked
         mass([(0, 0, 0), (-1, 0, 0)], codes=np.zeros(2, np.uint8))
+    with pytest.raises(ValueError, match="buffer sizes do not match"):  # one bitmap, two origins
+        mass([(0, 0, 0), (-1, 0.5, 0.5)], bits=np.zeros(1, np.uint64))
     with pytest.raises(ValueError, match="permutation"):
         mass([(0, 0, 0)], order=np.full(len(idx.scales_km), 9))
     with pytest.raises(ValueError, match="1 to 17 origins"):

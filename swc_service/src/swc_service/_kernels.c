@@ -48,6 +48,7 @@
 #define PW_BLOCKSIZE 128     /* numpy's pairwise summation block */
 #define MAX_SCALES 32
 #define PI 3.141592653589793
+#define EARTH_RADIUS_KM 6371.0
 
 static int use_simd = 0;
 
@@ -177,8 +178,8 @@ __attribute__((target("avx2,fma,f16c"))) static void dot_rows_avx2(const void *r
  *
  * The cells come grouped by a 5-degree grid (method.py builds the index): a group whose
  * spherical cap (centre, radius) lies beyond the largest scale is skipped whole, so only the
- * cells near the top cell are touched. A bitmap over cell indices then puts the near cells
- * back in index order, the order the sums need. */
+ * cells near the top cell are touched. A bitmap over cell indices (one per origin) then puts the
+ * near cells back in index order, the order the sums need. */
 static double haversine_km(double lat1, double lon1, double lat2, double lon2);
 static void to_unit(double lat_deg, double lon_deg, double *xyz);
 
@@ -186,6 +187,9 @@ static void to_unit(double lat_deg, double lon_deg, double *xyz);
 #define TIE_KM 1e-9     /* nearest cell: distances this close (a micrometre) are one distance: lower id */
 #define MAX_NEAR 16     /* near-tied candidates kept while scanning; more: a full rescan */
 #define MAX_ORIGINS 17  /* pd_mass: the top cell and up to 16 points (claims) in one pass */
+#define DERIVE_SHARE 25 /* a point within theta_max / 25 of origin 0 takes its levels from origin 0's dot */
+#define DERIVE_EPS 1e-6 /* radians (6 m) added to each side of a derived point's bands: rounding never decides */
+#define NEAR_EPS 1e-5   /* radians: a derived point's nearest cell is sought within 2 delta + this of origin 0 */
 
 /* The cell index of method.DensityIndex, borrowed from its buffers. */
 typedef struct {
@@ -427,28 +431,66 @@ static int order_ok(const Py_buffer *order, Py_ssize_t s, const char *who)
     return 1;
 }
 
-/* 1 + the cells before `cell` by probability (more probable, or as probable with a lower id). */
-static Py_ssize_t rank_of(const float *p, Py_ssize_t m, Py_ssize_t cell)
+/* 1 + the cells before `cell` by probability (more probable, or as probable with a lower id): one
+ * pass, p[i] >= p[cell] before the cell and p[i] > p[cell] after it (NaN never counts). */
+static Py_ssize_t rank_portable(const float *p, Py_ssize_t m, Py_ssize_t cell)
 {
     const float pc = p[cell];
     Py_ssize_t before = 0;
     for (Py_ssize_t a = 0; a < m; a += 1 << 20) { /* 32-bit counts in blocks: the compiler vectorizes them */
         const Py_ssize_t b = m - a < (1 << 20) ? m : a + (1 << 20);
         const Py_ssize_t c = cell < a ? a : (cell < b ? cell : b);
-        uint32_t more = 0, tied = 0;
-        for (Py_ssize_t i = a; i < b; i++)
-            more += p[i] > pc;
+        uint32_t n = 0;
         for (Py_ssize_t i = a; i < c; i++)
-            tied += p[i] == pc;
-        before += (Py_ssize_t)more + tied;
+            n += p[i] >= pc;
+        for (Py_ssize_t i = c; i < b; i++)
+            n += p[i] > pc;
+        before += (Py_ssize_t)n;
     }
-    return 1 + before;
+    return 1 + before; /* the cell itself is in the second loop: p[cell] > p[cell] never holds */
 }
 
-/* One origin of a selection: a cell's centre, or a point. */
+#if VISLOC_X86
+/* The cells in [a, b) at or above pc (ge) or above it: 8 at a time, each true lane -1 (at most
+ * 2^31 cells, so no lane's count overflows). */
+__attribute__((target("avx2"))) static Py_ssize_t count_avx2(const float *p, Py_ssize_t a, Py_ssize_t b, float pc,
+                                                             int ge)
+{
+    const __m256 v = _mm256_set1_ps(pc);
+    __m256i n = _mm256_setzero_si256();
+    Py_ssize_t i = a, count = 0;
+    for (; i + 8 <= b; i += 8) {
+        const __m256 x = _mm256_loadu_ps(p + i);
+        n = _mm256_sub_epi32(n, _mm256_castps_si256(ge ? _mm256_cmp_ps(x, v, _CMP_GE_OQ) : _mm256_cmp_ps(x, v, _CMP_GT_OQ)));
+    }
+    uint32_t lanes[8];
+    _mm256_storeu_si256((__m256i *)lanes, n);
+    for (int k = 0; k < 8; k++)
+        count += lanes[k];
+    for (; i < b; i++)
+        count += ge ? p[i] >= pc : p[i] > pc;
+    return count;
+}
+#endif
+
+static Py_ssize_t rank_of(const float *p, Py_ssize_t m, Py_ssize_t cell)
+{
+#if VISLOC_X86
+    if (use_simd)
+        return 1 + count_avx2(p, 0, cell, p[cell], 1) + count_avx2(p, cell + 1, m, p[cell], 0);
+#endif
+    return rank_portable(p, m, cell);
+}
+
+/* One origin of a selection: a cell's centre, or a point. A point close to origin 0 is derived:
+ * its levels come from origin 0's dot product wherever that decides them (see derive). */
 typedef struct {
     double c[3], lat, lon;
-    int point;
+    int point, derived;
+    double delta;                              /* derived: the angle from origin 0 */
+    double hi[MAX_SCALES], lo[MAX_SCALES];     /* derived: origin 0's dot above hi[i]: within scale i; below lo[i]: not */
+    double near0;                              /* derived: origin 0's dot from which a cell may be the point's nearest */
+    double seen;                               /* derived: its own dot above which every cell was offered as nearest */
 } origin;
 
 /* The origin at row o of origins [P, 3] float64: (cell, 0, 0) for a cell's centre, (-1, lat, lon)
@@ -458,6 +500,7 @@ static int origin_of(origin *org, const double *row, Py_ssize_t o, const cell_in
 {
     const double cell = row[0], lat = row[1], lon = row[2];
     char text[64];
+    org->derived = 0;
     if (cell == -1.0) {
         if (!(isfinite(lat) && isfinite(lon) && fabs(lat) <= 90.0 && fabs(lon) <= 180.0)) {
             PyOS_snprintf(text, sizeof text, "(%.17g, %.17g)", lat, lon);
@@ -480,55 +523,336 @@ static int origin_of(origin *org, const double *row, Py_ssize_t o, const cell_in
     return 0;
 }
 
+/* Derive point `o` from origin 0 when it lies within theta_max / DERIVE_SHARE of it (a claim near
+ * the predicted cell: the two selections share nearly every cell). On the sphere a cell's angle
+ * from the point differs from its angle from origin 0 by at most delta (the triangle
+ * inequality), so where origin 0's dot product lies outside the band [lo[i], hi[i]] around scale
+ * i (the angles theta_i -+ (delta + DERIVE_EPS), widened to the dot product's own band), the
+ * cell is on the same side of scale i for both. Only cells in a band (and those that may be the
+ * point's nearest) need the point's own dot product, and take exactly the path an independent
+ * point takes (its own levels, settled by haversine); the point keeps only the cells where its
+ * level differs from origin 0's. Bands ascend with the thresholds, as the thresholds do. */
+static void derive(origin *o, const origin *o0, double theta_max, const double *t, const double *km, Py_ssize_t s,
+                   double band)
+{
+    const double dx = o->c[0] - o0->c[0], dy = o->c[1] - o0->c[1], dz = o->c[2] - o0->c[2];
+    const double half_chord = sqrt(dx * dx + dy * dy + dz * dz) / 2.0;
+    const double delta = 2.0 * asin(half_chord > 1.0 ? 1.0 : half_chord); /* accurate for small angles */
+    if (!o->point || !(delta <= theta_max / DERIVE_SHARE))
+        return;
+    o->derived = 1;
+    o->delta = delta;
+    for (Py_ssize_t i = 0; i < s; i++) {
+        const double theta = km[i] / EARTH_RADIUS_KM < PI ? km[i] / EARTH_RADIUS_KM : PI;
+        const double in = theta - delta - DERIVE_EPS, out = theta + delta + DERIVE_EPS;
+        const double hi = in > 0.0 ? cos(in) : INFINITY, lo = out < PI ? cos(out) : -INFINITY;
+        o->hi[i] = hi > t[i] + band ? hi : t[i] + band;
+        o->lo[i] = lo < t[i] - band ? lo : t[i] - band;
+    }
+    const double near = 2.0 * delta + NEAR_EPS;
+    o->near0 = near < PI ? cos(near) : -INFINITY;
+    o->seen = cos(delta + NEAR_EPS / 2.0);
+}
+
+/* A level from an origin's own dot product, as for every origin: the dot product against the
+ * thresholds with `band` around each (above, below), the reference haversine when too close. */
+__attribute__((always_inline)) static inline uint32_t own_level(double dot, const origin *o, const double *ll, int32_t j, const double *above,
+                                 const double *below, const double *km, Py_ssize_t s, Py_ssize_t *settled)
+{
+    if (dot > above[0] && dot < below[1]) /* within the largest scale only: the common case */
+        return 1;
+    uint32_t unsure;
+    uint32_t level = dot_level(dot, above, below, s, &unsure);
+    if (unsure) { /* too close to a threshold for the dot product: the reference haversine */
+        level = settle_level(level, unsure, haversine_km(o->lat, o->lon, ll[2 * j], ll[2 * j + 1]), km);
+        (*settled)++;
+    }
+    return level;
+}
+
+__attribute__((always_inline)) static inline void set_bit(uint64_t *bits, int32_t j)
+{
+    bits[j >> 6] |= (uint64_t)1 << (j & 63);
+}
+
+/* Where the selection goes: per origin o, its bitmap (bits + o * words), its levels (code + o * M)
+ * and how many cells it marked; for a derived point, the cells whose level differs from origin
+ * 0's, and which scales that changes (bit i: the set within scale i differs). */
+typedef struct {
+    uint64_t *bits;
+    uint8_t *code;
+    Py_ssize_t words, count[MAX_ORIGINS];
+    uint64_t dirty[MAX_ORIGINS];
+} selection;
+
+/* A derived point's level for cell j (group position q) where origin 0's dot product cannot
+ * decide it (`unsure`) or the cell may be the point's nearest: its own dot product, as an
+ * independent point's; kept where it differs from origin 0's `level0`. The rare path. */
+__attribute__((noinline)) static void derived_cell(const cell_index *ix, const double *ll, const origin *o,
+                                                   Py_ssize_t d, int unsure, int may_be_nearest, uint32_t level0,
+                                                   Py_ssize_t q, int32_t j, const double *above, const double *below,
+                                                   const double *km, Py_ssize_t s, selection *sel, nearest_set *ns,
+                                                   Py_ssize_t *settled)
+{
+    const double own = ix->ux[q] * o->c[0] + ix->uy[q] * o->c[1] + ix->uz[q] * o->c[2];
+    if (may_be_nearest)
+        nearest_see(&ns[d], own, j);
+    if (!unsure)
+        return;
+    const uint32_t level = own >= below[0] ? own_level(own, o, ll, j, above, below, km, s, settled) : 0;
+    if (level != level0) {
+        const uint32_t lo = level < level0 ? level : level0, hi = level < level0 ? level0 : level;
+        sel->code[d * ix->m + j] = (uint8_t)level;
+        set_bit(sel->bits + d * sel->words, j);
+        sel->count[d]++;
+        sel->dirty[d] |= (((uint64_t)1 << hi) - 1) & ~(((uint64_t)1 << lo) - 1); /* hi <= MAX_SCALES < 64 */
+    }
+}
+
+/* Everything one selection pass shares: the thresholds with their band (above, below), the
+ * scales, where the levels go, the nearest sets, and for origin 0's derived points their merged
+ * bands (see derive): HI[l] / LO[l], origin 0's dot at or below / at or above which a cell of
+ * origin 0's level l may change level for one of them, NEAR the dot from which a cell may be
+ * one's nearest. */
+typedef struct {
+    const cell_index *ix;
+    const double *ll, *t, *km;
+    Py_ssize_t s;
+    double lowest, above[MAX_SCALES], below[MAX_SCALES + 1];
+    selection *sel;
+    nearest_set *ns;
+    Py_ssize_t settled, derived[MAX_ORIGINS], n_derived;
+    double HI[MAX_SCALES + 1], LO[MAX_SCALES + 1], NEAR, floor0;
+} pass;
+
+/* One origin's cells of group g: its own levels (the common loop; what it reads is held in locals,
+ * since the byte stores to the codes may alias anything behind a pointer). */
+__attribute__((always_inline)) static inline void select_group(pass *ps, const origin *o, Py_ssize_t oi,
+                                                               Py_ssize_t g)
+{
+    const cell_index *ix = ps->ix;
+    const double *ux = ix->ux, *uy = ix->uy, *uz = ix->uz;
+    const int32_t *index_at = ix->index_at;
+    const double cx = o->c[0], cy = o->c[1], cz = o->c[2], lowest = ps->lowest;
+    const double above0 = ps->above[0], below1 = ps->below[1];
+    uint8_t *co = ps->sel->code + oi * ix->m;
+    uint64_t *bits = ps->sel->bits + oi * ps->sel->words;
+    nearest_set *ns = ps->ns && o->point ? &ps->ns[oi] : NULL;
+    Py_ssize_t count = 0;
+    for (Py_ssize_t q = ix->start[g], end = ix->start[g + 1]; q < end; q++) {
+        const double dot = ux[q] * cx + uy[q] * cy + uz[q] * cz;
+        if (!(dot >= lowest))
+            continue;
+        const int32_t j = index_at[q];
+        if (ns)
+            nearest_see(ns, dot, j);
+        uint32_t level = 1;
+        if (!(dot > above0 && dot < below1)) { /* not simply within the largest scale only */
+            level = own_level(dot, o, ps->ll, j, ps->above, ps->below, ps->km, ps->s, &ps->settled);
+            if (!level)
+                continue;
+        }
+        co[j] = (uint8_t)level;
+        set_bit(bits, j);
+        count++;
+    }
+    ps->sel->count[oi] += count;
+}
+
+/* Origin 0's cells of group g when points derive from it: its own levels, and for each cell in a
+ * derived point's band (or that may be its nearest) that point's own (derived_cell). */
+__attribute__((noinline)) static void select_group_widened(pass *ps, const origin *org, Py_ssize_t g)
+{
+    const cell_index *ix = ps->ix;
+    const double *ux = ix->ux, *uy = ix->uy, *uz = ix->uz;
+    const int32_t *index_at = ix->index_at;
+    const origin *o = &org[0];
+    const double cx = o->c[0], cy = o->c[1], cz = o->c[2], lowest = ps->lowest, floor = ps->floor0;
+    const double above0 = ps->above[0], below1 = ps->below[1], hi1 = ps->HI[1], lo1 = ps->LO[1];
+    uint8_t *co = ps->sel->code;
+    uint64_t *bits = ps->sel->bits;
+    nearest_set *ns = ps->ns && o->point ? &ps->ns[0] : NULL;
+    Py_ssize_t count = 0;
+    for (Py_ssize_t q = ix->start[g], end = ix->start[g + 1]; q < end; q++) {
+        const double dot = ux[q] * cx + uy[q] * cy + uz[q] * cz;
+        if (!(dot >= floor))
+            continue;
+        const int32_t j = index_at[q];
+        uint32_t level = 0;
+        int band; /* in a derived point's band next to origin 0's level (LO holds NEAR: see select_origins) */
+        if (dot > above0 && dot < below1) { /* within the largest scale only: the common case */
+            level = 1;
+            band = (dot <= hi1) | (dot >= lo1);
+        } else {
+            if (dot >= lowest)
+                level = own_level(dot, o, ps->ll, j, ps->above, ps->below, ps->km, ps->s, &ps->settled);
+            band = (dot <= ps->HI[level]) | (dot >= ps->LO[level]);
+        }
+        if (ns && dot >= lowest)
+            nearest_see(ns, dot, j);
+        if (level) {
+            co[j] = (uint8_t)level;
+            set_bit(bits, j);
+            count++;
+        }
+        /* origin 0's level is the dot product's count of thresholds except within `band` of one,
+         * which every derived band holds: the bands next to it decide */
+        if (band) {
+            for (Py_ssize_t k = 0; k < ps->n_derived; k++) {
+                const Py_ssize_t d = ps->derived[k];
+                const origin *od = &org[d];
+                const int unsure = (level > 0 && dot <= od->hi[level - 1]) || (level < ps->s && dot >= od->lo[level]);
+                const int may_be_nearest = ps->ns && dot >= od->near0;
+                if (unsure || may_be_nearest)
+                    derived_cell(ix, ps->ll, od, d, unsure, may_be_nearest, level, q, j, ps->above, ps->below, ps->km,
+                                 ps->s, ps->sel, ps->ns, &ps->settled);
+            }
+        }
+    }
+    ps->sel->count[0] += count;
+}
+
 /* The selection around every origin in one pass over the cell index: for each group within reach
  * of an origin, each cell's dot product with it gives its level (within the `level` largest
  * scales; thresholds ascending, with `band` around each); cells too close to a threshold to
  * decide that way are settled on the spot by the reference haversine from the origin (`km`:
- * the scales, largest first). A cell's level for origin o goes to code[o * M + cell] and the
- * cell into the bitmap when it is within any scale of any origin; with `ns`, the point origins
- * also track the cells of largest dot product. Returns how many levels haversine settled. */
+ * the scales, largest first). A cell's level for origin o goes to its code and bitmap when it
+ * is within any scale; a derived point (see derive) keeps only the cells where its level
+ * differs from origin 0's. With `ns`, the point origins also track the cells of largest dot
+ * product. Returns how many levels haversine settled. */
 static Py_ssize_t select_origins(const cell_index *ix, const double *ll, const origin *org, Py_ssize_t n_org,
                                  double theta_max, const double *t, const double *km, Py_ssize_t s, double band,
-                                 uint64_t *bits, uint8_t *code, nearest_set *ns)
+                                 selection *sel, nearest_set *ns)
 {
-    const Py_ssize_t m = ix->m;
-    const double cos_max = cos(theta_max), sin_max = sin(theta_max), lowest = t[0] - band;
-    double above[MAX_SCALES], below[MAX_SCALES + 1];
+    pass ps = {.ix = ix, .ll = ll, .t = t, .km = km, .s = s, .lowest = t[0] - band, .sel = sel, .ns = ns};
     for (Py_ssize_t i = 0; i < s; i++)
-        above[i] = t[i] + band, below[i] = t[i] - band;
-    below[s] = INFINITY;
-    Py_ssize_t settled = 0;
+        ps.above[i] = t[i] + band, ps.below[i] = t[i] - band;
+    ps.below[s] = INFINITY;
+    /* origin 0 reaches further for its derived points: their largest scale and their nearest cells */
+    double reach0 = theta_max;
+    ps.floor0 = ps.lowest, ps.NEAR = INFINITY;
+    for (Py_ssize_t l = 0; l <= s; l++)
+        ps.HI[l] = -INFINITY, ps.LO[l] = INFINITY;
+    for (Py_ssize_t o = 1; o < n_org; o++) {
+        if (!org[o].derived)
+            continue;
+        ps.derived[ps.n_derived++] = o;
+        const double near = 2.0 * org[o].delta + NEAR_EPS;
+        const double r = (theta_max > near ? theta_max : near) + org[o].delta + DERIVE_EPS;
+        reach0 = r > reach0 ? r : reach0;
+        for (Py_ssize_t l = 0; l <= s; l++) {
+            if (l > 0 && org[o].hi[l - 1] > ps.HI[l])
+                ps.HI[l] = org[o].hi[l - 1];
+            if (l < s && org[o].lo[l] < ps.LO[l])
+                ps.LO[l] = org[o].lo[l];
+        }
+        if (ns && org[o].near0 < ps.NEAR)
+            ps.NEAR = org[o].near0;
+    }
+    for (Py_ssize_t l = 0; l <= s; l++) /* a cell that may be a derived point's nearest is in a band too */
+        ps.LO[l] = ps.NEAR < ps.LO[l] ? ps.NEAR : ps.LO[l];
+    ps.floor0 = ps.LO[0] < ps.floor0 ? ps.LO[0] : ps.floor0;
+    reach0 = reach0 < PI ? reach0 : PI;
+    const double cos_max = cos(theta_max), sin_max = sin(theta_max), cos0 = cos(reach0), sin0 = sin(reach0);
+    for (Py_ssize_t o = 0; o < n_org; o++)
+        sel->count[o] = 0, sel->dirty[o] = 0;
     for (Py_ssize_t g = 0; g < ix->groups; g++) {
         for (Py_ssize_t o = 0; o < n_org; o++) {
-            if (!cap_reaches(ix->caps + 6 * g, org[o].c, theta_max, cos_max, sin_max))
+            if (org[o].derived)
                 continue;
-            const double cx = org[o].c[0], cy = org[o].c[1], cz = org[o].c[2];
-            uint8_t *co = code + o * m;
-            for (Py_ssize_t q = ix->start[g]; q < ix->start[g + 1]; q++) {
-                const double dot = ix->ux[q] * cx + ix->uy[q] * cy + ix->uz[q] * cz;
-                if (!(dot >= lowest))
-                    continue;
-                const int32_t j = ix->index_at[q];
-                if (ns && org[o].point)
-                    nearest_see(&ns[o], dot, j);
-                uint32_t level = 1;
-                if (!(dot > above[0] && dot < below[1])) { /* not simply within the largest scale only */
-                    uint32_t unsure;
-                    level = dot_level(dot, above, below, s, &unsure);
-                    if (unsure) { /* too close to a threshold for the dot product: the reference haversine */
-                        level = settle_level(level, unsure,
-                                             haversine_km(org[o].lat, org[o].lon, ll[2 * j], ll[2 * j + 1]), km);
-                        settled++;
-                    }
-                    if (!level)
-                        continue;
-                }
-                co[j] = (uint8_t)level;
-                bits[j >> 6] |= (uint64_t)1 << (j & 63);
+            if (o == 0 && ps.n_derived) {
+                if (cap_reaches(ix->caps + 6 * g, org[0].c, reach0, cos0, sin0))
+                    select_group_widened(&ps, org, g);
+            } else if (cap_reaches(ix->caps + 6 * g, org[o].c, theta_max, cos_max, sin_max)) {
+                select_group(&ps, &org[o], o, g);
             }
         }
     }
-    return settled;
+    return ps.settled;
+}
+
+/* The ascending ids marked in `bits` (cleared on the way) into ids, their codes (cleared) into
+ * levels and, with p, their probabilities into vals; returns how many. ids NULL: only clears. */
+static Py_ssize_t walk_bits(uint64_t *bits, Py_ssize_t words, uint8_t *code, int32_t *ids, uint8_t *levels,
+                            const float *p, float *vals)
+{
+    Py_ssize_t n = 0;
+    for (Py_ssize_t w = 0; w < words; w++) {
+        uint64_t word = bits[w];
+        if (!word)
+            continue;
+        bits[w] = 0;
+        while (word) {
+            const int32_t j = (int32_t)(w * 64 + __builtin_ctzll(word));
+            word &= word - 1;
+            if (ids) {
+                ids[n] = j;
+                levels[n] = code[j];
+                if (p)
+                    vals[n] = p[j];
+                n++;
+            }
+            code[j] = 0;
+        }
+    }
+    return n;
+}
+
+/* The sums within each scale of one origin's selection (ascending ids, probabilities and levels;
+ * narrowed in place scale by scale: a cell within a scale is within every larger one), as numpy
+ * sums them. With derived points, also theirs: at a scale where a derived point's cells are
+ * origin 0's, its sum is origin 0's; elsewhere its cells there (origin 0's, less or plus the
+ * cells where its level differs: dids, dlev, ascending) are merged in id order into tmp and
+ * summed. */
+static void scale_sums(Py_ssize_t n, int32_t *ids, float *vals, uint8_t *levs, Py_ssize_t s, const int64_t *slot,
+                       double *sums, const origin *org, Py_ssize_t n_org, const selection *sel, int32_t *const *dids,
+                       uint8_t *const *dlev, const float *p, float *tmp)
+{
+    for (Py_ssize_t i = 0; i < s; i++) {
+        if (i > 0) { /* keep the cells within scale i */
+            Py_ssize_t kept = 0;
+            for (Py_ssize_t r = 0; r < n; r++) {
+                vals[kept] = vals[r];
+                levs[kept] = levs[r];
+                if (ids)
+                    ids[kept] = ids[r];
+                kept += levs[r] > i;
+            }
+            n = kept;
+        }
+        const double sum = (double)numpy_sum(vals, n);
+        sums[slot[i]] = sum;
+        for (Py_ssize_t d = 1; d < n_org && ids; d++) {
+            if (!org[d].derived)
+                continue;
+            if (!(sel->dirty[d] >> i & 1)) {
+                sums[d * s + slot[i]] = sum;
+                continue;
+            }
+            const int32_t *di = dids[d];
+            const uint8_t *dl = dlev[d];
+            const Py_ssize_t nd = sel->count[d];
+            Py_ssize_t a = 0, k = 0;
+            for (Py_ssize_t b = 0; b < nd; b++) { /* origin 0's run up to each differing cell, then its own level decides */
+                Py_ssize_t lo = a, hi = n;
+                while (lo < hi) { /* the first of origin 0's cells at or after it */
+                    const Py_ssize_t mid = lo + (hi - lo) / 2;
+                    if (ids[mid] < di[b])
+                        lo = mid + 1;
+                    else
+                        hi = mid;
+                }
+                memcpy(tmp + k, vals + a, (size_t)(lo - a) * sizeof(float));
+                k += lo - a;
+                a = lo + (lo < n && ids[lo] == di[b]);
+                if (dl[b] > i)
+                    tmp[k++] = p[di[b]];
+            }
+            memcpy(tmp + k, vals + a, (size_t)(n - a) * sizeof(float));
+            k += n - a;
+            sums[d * s + slot[i]] = (double)numpy_sum(tmp, k);
+        }
+    }
 }
 
 /* pd_select(index..., centres, theta_max, thresholds, km, band, bitmap, codes, near, levels, origin)
@@ -550,33 +874,20 @@ static PyObject *pd_select(PyObject *self, PyObject *args)
         !thresholds_ok(&thresholds, "pd_select"))
         goto done;
     const Py_ssize_t m = ix.m, s = thresholds.len / (Py_ssize_t)sizeof(double);
-    if (centres.len != 16 * m || km.len != thresholds.len || codes.len < m || near.len != 4 * m ||
-        levels.len != 4 * m || row.len != 24) {
+    if (centres.len != 16 * m || km.len != thresholds.len || codes.len < m || near.len != 4 * m || levels.len != m ||
+        row.len != 24) {
         PyErr_SetString(PyExc_ValueError, "pd_select: buffer sizes do not match");
         goto done;
     }
     const double *ll = (const double *)centres.buf;
     if (!origin_of(&org, (const double *)row.buf, 0, &ix, ll, "pd_select"))
         goto done;
-    Py_ssize_t n_near = 0, settled;
+    Py_ssize_t n_near, settled;
     Py_BEGIN_ALLOW_THREADS
-    uint64_t *bits = (uint64_t *)bitmap.buf;
-    uint8_t *code = (uint8_t *)codes.buf;
+    selection sel = {(uint64_t *)bitmap.buf, (uint8_t *)codes.buf, (m + 63) / 64, {0}, {0}};
     settled = select_origins(&ix, ll, &org, 1, theta_max, (const double *)thresholds.buf, (const double *)km.buf, s,
-                             band, bits, code, NULL);
-    int32_t *near_out = (int32_t *)near.buf;
-    uint32_t *level_out = (uint32_t *)levels.buf;
-    for (Py_ssize_t w = 0; w < (m + 63) / 64; w++) {
-        uint64_t word = bits[w];
-        bits[w] = 0;
-        while (word) {
-            const int32_t j = (int32_t)(w * 64 + __builtin_ctzll(word));
-            word &= word - 1;
-            near_out[n_near] = j;
-            level_out[n_near++] = code[j];
-            code[j] = 0;
-        }
-    }
+                             band, &sel, NULL);
+    n_near = walk_bits(sel.bits, sel.words, sel.code, (int32_t *)near.buf, (uint8_t *)levels.buf, NULL, NULL);
     Py_END_ALLOW_THREADS
     result = Py_BuildValue("nn", n_near, settled);
 done:
@@ -597,15 +908,16 @@ done:
 }
 
 /* pd_mass(index..., centres, theta_max, thresholds, km, band, bitmap, codes, probs, order, scratch, origins,
- *         out, nearest, nearest_km, rank) -> n_union
+ *         out, nearest, nearest_km, rank) -> the cells within origin 0's largest scale
  * PD around several origins in one pass over the cells: origins [P, 3] float64 rows (cell, 0, 0)
  * for a cell's centre or (-1, lat, lon) for a point; out [P, s] the masses. Each cell's dot
  * product with every origin whose reach holds its group gives its level per origin (the
- * boundary settled by haversine on the spot); the union of the selected cells is walked once in
- * ascending id order, each probability read once and appended to every selection it is in; each
- * selection is then summed as numpy sums (pairwise, 8192-value chunks): for every origin the same
- * bits as the reference's probs[d <= s].sum(). For a point, also the cell nearest it (nearest,
- * nearest_km) and that cell's rank by probability; -1, NaN, 0 for a cell. bitmap and codes
+ * boundary settled by haversine on the spot); a point near origin 0 reads its levels off origin
+ * 0's dot products where they decide them (see derive). Each origin's bitmap is walked in
+ * ascending id order and its selection summed as numpy sums (pairwise, 8192-value chunks),
+ * narrowed scale by scale: for every origin the same bits as the reference's
+ * probs[d <= s].sum(). For a point, also the cell nearest it (nearest, nearest_km) and that
+ * cell's rank by probability; -1, NaN, 0 for a cell. bitmap (P bitmaps of M bits) and codes
  * (uint8, >= P * M) are all zero before and after. */
 static PyObject *pd_mass(PyObject *self, PyObject *args)
 {
@@ -631,7 +943,7 @@ static PyObject *pd_mass(PyObject *self, PyObject *args)
     }
     if (centres.len != 16 * m || km.len != thresholds.len || codes.len < n_org * m || probs.len != 4 * m ||
         out.len != 8 * s * n_org || nearest.len != 8 * n_org || nearest_km.len != 8 * n_org ||
-        rank.len != 8 * n_org) {
+        rank.len != 8 * n_org || bitmap.len < n_org * ((m + 63) / 64) * 8) {
         PyErr_SetString(PyExc_ValueError, "pd_mass: buffer sizes do not match");
         goto done;
     }
@@ -646,82 +958,64 @@ static PyObject *pd_mass(PyObject *self, PyObject *args)
     const double *t = (const double *)thresholds.buf, *kms = (const double *)km.buf;
     const float *p = (const float *)probs.buf;
     const int64_t *slot = (const int64_t *)order.buf;
-    uint64_t *bits = (uint64_t *)bitmap.buf;
-    uint8_t *code = (uint8_t *)codes.buf; /* [P, M]: each origin's level for each cell, 0 = outside */
     const double lowest = t[0] - band;
+    selection sel = {(uint64_t *)bitmap.buf, (uint8_t *)codes.buf, (m + 63) / 64, {0}, {0}};
     nearest_set ns[MAX_ORIGINS];
     for (Py_ssize_t o = 0; o < n_org; o++)
         ns[o].best = -INFINITY, ns[o].n = ns[o].overflow = 0;
-    select_origins(&ix, ll, org, n_org, theta_max, t, kms, s, band, bits, code, ns);
-    /* the union in ascending ids; then per origin its selection (probability and level, in id
-     * order) within the largest scale and within the next, narrowed further scale by scale (a
-     * cell within a scale is within every larger one) */
-    const Py_ssize_t words = (m + 63) / 64;
-    for (Py_ssize_t w = 0; w < words; w++)
-        n_union += __builtin_popcountll(bits[w]);
-    const size_t need = (size_t)n_union * 14; /* id 4, two runs of probability 4 + level 1 */
-    void *own = NULL;
-    int32_t *in_union = (int32_t *)scratch.buf;
-    if (need > (size_t)scratch.len) {
-        own = PyMem_RawMalloc(need);
-        no_memory = own == NULL;
-        in_union = (int32_t *)own;
-    }
-    Py_ssize_t k = 0;
-    for (Py_ssize_t w = 0; w < words; w++) {
-        uint64_t word = bits[w];
-        if (!word)
-            continue;
-        bits[w] = 0;
-        while (word) {
-            const int32_t j = (int32_t)(w * 64 + __builtin_ctzll(word));
-            word &= word - 1;
-            if (in_union)
-                in_union[k++] = j;
-            else
-                for (Py_ssize_t o = 0; o < n_org; o++)
-                    code[o * m + j] = 0;
+    for (Py_ssize_t o = 1; o < n_org; o++)
+        derive(&org[o], &org[0], theta_max, t, kms, s, band);
+    select_origins(&ix, ll, org, n_org, theta_max, t, kms, s, band, &sel, ns);
+    /* each origin's cells in ascending ids (its bitmap walked): ids, levels, probabilities; a
+     * derived point's only where its level differs from origin 0's (ids and levels) */
+    Py_ssize_t total = 0, most_derived = 0, with_vals = 0;
+    int derived = 0;
+    for (Py_ssize_t o = 0; o < n_org; o++) {
+        total += sel.count[o];
+        if (org[o].derived) {
+            derived = 1;
+            most_derived = sel.count[o] > most_derived ? sel.count[o] : most_derived;
+        } else {
+            with_vals += sel.count[o];
         }
+    }
+    n_union = sel.count[0];
+    const size_t n_tmp = derived ? (size_t)(sel.count[0] + most_derived) : 0;
+    const size_t need = (size_t)total * 5 + ((size_t)with_vals + n_tmp) * 4; /* id 4 + level 1; probability 4 */
+    void *own = NULL;
+    int32_t *ids = (int32_t *)scratch.buf;
+    if (need > (size_t)scratch.len) {
+        own = PyMem_RawMalloc(need ? need : 1);
+        no_memory = own == NULL;
+        ids = (int32_t *)own;
+    }
+    float *vals = ids ? (float *)(ids + total) : NULL, *tmp = vals ? vals + with_vals : NULL;
+    uint8_t *levs = tmp ? (uint8_t *)(tmp + n_tmp) : NULL;
+    int32_t *o_ids[MAX_ORIGINS];
+    float *o_vals[MAX_ORIGINS];
+    uint8_t *o_levs[MAX_ORIGINS];
+    for (Py_ssize_t o = 0, at = 0, at_vals = 0; o < n_org; o++) {
+        o_ids[o] = ids ? ids + at : NULL;
+        o_levs[o] = levs ? levs + at : NULL;
+        o_vals[o] = vals && !org[o].derived ? vals + at_vals : NULL;
+        walk_bits(sel.bits + o * sel.words, sel.words, sel.code + o * m, o_ids[o], o_levs[o], o_vals[o] ? p : NULL,
+                  o_vals[o]);
+        at += sel.count[o];
+        at_vals += org[o].derived ? 0 : sel.count[o];
     }
     double *sums = (double *)out.buf;
-    for (Py_ssize_t o = 0; o < n_org && in_union; o++) {
-        float *vals = (float *)(in_union + n_union), *next = vals + n_union;
-        uint8_t *levs = (uint8_t *)(next + n_union);
-        uint8_t *co = code + o * m;
-        Py_ssize_t n = 0, n_next = 0;
-        for (Py_ssize_t r = 0; r < n_union; r++) {
-            const int32_t j = in_union[r];
-            const uint8_t level = co[j];
-            const float v = p[j];
-            co[j] = 0;
-            vals[n] = v;
-            n += level != 0;
-            next[n_next] = v;
-            levs[n_next] = level;
-            n_next += level > 1;
-        }
-        sums[o * s + slot[0]] = (double)numpy_sum(vals, n);
-        n = n_next;
-        for (Py_ssize_t i = 1; i < s; i++) {
-            if (i > 1) { /* keep the cells within scale i */
-                Py_ssize_t kept = 0;
-                for (Py_ssize_t r = 0; r < n; r++) {
-                    next[kept] = next[r];
-                    levs[kept] = levs[r];
-                    kept += levs[r] > i;
-                }
-                n = kept;
-            }
-            sums[o * s + slot[i]] = (double)numpy_sum(next, n);
-        }
-    }
+    for (Py_ssize_t o = 0; o < n_org && ids; o++)
+        if (!org[o].derived)
+            scale_sums(sel.count[o], o == 0 && derived ? o_ids[0] : NULL, o_vals[o], o_levs[o], s, slot, sums + o * s,
+                       org, o == 0 ? n_org : 0, &sel, o_ids, o_levs, p, tmp);
     double *dist = (double *)nearest_km.buf;
     int64_t *best = (int64_t *)nearest.buf, *ranks = (int64_t *)rank.buf;
     for (Py_ssize_t o = 0; o < n_org && !no_memory; o++) {
         best[o] = -1, dist[o] = NAN, ranks[o] = 0;
         if (org[o].point) {
-            /* the cells within the largest scale hold the nearest, unless none is or its near-ties reach below it */
-            if (ns[o].n == 0 || ns[o].best - TIE_DOT < lowest)
+            /* the cells offered hold the nearest (those within the largest scale; for a derived point those
+             * within `seen` of it), unless none is or its near-ties reach below them */
+            if (ns[o].n == 0 || ns[o].best - TIE_DOT < (org[o].derived ? org[o].seen : lowest))
                 nearest_everywhere(&ix, org[o].c, &ns[o]);
             best[o] = nearest_settle(&ix, ll, org[o].c, org[o].lat, org[o].lon, &ns[o], &dist[o]);
             ranks[o] = rank_of(p, m, best[o]);
@@ -756,8 +1050,6 @@ done:
 }
 
 /* ------------------------------------------------------------------ geometry */
-
-#define EARTH_RADIUS_KM 6371.0
 
 /* The one haversine of the service (geo.haversine_km calls it through `haversine`): the
  * reference's formula, operation for operation; `a` is clipped at 1 so antipodal rounding gives
@@ -1007,7 +1299,7 @@ static PyMethodDef methods[] = {
      "(n_near, n_settled)"},
     {"pd_mass", pd_mass, METH_VARARGS,
      "pd_mass(index..., centres, theta_max, thresholds, km, band, bitmap, codes, probs, order, scratch, origins, out, "
-     "nearest, nearest_km, rank) -> n_union"},
+     "nearest, nearest_km, rank) -> cells within origin 0's largest scale"},
     {"haversine", haversine, METH_VARARGS, "haversine(lat1, lon1, lat2, lon2, out): km, elementwise, float64"},
     {"distance_km", distance_km, METH_VARARGS, "distance_km(lat1, lon1, lat2, lon2) -> km: haversine for one pair"},
     {"latlon_to_unit", latlon_to_unit, METH_VARARGS, "latlon_to_unit(latlon [n, 2], out [n, 3]): unit vectors"},

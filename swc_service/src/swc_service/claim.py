@@ -11,23 +11,23 @@ photo. A belief, not a proof.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
-from visloc_client.results import Cell, ClaimNeighbour, ScaleDensity
+from visloc_client.results import Cell, ClaimNeighbour
 
 from .bundle import Bundle
-from .geo import haversine_km
+from .geo import distance_km, haversine_km
 from .method import PointDensity, search_within_cell
 from .prediction import ServingState
 
 
-@dataclass(frozen=True)
-class ClaimResult:
+class ClaimResult(NamedTuple):
     lat: float
     lon: float
-    mass: tuple[ScaleDensity, ...]
+    mass: tuple[float, ...]  # aligned with scales_km
+    scales_km: tuple[float, ...]
     cell: Cell
     rank: int
     cell_distance_km: float
@@ -94,14 +94,15 @@ def check_claim(
     lat, lon = claim
     if at is None:
         at = state.density.density_at(lat, lon, probs)
-    centre = state.bundle.centres[at.cell]
+    cell_lat, cell_lon = state.bundle.centres[at.cell].tolist()
     return ClaimResult(
         lat=lat,
         lon=lon,
-        mass=tuple(ScaleDensity(s, float(v)) for s, v in zip(state.density.scales_km, at.mass)),
-        cell=Cell(at.cell, float(centre[0]), float(centre[1]), float(probs[at.cell])),
+        mass=tuple(at.mass.tolist()),
+        scales_km=state.density.scales_km,
+        cell=Cell(at.cell, cell_lat, cell_lon, float(probs[at.cell])),
         rank=at.rank,
         cell_distance_km=at.cell_km,
-        distance_km=float(haversine_km(float(predicted[0]), float(predicted[1]), lat, lon)),
+        distance_km=distance_km(float(predicted[0]), float(predicted[1]), lat, lon),
         neighbours=neighbours_near(state, embedding, lat, lon, radius_km, neighbours) if neighbours else (),
     )

@@ -20,11 +20,16 @@ def haversine_km(lat1, lon1, lat2, lon2) -> np.ndarray:
     20015 km instead of the reference's NaN.
     """
     if all(isinstance(x, (float, int)) for x in (lat1, lon1, lat2, lon2)):  # one pair: no broadcasting
-        return np.float64(_kernels.distance_km(lat1, lon1, lat2, lon2))
+        return np.float64(distance_km(lat1, lon1, lat2, lon2))
     args = np.broadcast_arrays(*(np.asarray(x, dtype=np.float64) for x in (lat1, lon1, lat2, lon2)))
     out = np.empty(args[0].shape, dtype=np.float64)
     _kernels.haversine(*(np.ascontiguousarray(a).reshape(-1) for a in args), out.reshape(-1))
     return out[()]
+
+
+def distance_km(lat1: float, lon1: float, lat2: float, lon2: float) -> float:
+    """Haversine distance in km between two points, as :func:`haversine_km` computes it."""
+    return _kernels.distance_km(lat1, lon1, lat2, lon2)
 
 
 def latlon_to_unit(latlon: np.ndarray) -> np.ndarray:

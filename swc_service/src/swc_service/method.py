@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 import threading
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
@@ -89,8 +90,7 @@ def search_within_cell(
     return SwcResult(lat, lon, order, sims, clusters, chosen)
 
 
-@dataclass(frozen=True)
-class PointDensity:
+class PointDensity(NamedTuple):
     """The mass around a point at every scale, and the cell nearest it: by the reference
     haversine (the dot product ranks, near-ties go to haversine; distances within a micrometre,
     as two centres mirrored across the antimeridian give, are a tie: the lower id), its distance
@@ -176,15 +176,15 @@ class DensityIndex:
 
     def _buffers(self) -> tuple[np.ndarray, ...]:
         """Per thread (the kernels release the GIL): near cells, their levels, the sums' scratch,
-        and the bitmap of selected cells (all zero between kernel calls)."""
+        and each origin's bitmap of selected cells (all zero between kernel calls)."""
         bufs = getattr(self._scratch, "bufs", None)
         if bufs is None:
             m = self.centres.shape[0]
             bufs = (
                 np.empty(m, dtype=np.int32),
-                np.empty(m, dtype=np.uint32),
+                np.empty(m, dtype=np.uint8),
                 np.empty(len(self.scales_km) * m, dtype=np.float32),
-                np.zeros((m + 63) // 64, dtype=np.uint64),
+                np.zeros(_kernels.MAX_ORIGINS * ((m + 63) // 64), dtype=np.uint64),  # one bitmap per origin
             )
             self._scratch.bufs = bufs
         return bufs
@@ -209,7 +209,11 @@ class DensityIndex:
         """PD around top cell ``cell`` and the mass around each point (a claimed location) by the
         same rules (dot products, the boundary settled by the reference haversine, numpy's float32
         summation), with each point's nearest cell and its rank, in one kernel call: one pass
-        over the cell index for all of them (each origin still compares and adds its own cells)."""
+        over the cell index for all of them. A point within 1/25 of the largest scale of the
+        cell (a claim near the prediction) reuses the cell's selection: the triangle inequality
+        settles its levels from the cell's dot products except in thin bands around each
+        boundary, where its own decide, and it is summed again only at the scales where a cell
+        in a band changes its selection; the result is the point's computed alone, bit for bit."""
         m = self.centres.shape[0]
         probs = np.ascontiguousarray(cell_probs)
         if probs.dtype != np.float32 or probs.shape != (m,):
@@ -237,9 +241,7 @@ class DensityIndex:
             self._codes(n), probs, self._order, values, origins, out, nearest, km, rank,
         )  # fmt: skip
         first = 1 if cell is not None else 0
-        at = tuple(
-            PointDensity(out[k], int(nearest[k]), float(km[k]), int(rank[k])) for k in range(first, n)
-        )  # fmt: skip
+        at = tuple(map(PointDensity, out[first:], nearest[first:].tolist(), km[first:].tolist(), rank[first:].tolist()))
         return (out[0] if cell is not None else None), at
 
     def _codes(self, origins: int) -> np.ndarray:

@@ -43,7 +43,8 @@ def locate_response(
 
 def claim_check(c: ClaimResult) -> pb.ClaimCheck:
     return pb.ClaimCheck(
-        claim=pb.Claim(lat=c.lat, lon=c.lon), mass=[pb.ScaleDensity(**asdict(d)) for d in c.mass],
+        claim=pb.Claim(lat=c.lat, lon=c.lon),
+        mass=[pb.ScaleDensity(scale_km=s, density=v) for s, v in zip(c.scales_km, c.mass, strict=True)],
         cell=pb.Cell(**asdict(c.cell)), rank=c.rank, cell_distance_km=c.cell_distance_km, distance_km=c.distance_km,
         neighbours=[pb.ClaimNeighbour(**asdict(n)) for n in c.neighbours],
     )  # fmt: skip
