@@ -177,6 +177,41 @@ def test_claim_near_the_top_cell_with_cells_on_its_boundaries():
         assert got.mass.tolist() != pd.tolist()  # the claim's own selection, not the top cell's
 
 
+@pytest.mark.parametrize(
+    "scales",
+    [(24.0, 25.0, 26.0), (0.001, 0.01, 5.0), (100.0, 20015.0), (20015.1,), (0.05, 30000.0)],
+    ids=["close", "tiny", "half-circumference", "beyond-half", "tiny-and-all"],
+)
+def test_claims_near_the_top_cell_at_unusual_scales(scales):
+    """The derived bands where they degenerate: scales closer together than the bands are wide,
+    scales of metres (the bands wider than the scale), scales at and past half the circumference
+    (every cell within); up to five points per call, one on a cell's boundary."""
+    rng = np.random.default_rng(int(1000 * scales[0]) % 2**32)
+    big = max(scales)
+    for _ in range(4):
+        m = int(rng.integers(50, 2000))
+        hub = rng.uniform([-80, -180], [80, 180])
+        spread = rng.uniform(0.01, 20)
+        centres = np.c_[np.clip(hub[0] + rng.normal(0, spread, m), -90, 90),
+                        (hub[1] + rng.normal(0, 1.5 * spread, m) + 180) % 360 - 180]  # fmt: skip
+        density = DensityIndex(centres, scales)
+        probs = rng.dirichlet(np.full(m, 0.3)).astype(np.float32)
+        for _ in range(6):
+            top = int(rng.integers(0, m))
+            kms = [0.0, 1e-7, 1e-3, 0.5, big / 100, big / 25.01, big / 24.99]  # 1/25: the derived limit
+            offsets = rng.choice(kms, size=int(rng.integers(1, 5)))
+            points = tuple(offset(*centres[top], float(km), rng.uniform(0, 360)) for km in offsets)
+            points += (offset(*centres[int(rng.integers(0, m))], float(rng.choice(scales)), rng.uniform(0, 360)),)
+            pd, at = density.densities(top, points, probs)
+            d = haversine_km(*centres[top], centres[:, 0], centres[:, 1])
+            assert pd.tolist() == [float(probs[d <= s].sum()) for s in scales]
+            for point, got in zip(points, at, strict=True):
+                alone = density.density_at(*point, probs)
+                d = haversine_km(*point, centres[:, 0], centres[:, 1])
+                assert got.mass.tolist() == alone.mass.tolist() == [float(probs[d <= s].sum()) for s in scales]
+                assert (got.cell, got.rank, got.cell_km) == (alone.cell, alone.rank, alone.cell_km)
+
+
 @pytest.mark.parametrize("place", [(40.0, 10.0), (-75.0, -150.0)])  # among the cells; 3,000+ km from the others
 def test_nearest_cell_ties_go_to_the_lower_id(place):
     """Twenty cells on one centre (more near-ties than the kernel keeps while it scans) and two
