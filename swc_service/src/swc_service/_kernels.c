@@ -461,7 +461,8 @@ __attribute__((target("avx2"))) static Py_ssize_t count_avx2(const float *p, Py_
     Py_ssize_t i = a, count = 0;
     for (; i + 8 <= b; i += 8) {
         const __m256 x = _mm256_loadu_ps(p + i);
-        n = _mm256_sub_epi32(n, _mm256_castps_si256(ge ? _mm256_cmp_ps(x, v, _CMP_GE_OQ) : _mm256_cmp_ps(x, v, _CMP_GT_OQ)));
+        const __m256 hit = ge ? _mm256_cmp_ps(x, v, _CMP_GE_OQ) : _mm256_cmp_ps(x, v, _CMP_GT_OQ);
+        n = _mm256_sub_epi32(n, _mm256_castps_si256(hit));
     }
     uint32_t lanes[8];
     _mm256_storeu_si256((__m256i *)lanes, n);
@@ -487,10 +488,10 @@ static Py_ssize_t rank_of(const float *p, Py_ssize_t m, Py_ssize_t cell)
 typedef struct {
     double c[3], lat, lon;
     int point, derived;
-    double delta;                              /* derived: the angle from origin 0 */
-    double hi[MAX_SCALES], lo[MAX_SCALES];     /* derived: origin 0's dot above hi[i]: within scale i; below lo[i]: not */
-    double near0;                              /* derived: origin 0's dot from which a cell may be the point's nearest */
-    double seen;                               /* derived: its own dot above which every cell was offered as nearest */
+    /* derived only: the angle from origin 0; origin 0's dot product above hi[i]: within scale i,
+     * below lo[i]: not; origin 0's dot from which a cell may be the point's nearest; the point's own
+     * dot above which every cell was offered as its nearest */
+    double delta, hi[MAX_SCALES], lo[MAX_SCALES], near0, seen;
 } origin;
 
 /* The origin at row o of origins [P, 3] float64: (cell, 0, 0) for a cell's centre, (-1, lat, lon)
@@ -556,8 +557,9 @@ static void derive(origin *o, const origin *o0, double theta_max, const double *
 
 /* A level from an origin's own dot product, as for every origin: the dot product against the
  * thresholds with `band` around each (above, below), the reference haversine when too close. */
-__attribute__((always_inline)) static inline uint32_t own_level(double dot, const origin *o, const double *ll, int32_t j, const double *above,
-                                 const double *below, const double *km, Py_ssize_t s, Py_ssize_t *settled)
+__attribute__((always_inline)) static inline uint32_t own_level(double dot, const origin *o, const double *ll,
+                                                                int32_t j, const double *above, const double *below,
+                                                                const double *km, Py_ssize_t s, Py_ssize_t *settled)
 {
     if (dot > above[0] && dot < below[1]) /* within the largest scale only: the common case */
         return 1;
@@ -833,7 +835,8 @@ static void scale_sums(Py_ssize_t n, int32_t *ids, float *vals, uint8_t *levs, P
             const uint8_t *dl = dlev[d];
             const Py_ssize_t nd = sel->count[d];
             Py_ssize_t a = 0, k = 0;
-            for (Py_ssize_t b = 0; b < nd; b++) { /* origin 0's run up to each differing cell, then its own level decides */
+            /* origin 0's run up to each differing cell, then that cell's own level decides */
+            for (Py_ssize_t b = 0; b < nd; b++) {
                 Py_ssize_t lo = a, hi = n;
                 while (lo < hi) { /* the first of origin 0's cells at or after it */
                     const Py_ssize_t mid = lo + (hi - lo) / 2;
