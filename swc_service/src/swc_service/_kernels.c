@@ -52,6 +52,16 @@
 
 static int use_simd = 0;
 
+/* Every buffer a function's argument parsing acquired, released on its one way out. */
+static void release_buffers(Py_buffer *const *bufs, size_t n)
+{
+    for (size_t i = 0; i < n; i++)
+        PyBuffer_Release(bufs[i]);
+}
+#define RELEASE(...) \
+    release_buffers((Py_buffer *const[]){__VA_ARGS__}, sizeof((Py_buffer *const[]){__VA_ARGS__}) / sizeof(Py_buffer *))
+
+
 /* ------------------------------------------------------------------ float16 -> float32 */
 
 static float half_to_float(uint16_t h)
@@ -618,7 +628,7 @@ __attribute__((noinline)) static void derived_cell(const cell_index *ix, const d
  * one's nearest. */
 typedef struct {
     const cell_index *ix;
-    const double *ll, *t, *km;
+    const double *ll, *km;
     Py_ssize_t s;
     double lowest, above[MAX_SCALES], below[MAX_SCALES + 1];
     selection *sel;
@@ -726,7 +736,7 @@ static Py_ssize_t select_origins(const cell_index *ix, const double *ll, const o
                                  double theta_max, const double *t, const double *km, Py_ssize_t s, double band,
                                  selection *sel, nearest_set *ns)
 {
-    pass ps = {.ix = ix, .ll = ll, .t = t, .km = km, .s = s, .lowest = t[0] - band, .sel = sel, .ns = ns};
+    pass ps = {.ix = ix, .ll = ll, .km = km, .s = s, .lowest = t[0] - band, .sel = sel, .ns = ns};
     for (Py_ssize_t i = 0; i < s; i++)
         ps.above[i] = t[i] + band, ps.below[i] = t[i] - band;
     ps.below[s] = INFINITY;
@@ -894,19 +904,8 @@ static PyObject *pd_select(PyObject *self, PyObject *args)
     Py_END_ALLOW_THREADS
     result = Py_BuildValue("nn", n_near, settled);
 done:
-    PyBuffer_Release(&units);
-    PyBuffer_Release(&cell_at);
-    PyBuffer_Release(&position_of);
-    PyBuffer_Release(&starts);
-    PyBuffer_Release(&caps);
-    PyBuffer_Release(&centres);
-    PyBuffer_Release(&thresholds);
-    PyBuffer_Release(&km);
-    PyBuffer_Release(&bitmap);
-    PyBuffer_Release(&codes);
-    PyBuffer_Release(&near);
-    PyBuffer_Release(&levels);
-    PyBuffer_Release(&row);
+    RELEASE(&units, &cell_at, &position_of, &starts, &caps, &centres, &thresholds, &km, &bitmap, &codes, &near,
+            &levels, &row);
     return result;
 }
 
@@ -934,7 +933,7 @@ static PyObject *pd_mass(PyObject *self, PyObject *args)
     PyObject *result = NULL;
     cell_index ix;
     const Py_ssize_t s = thresholds.len / (Py_ssize_t)sizeof(double), n_org = origins.len / 24;
-    Py_ssize_t n_union = 0;
+    Py_ssize_t n_first = 0;
     int no_memory = 0;
     if (!index_of(&ix, &units, &cell_at, &position_of, &starts, &caps, &bitmap, "pd_mass") ||
         !thresholds_ok(&thresholds, "pd_mass"))
@@ -982,7 +981,7 @@ static PyObject *pd_mass(PyObject *self, PyObject *args)
             with_vals += sel.count[o];
         }
     }
-    n_union = sel.count[0];
+    n_first = sel.count[0];
     const size_t n_tmp = derived ? (size_t)(sel.count[0] + most_derived) : 0;
     const size_t need = (size_t)total * 5 + ((size_t)with_vals + n_tmp) * 4; /* id 4 + level 1; probability 4 */
     void *own = NULL;
@@ -1029,26 +1028,10 @@ static PyObject *pd_mass(PyObject *self, PyObject *args)
     if (no_memory)
         PyErr_NoMemory();
     else
-        result = PyLong_FromSsize_t(n_union);
+        result = PyLong_FromSsize_t(n_first);
 done:
-    PyBuffer_Release(&units);
-    PyBuffer_Release(&cell_at);
-    PyBuffer_Release(&position_of);
-    PyBuffer_Release(&starts);
-    PyBuffer_Release(&caps);
-    PyBuffer_Release(&centres);
-    PyBuffer_Release(&thresholds);
-    PyBuffer_Release(&km);
-    PyBuffer_Release(&bitmap);
-    PyBuffer_Release(&codes);
-    PyBuffer_Release(&probs);
-    PyBuffer_Release(&order);
-    PyBuffer_Release(&scratch);
-    PyBuffer_Release(&origins);
-    PyBuffer_Release(&out);
-    PyBuffer_Release(&nearest);
-    PyBuffer_Release(&nearest_km);
-    PyBuffer_Release(&rank);
+    RELEASE(&units, &cell_at, &position_of, &starts, &caps, &centres, &thresholds, &km, &bitmap, &codes, &probs,
+            &order, &scratch, &origins, &out, &nearest, &nearest_km, &rank);
     return result;
 }
 
@@ -1098,11 +1081,7 @@ static PyObject *haversine(PyObject *self, PyObject *args)
     Py_END_ALLOW_THREADS
     result = Py_NewRef(Py_None);
 done:
-    PyBuffer_Release(&a);
-    PyBuffer_Release(&b);
-    PyBuffer_Release(&c);
-    PyBuffer_Release(&d);
-    PyBuffer_Release(&out);
+    RELEASE(&a, &b, &c, &d, &out);
     return result;
 }
 
@@ -1135,8 +1114,7 @@ static PyObject *latlon_to_unit(PyObject *self, PyObject *args)
     Py_END_ALLOW_THREADS
     result = Py_NewRef(Py_None);
 done:
-    PyBuffer_Release(&latlon);
-    PyBuffer_Release(&out);
+    RELEASE(&latlon, &out);
     return result;
 }
 
@@ -1285,12 +1263,7 @@ done:
     PyMem_Free(all);
     PyMem_Free(cand);
     PyMem_Free(work);
-    PyBuffer_Release(&rows);
-    PyBuffer_Release(&labels);
-    PyBuffer_Release(&query);
-    PyBuffer_Release(&order);
-    PyBuffer_Release(&sims);
-    PyBuffer_Release(&clusters);
+    RELEASE(&rows, &labels, &query, &order, &sims, &clusters);
     return result;
 }
 

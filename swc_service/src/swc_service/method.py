@@ -181,9 +181,9 @@ class DensityIndex:
         if bufs is None:
             m = self.centres.shape[0]
             bufs = (
-                np.empty(m, dtype=np.int32),
-                np.empty(m, dtype=np.uint8),
-                np.empty(len(self.scales_km) * m, dtype=np.float32),
+                np.empty(m, dtype=np.int32),  # cells_within: the cells, in id order
+                np.empty(m, dtype=np.uint8),  # cells_within: their levels
+                np.empty(len(self.scales_km) * m, dtype=np.float32),  # pd_mass: the selections' ids, values, levels
                 np.zeros(_kernels.MAX_ORIGINS * ((m + 63) // 64), dtype=np.uint64),  # one bitmap per origin
             )
             self._scratch.bufs = bufs
