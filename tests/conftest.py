@@ -128,6 +128,8 @@ def built_demo(tmp_path_factory, name: str, seed: int) -> Path:
 class ServiceProcess:
     """``swc-service`` as a real subprocess on loopback; always stopped by the fixture."""
 
+    log_dir: Path | None = None  # the session's (removed after a green run), set below
+
     def __init__(self, bundle: Path, triton_url: str, *extra: str, port: int | None = None, env=None):
         self.port = port or free_port()
         self.metrics_port = free_port()
@@ -135,7 +137,7 @@ class ServiceProcess:
         cmd = [sys.executable, "-m", "swc_service.server", "--bundle", str(bundle), "--host", "127.0.0.1",
                "--port", str(self.port), "--metrics-port", str(self.metrics_port), "--triton-url", triton_url,
                "--triton-health-interval-s", "0.2", *extra]  # fmt: skip
-        fd, self.log_path = tempfile.mkstemp(prefix="swc-service-", suffix=".log")
+        fd, self.log_path = tempfile.mkstemp(prefix="swc-service-", suffix=".log", dir=self.log_dir)
         with os.fdopen(fd, "wb") as log:
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
 
@@ -151,6 +153,13 @@ class ServiceProcess:
                 self.proc.kill()
                 self.proc.wait()
         return self.proc.returncode
+
+
+@pytest.fixture(scope="session", autouse=True)
+def service_logs(tmp_path_factory) -> Path:
+    """Service processes log under the session's temporary directory, not loose in /tmp."""
+    ServiceProcess.log_dir = tmp_path_factory.mktemp("service-logs")
+    return ServiceProcess.log_dir
 
 
 @pytest.fixture(scope="session")

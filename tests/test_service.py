@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 import struct
 import threading
 import time
@@ -290,9 +291,12 @@ def test_graceful_stop_finishes_in_flight_and_refuses_new(demo_bundle, local_tri
     assert svc.proc.wait(30) == 0
 
 
-def test_several_workers_share_one_port(demo_bundle, local_triton):
+def test_several_workers_share_one_port(demo_bundle, local_triton, tmp_path):
     port = free_port()
-    svc = ServiceProcess(demo_bundle, local_triton.grpc_url, "--workers", "2", port=port)
+    tmp = tmp_path / "tmp"  # the supervisor's temporary directory: the workers' metric files
+    tmp.mkdir()
+    env = dict(os.environ, TMPDIR=str(tmp))
+    svc = ServiceProcess(demo_bundle, local_triton.grpc_url, "--workers", "2", port=port, env=env)
     try:
         wait_serving(svc.target)  # one worker; the other may still be running its model check
         deadline = time.monotonic() + 60
@@ -311,8 +315,10 @@ def test_several_workers_share_one_port(demo_bundle, local_triton):
         text = urllib.request.urlopen(f"http://127.0.0.1:{svc.metrics_port}/metrics", timeout=10).read().decode()
         ok = [line for line in text.splitlines() if line.startswith('visloc_requests_total{code="OK",method="Locate"}')]
         assert ok and float(ok[0].split()[-1]) == 8.0  # aggregated over the workers
+        assert [d.name.startswith("visloc-metrics-") for d in tmp.iterdir()] == [True]
     finally:
         assert svc.stop() == 0
+    assert list(tmp.iterdir()) == []  # removed with the workers
 
 
 def test_a_model_that_does_not_match_the_bundle_is_not_served(local_triton, tmp_path):

@@ -24,6 +24,7 @@ for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
 import asyncio
 import contextlib
 import logging
+import shutil
 import signal
 import subprocess
 import sys
@@ -256,6 +257,16 @@ def _supervise(settings: Settings, argv: list[str]) -> int:
     if settings.port == 0:
         raise SystemExit("swc-service: --workers > 1 needs a fixed --port")
     multiproc_dir = tempfile.mkdtemp(prefix="visloc-metrics-")
+    try:
+        return _run_workers(settings, argv, multiproc_dir)
+    finally:  # the workers' value files go with them (a restart in the same pod starts afresh)
+        try:
+            shutil.rmtree(multiproc_dir)
+        except OSError as exc:
+            log.warning("supervisor: could not remove the metrics directory %s: %s", multiproc_dir, exc)
+
+
+def _run_workers(settings: Settings, argv: list[str], multiproc_dir: str) -> int:
     env = dict(os.environ, PROMETHEUS_MULTIPROC_DIR=multiproc_dir)
     _serve_metrics(settings, multiproc_dir)
     cmd = [sys.executable, "-m", "swc_service.server", *argv]
