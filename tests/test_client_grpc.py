@@ -567,6 +567,26 @@ def test_cli_locate(fake, tmp_path, capsys, monkeypatch, http_url):
     assert len(record["neighbours"]) == 2 and record["method"] == "swc"
 
 
+def test_cli_claims_in_every_hemisphere(fake, tmp_path, capsys):
+    """``--claim -33.9,151.2`` (south, or west: a value starting with '-') is a claim, not an
+    unknown option; the claims reach the server as given, in order."""
+    servicer, target = fake
+    a = tmp_path / "a.jpg"
+    a.write_bytes(img(-33.9, 151.2, 0.75))
+    claims = ["-33.9,151.2", "40.7, -74.0", "-22.9,-43.2", "48.8584,2.2945"]
+    argv = ["--target", target, "locate", str(a)]
+    for claim in claims:
+        argv += ["--claim", claim]
+    assert main(argv) == 0
+    sent = [(c.lat, c.lon) for c in servicer.options[-1].claims]
+    assert sent == [tuple(float(x) for x in c.split(",")) for c in claims]
+    capsys.readouterr()
+    for bad, says in (("-91,0", "latitude in [-90, 90]"), ("-1,x", "a claim is LAT,LON")):
+        with pytest.raises(SystemExit) as exit_:
+            main(["--target", target, "locate", str(a), "--claim", bad])
+        assert exit_.value.code == 2 and says in capsys.readouterr().err
+
+
 def test_cli_locate_reports_every_failure(fake, tmp_path, capsys, http_url):
     _, target = fake
     bad = tmp_path / "bad.jpg"
