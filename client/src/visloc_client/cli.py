@@ -189,10 +189,37 @@ def _options(args: argparse.Namespace) -> dict[str, Any]:
     return {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
 
 
+def attach_claims(argv: Sequence[str]) -> list[str]:
+    """``--claim -33.9,151.2`` as ``--claim=-33.9,151.2``: argparse reads a value that starts with
+    ``-`` and is not a plain number as an option, and would refuse half of the Earth's claims."""
+    out: list[str] = []
+    args = iter(argv)
+    for arg in args:
+        if arg == "--":  # the rest are positionals
+            out += [arg, *args]
+            break
+        if arg == "--claim":
+            value = next(args, None)
+            if value is None:
+                out.append(arg)
+            elif value.startswith("-") and not value.startswith("--") and "," in value:  # LAT,LON
+                out.append(f"--claim={value}")
+            else:
+                out += [arg, value]
+        else:
+            out.append(arg)
+    return out
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with ``--claim`` taking a value that starts with '-' (:func:`attach_claims`)."""
+
+    def parse_known_args(self, args: Sequence[str] | None = None, namespace=None):  # type: ignore[override]
+        return super().parse_known_args(attach_claims(sys.argv[1:] if args is None else args), namespace)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="visloc", description="Ask the visloc Locate service where photos were taken."
-    )
+    parser = _Parser(prog="visloc", description="Ask the visloc Locate service where photos were taken.")
     parser.add_argument("--version", action="version", version=f"visloc {__version__}")
     _connection_args(parser, suppress=False)
     common = argparse.ArgumentParser(add_help=False)
@@ -711,31 +738,9 @@ def _traced(args: argparse.Namespace, provider: Any) -> int:
         return int(args.func(args))
 
 
-def attach_claims(argv: Sequence[str]) -> list[str]:
-    """``--claim -33.9,151.2`` as ``--claim=-33.9,151.2``: argparse reads a value that starts with
-    ``-`` and is not a plain number as an option, and would refuse half of the Earth's claims."""
-    out: list[str] = []
-    args = iter(argv)
-    for arg in args:
-        if arg == "--":  # the rest are positionals
-            out += [arg, *args]
-            break
-        if arg == "--claim":
-            value = next(args, None)
-            if value is None:
-                out.append(arg)
-            elif value.startswith("-") and not value.startswith("--") and "," in value:  # LAT,LON
-                out.append(f"--claim={value}")
-            else:
-                out += [arg, value]
-        else:
-            out.append(arg)
-    return out
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(attach_claims(sys.argv[1:] if argv is None else argv))
+    args = parser.parse_args(argv)
     try:  # OTEL_* variables: this command's calls are traced and exported (the tracing extra)
         provider = tracing.configure("visloc")
     except tracing.TracingConfigError as err:
