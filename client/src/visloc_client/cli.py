@@ -10,7 +10,6 @@ import argparse
 import contextlib
 import dataclasses
 import json
-import math
 import os
 import sys
 import time
@@ -18,7 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from visloc_client import __version__, tracing
+from visloc_client import __version__, limits, tracing
 from visloc_client._common import LOAD_BALANCING_POLICIES, Claimed, TLSConfig
 from visloc_client.client import LocatorClient
 from visloc_client.dataset import list_images, load_metadata, match_id
@@ -172,15 +171,12 @@ def _option_args(parser: argparse.ArgumentParser, *, returns: bool) -> None:
 
 
 def parse_claim(text: str) -> tuple[float, float]:
-    """``LAT,LON`` in degrees (``48.8584,2.2945``); the ranges are checked here and by the service."""
-    parts = text.replace(" ", "").split(",")
+    """``LAT,LON`` in degrees (``48.8584,2.2945``, spaces allowed); the ranges are checked here
+    and by the service."""
     try:
-        lat, lon = (float(p) for p in parts)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: a claim is LAT,LON in degrees, e.g. 48.8584,2.2945") from None
-    if not (math.isfinite(lat) and math.isfinite(lon) and abs(lat) <= 90 and abs(lon) <= 180):
-        raise argparse.ArgumentTypeError(f"{text!r}: latitude in [-90, 90], longitude in [-180, 180]")
-    return lat, lon
+        return limits.parse_claim(text.replace(" ", ""))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _options(args: argparse.Namespace) -> dict[str, Any]:

@@ -10,6 +10,7 @@ points from the service to the client).
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -52,3 +53,22 @@ def option_error(
         if name in options and options[name] is not None and not ok(options[name]):
             return name
     return None
+
+
+# A claimed place as people type it: decimal degrees, south and west negative; at most 12
+# decimals (0.1 um), so a text cannot be longer than 35 characters.
+_CLAIM = re.compile(r"(-?[0-9]{1,2}(?:\.[0-9]{1,12})?),(-?[0-9]{1,3}(?:\.[0-9]{1,12})?)")
+
+
+def parse_claim(text: str) -> tuple[float, float]:
+    """``LAT,LON`` (``48.8584,2.2945``, ``-33.8568,151.2153``) -> (lat, lon); the CLI's ``--claim``
+    and the web page's ``claim=`` both read it here. ValueError says what is wrong."""
+    m = _CLAIM.fullmatch(text)
+    if m is None:
+        raise ValueError(
+            f"claim must be LAT,LON in decimal degrees, e.g. 48.8584,2.2945 or -33.8568,151.2153; got {text[:40]!r}"
+        )
+    lat, lon = float(m.group(1)), float(m.group(2))
+    if abs(lat) > 90 or abs(lon) > 180:
+        raise ValueError(f"claim must be LAT,LON with latitude -90 to 90 and longitude -180 to 180; got {text[:40]!r}")
+    return lat, lon

@@ -26,7 +26,7 @@ from importlib import resources
 from typing import Any
 from urllib.parse import urlsplit
 
-from visloc_client import __version__
+from visloc_client import __version__, limits
 from visloc_client.client import LocatorClient
 from visloc_client.errors import LocateError
 from visloc_client.limits import FLOAT_OPTIONS, INT_OPTIONS, MAX_TOP_CELLS, MAX_TOP_K, RANGES, option_error
@@ -237,19 +237,12 @@ def parse_options(query: Mapping[str, list[str]]) -> dict[str, Any]:
     return options
 
 
-_CLAIM = re.compile(r"(-?[0-9]{1,2}(?:\.[0-9]{1,12})?),(-?[0-9]{1,3}(?:\.[0-9]{1,12})?)")
-
-
 def parse_claim(raw: str) -> tuple[float, float]:
     """``claim=LAT,LON`` (decimal degrees) -> (lat, lon), or a 400 that says what is wrong."""
-    m = _CLAIM.fullmatch(raw)
-    lat, lon = (float(m.group(1)), float(m.group(2))) if m else (math.nan, math.nan)
-    if not (abs(lat) <= 90 and abs(lon) <= 180):
-        raise UploadError(
-            400, "BAD_OPTION", "The claimed location is not valid",
-            f"claim must be LAT,LON in degrees (latitude -90 to 90, longitude -180 to 180), got {raw[:40]!r}.",
-        )  # fmt: skip
-    return lat, lon
+    try:
+        return limits.parse_claim(raw)
+    except ValueError as exc:
+        raise UploadError(400, "BAD_OPTION", "The claimed location is not valid", f"{exc}.") from None
 
 
 class WebApp:
