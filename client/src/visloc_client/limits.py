@@ -56,7 +56,7 @@ def option_error(
 
 
 # A claimed place as people type it: decimal degrees, south and west negative; at most 12
-# decimals (0.1 um), so a text cannot be longer than 35 characters.
+# decimals (0.1 um), so a text cannot be longer than 34 characters.
 _CLAIM = re.compile(r"(-?[0-9]{1,2}(?:\.[0-9]{1,12})?),(-?[0-9]{1,3}(?:\.[0-9]{1,12})?)")
 
 
