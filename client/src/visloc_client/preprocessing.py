@@ -44,8 +44,8 @@ DEFAULT_MAX_SIDE = 3_000  # preprocessed long side (an aspect ratio of 10:1 at 3
 
 __all__ = [
     "DEFAULT_MAX_PIXELS", "DEFAULT_MAX_SIDE", "MEAN", "SHORT_SIDE", "STD", "ImageError", "Limits", "PreparedImage",
-    "Recipe", "center_crop", "decode", "from_pixels", "prepare_image", "preprocess", "resize", "resized_size",
-    "to_pixels", "to_rgb",
+    "Recipe", "as_file", "center_crop", "decode", "from_pixels", "prepare_image", "preprocess", "resize",
+    "resized_size", "to_pixels", "to_rgb",
 ]  # fmt: skip
 
 
@@ -122,11 +122,58 @@ def draft_size(width: int, height: int) -> tuple[int, int]:
     return -(-width // scale), -(-height // scale)
 
 
+class _BufferFile(io.RawIOBase):
+    """A read-only file over a buffer, without copying it (``io.BytesIO`` copies anything but
+    ``bytes``): the service decodes an image where gRPC received it."""
+
+    def __init__(self, data: memoryview) -> None:
+        super().__init__()
+        self._view = data.cast("B") if data.format != "B" else data
+        self._pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def read(self, size: int | None = -1) -> bytes:
+        end = len(self._view) if size is None or size < 0 else min(len(self._view), self._pos + size)
+        chunk = bytes(self._view[self._pos : max(end, self._pos)])
+        self._pos += len(chunk)
+        return chunk
+
+    def readall(self) -> bytes:
+        return self.read(-1)
+
+    def readinto(self, buffer) -> int:
+        chunk = self.read(len(memoryview(buffer).cast("B")))
+        memoryview(buffer).cast("B")[: len(chunk)] = chunk
+        return len(chunk)
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: len(self._view)}[whence]
+        if base + offset < 0:
+            raise ValueError(f"negative seek position {base + offset}")
+        self._pos = base + offset
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+
+def as_file(data: bytes | memoryview) -> io.IOBase:
+    """Image bytes as a file for ``Image.open``, without a copy of them."""
+    return io.BytesIO(data) if type(data) is bytes else _BufferFile(memoryview(data))
+
+
 ORIENTATION = 0x0112  # the EXIF tag
 SOURCE_SIZE = "visloc_source_size"  # in Image.info of a draft-decoded image
 
 
-def decode(data: bytes, limits: Limits = Limits(), *, exif_transpose: bool = False, draft: bool = False) -> Image.Image:
+def decode(
+    data: bytes | memoryview, limits: Limits = Limits(), *, exif_transpose: bool = False, draft: bool = False
+) -> Image.Image:
     """Decode image bytes to a PIL image of the first frame, refusing bombs before decoding.
 
     ``exif_transpose`` applies the EXIF orientation tag; off by default because the reference
@@ -140,7 +187,7 @@ def decode(data: bytes, limits: Limits = Limits(), *, exif_transpose: bool = Fal
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
+            img = Image.open(as_file(data))
             w, h = img.size
             if w <= 0 or h <= 0:
                 raise ImageError(f"image has a zero-sized dimension ({w}x{h})")
@@ -186,7 +233,7 @@ def prepare_image(img: Image.Image, limits: Limits = Limits(), source: tuple[int
 
 
 def preprocess(
-    data: bytes,
+    data: bytes | memoryview,
     limits: Limits = Limits(),
     *,
     exif_transpose: bool = False,

@@ -88,15 +88,21 @@ class Locator:
         metrics.set_bundle_info(bundle, True)
 
     async def locate(
-        self, request: pb.LocateRequest, deadline: float | None = None, caller: str = DEFAULT_CALLER
+        self,
+        request: pb.LocateRequest,
+        deadline: float | None = None,
+        caller: str = DEFAULT_CALLER,
+        image_bytes: memoryview | None = None,
     ) -> pb.LocateResponse:
         """Locate one image for ``caller`` (its name keys the admission limits). ``deadline`` is a
-        ``time.monotonic()`` instant, or None."""
+        ``time.monotonic()`` instant, or None. ``image_bytes``: the request's image where gRPC
+        received it (:mod:`~swc_service.wire`); None: ``request.image``."""
         started = time.perf_counter()
         state = self.state
         opts = resolve_options(request.options, self.settings, state.density.scales_km)
         pixels = request.pixels if request.HasField("pixels") else None
-        data = request.image  # read once: each read of a bytes field is a copy of the message's
+        # Read once: each read of a bytes field is a copy of the message's.
+        data = request.image if image_bytes is None else image_bytes
         if pixels is not None and data:
             raise InvalidArgument("the request carries both image and pixels; set one")
         metrics.IMAGE_BYTES.observe(len(pixels.data) if pixels is not None else len(data))
@@ -149,7 +155,7 @@ class Locator:
         )
         return locate_response(request.request_id, state, image, out, pred, stages, claims)
 
-    async def prepare(self, data: bytes) -> PreparedImage:
+    async def prepare(self, data: bytes | memoryview) -> PreparedImage:
         """Decode and preprocess in the thread pool (the event loop keeps serving)."""
         with tracing.span("visloc.decode", {"visloc.image.bytes": len(data)}) as span:
             image = await asyncio.get_running_loop().run_in_executor(self.pool, self._preprocess, data)

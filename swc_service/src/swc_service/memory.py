@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
-import io
 import os
 import time
 from collections.abc import Iterator
@@ -23,13 +22,18 @@ from contextlib import contextmanager
 
 from PIL import Image
 
-from visloc_client.preprocessing import draft_size
+from visloc_client.preprocessing import as_file, draft_size
 
 from . import metrics
 from .errors import DeadlineExceeded, Overloaded
 
 MEMORY_BUDGET = "memory_budget"  # the shed reason
-MESSAGE_COPIES = 3  # gRPC's receive buffer, the request message's bytes and the copy the decode reads
+# While a message is read: gRPC's receive buffer, the bytearray its Python layer joins it in and
+# the message's bytes. A file upload then holds the bytes alone (the decode reads the image in
+# place, see wire.py); the other two stay reserved as the margin for what the budget does not
+# follow (the call's Python objects, Triton's buffers). A model input (pixels) is held three
+# times: the bytes, protobuf's parse and the field read from it.
+MESSAGE_COPIES = 3
 PIXEL_COPIES = 2  # the decoded frame and one working copy (mode conversion, EXIF turn, resize)
 BYTES_PER_PIXEL = 3  # RGB; a 4-band image is converted to 3 before its working copy
 
@@ -58,13 +62,13 @@ def bound_allocator(threshold: int = MMAP_THRESHOLD) -> bool:
     return mallopt(M_MMAP_THRESHOLD, threshold) == 1
 
 
-def file_cost(data: bytes, *, draft: bool = False) -> int:
+def file_cost(data: bytes | memoryview, *, draft: bool = False) -> int:
     """Bytes a call carrying the image file ``data`` holds at its peak: the message and the
     decoded pixels, the size read from the header (a header that cannot be read costs only its
     message: the decode refuses it)."""
     cost = MESSAGE_COPIES * len(data)
     try:
-        with Image.open(io.BytesIO(data)) as img:
+        with Image.open(as_file(data)) as img:
             w, h = img.size
             if draft and img.format == "JPEG":  # decoded at a reduced DCT scale
                 w, h = draft_size(w, h)

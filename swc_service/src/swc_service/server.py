@@ -37,7 +37,6 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from visloc_client.v1 import locator_pb2 as pb
-from visloc_client.v1 import locator_pb2_grpc as pb_grpc
 
 from .bundle import load_bundle
 from .config import Settings, load_settings
@@ -122,7 +121,7 @@ async def serve(settings: Settings, *, on_started=None) -> None:
     from .admission import AdmissionController
     from .interceptors import AuthInterceptor, MemoryDoor, StatusInterceptor, TracingInterceptor
     from .locator import Locator
-    from .servicer import LocatorServicer
+    from .servicer import LocatorServicer, add_to_server
     from .triton_pool import TritonPool
 
     inference = TritonPool(
@@ -152,7 +151,7 @@ async def serve(settings: Settings, *, on_started=None) -> None:
         options=grpc_options(settings),
         maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
     )
-    pb_grpc.add_LocatorServicer_to_server(LocatorServicer(locator, settings.stream_in_flight), server)
+    add_to_server(LocatorServicer(locator, settings.stream_in_flight), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for name in ("", SERVICE_NAME):

@@ -18,6 +18,7 @@ from . import metrics, tracing
 from .callers import ANONYMOUS, current_caller
 from .errors import DeadlineExceeded, classify
 from .locator import Locator
+from .wire import Received, read_locate_request
 
 log = logging.getLogger("swc_service")
 
@@ -47,24 +48,30 @@ def caller_name() -> str:
     return current_caller.get() or ANONYMOUS
 
 
+def received(request: Received | pb.LocateRequest) -> Received:
+    """A request as the service's deserializer gives it (an in-process caller's too)."""
+    return request if isinstance(request, Received) else Received.of(request)
+
+
 async def locate_within(
     locator: Locator,
-    request: pb.LocateRequest,
+    call: Received,
     deadline: float | None,
     caller: str = ANONYMOUS,
     index: int | None = None,
 ) -> pb.LocateResponse:
     """One image for ``caller``, bounded by its deadline; counts the image and its outcome.
     ``index``: its place in a stream."""
+    request = call.request
     assign_request_id(request, index)
     metrics.IN_FLIGHT.inc()
     code = grpc.StatusCode.OK
     try:
         if deadline is None:
-            return await locator.locate(request, None, caller)
+            return await locator.locate(request, None, caller, call.image)
         try:
             async with asyncio.timeout_at(deadline):
-                return await locator.locate(request, deadline, caller)
+                return await locator.locate(request, deadline, caller, call.image)
         except TimeoutError as exc:
             raise DeadlineExceeded("the deadline passed before the image was located") from exc
     except (Exception, asyncio.CancelledError) as exc:
@@ -80,14 +87,16 @@ class LocatorServicer(pb_grpc.LocatorServicer):
         self.locator = locator
         self.stream_in_flight = stream_in_flight
 
-    async def Locate(self, request: pb.LocateRequest, context: grpc.aio.ServicerContext) -> pb.LocateResponse:
-        return await locate_within(self.locator, request, deadline_of(context), caller_name())
+    async def Locate(
+        self, request: Received | pb.LocateRequest, context: grpc.aio.ServicerContext
+    ) -> pb.LocateResponse:
+        return await locate_within(self.locator, received(request), deadline_of(context), caller_name())
 
     async def GetInfo(self, request: pb.GetInfoRequest, context: grpc.aio.ServicerContext) -> pb.GetInfoResponse:
         return self.locator.info()
 
     async def LocateStream(
-        self, request_iterator: AsyncIterator[pb.LocateRequest], context: grpc.aio.ServicerContext
+        self, request_iterator: AsyncIterator[Received | pb.LocateRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.LocateStreamResponse]:
         """Up to ``stream_in_flight`` images at once; answers as they complete, errors per image."""
         deadline = deadline_of(context)
@@ -96,10 +105,11 @@ class LocatorServicer(pb_grpc.LocatorServicer):
         slots = asyncio.Semaphore(self.stream_in_flight)
         tasks: set[asyncio.Task] = set()
 
-        async def one(index: int, request: pb.LocateRequest) -> None:
+        async def one(index: int, call: Received) -> None:
+            request = call.request
             try:
                 with tracing.span("visloc.image", {"visloc.stream.index": index}):
-                    result = await locate_within(self.locator, request, deadline, caller, index)
+                    result = await locate_within(self.locator, call, deadline, caller, index)
                 await out.put(pb.LocateStreamResponse(request_id=result.request_id, index=index, result=result))
             except Exception as exc:  # a failure answers this image, not the whole stream
                 code, message = classify(exc, request.request_id)
@@ -115,7 +125,7 @@ class LocatorServicer(pb_grpc.LocatorServicer):
             try:
                 async for request in request_iterator:
                     await slots.acquire()
-                    task = asyncio.create_task(one(index, request))
+                    task = asyncio.create_task(one(index, received(request)))
                     tasks.add(task)
                     task.add_done_callback(tasks.discard)
                     index += 1
@@ -133,3 +143,32 @@ class LocatorServicer(pb_grpc.LocatorServicer):
             reader.cancel()
             for task in list(tasks):
                 task.cancel()
+
+
+def add_to_server(servicer: LocatorServicer, server: grpc.aio.Server) -> None:
+    """Register the Locator service as the generated code would, except that Locate and
+    LocateStream read their requests with :func:`~swc_service.wire.read_locate_request` (the
+    image stays where gRPC received it)."""
+    handlers = {
+        "Locate": grpc.unary_unary_rpc_method_handler(
+            servicer.Locate,
+            request_deserializer=read_locate_request,
+            response_serializer=pb.LocateResponse.SerializeToString,
+        ),
+        "LocateStream": grpc.stream_stream_rpc_method_handler(
+            servicer.LocateStream,
+            request_deserializer=read_locate_request,
+            response_serializer=pb.LocateStreamResponse.SerializeToString,
+        ),
+        "GetInfo": grpc.unary_unary_rpc_method_handler(
+            servicer.GetInfo,
+            request_deserializer=pb.GetInfoRequest.FromString,
+            response_serializer=pb.GetInfoResponse.SerializeToString,
+        ),
+    }
+    missing = set(pb.DESCRIPTOR.services_by_name["Locator"].methods_by_name) - set(handlers)
+    if missing:  # a method added to the proto must be registered here too
+        raise RuntimeError(f"Locator methods without a handler: {sorted(missing)}")
+    name = pb.DESCRIPTOR.services_by_name["Locator"].full_name
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(name, handlers),))
+    server.add_registered_method_handlers(name, handlers)
