@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 import struct
 import threading
@@ -215,6 +216,28 @@ def test_health_reflection_info_and_metrics(live_service, demo_bundle):
     ):
         assert family in text, family
     assert '"rpc": "Locate"' in live_service.log_text() and "image" not in live_service.log_text().split("settings")[0]
+
+
+def test_the_access_log_names_each_call_by_its_request_id(live_service):
+    """One JSON line per call with its request id: the caller's, or the one the service made
+    (the id in the reply), for an answered call and a refused one alike."""
+    with grpc.insecure_channel(live_service.target) as ch:
+        stub = pb_grpc.LocatorStub(ch)
+        named = stub.Locate(pb.LocateRequest(image=samples.photo_bytes(3), request_id="log-named-3"), timeout=60)
+        made = stub.Locate(pb.LocateRequest(image=samples.photo_bytes(4)), timeout=60)
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Locate(pb.LocateRequest(image=b"not an image", request_id="log-refused-1"), timeout=60)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert named.request_id == "log-named-3" and made.request_id
+    entries = {}
+    for line in live_service.log_text().splitlines():
+        start = line.find('{"rpc": "Locate"')
+        if start >= 0:
+            entry = json.loads(line[start:])
+            entries[entry["request_id"]] = entry["code"]
+    assert entries.get("log-named-3") == "OK"
+    assert entries.get(made.request_id) == "OK"
+    assert entries.get("log-refused-1") == "INVALID_ARGUMENT"
 
 
 def test_triton_down_is_unavailable_fast_and_not_serving(demo_bundle):

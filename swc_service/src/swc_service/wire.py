@@ -30,6 +30,11 @@ class Received:
     request: pb.LocateRequest
     image: memoryview
 
+    @property
+    def request_id(self) -> str:
+        """The request's id, once the servicer has given it one (the access log names calls by it)."""
+        return self.request.request_id
+
     @classmethod
     def of(cls, request: pb.LocateRequest) -> Received:
         """An in-process request (not off the wire): its image is read once, as protobuf gives it."""
