@@ -159,3 +159,39 @@ def test_extreme_aspect_ratio_is_refused():
     with pytest.raises(ImageError, match="aspect ratio"):
         preprocess(_png(Image.new("RGB", (10000, 1))))
     assert math.isclose(preprocess(_png(Image.new("RGB", (3000, 300)))).array.shape[1], 3000)
+
+
+def test_a_view_reads_as_bytes_read_through_bytesio():
+    """``as_file`` over a view of a larger buffer answers every read, seek and tell as
+    ``io.BytesIO`` over the same bytes does (Pillow and pillow-heif use all three)."""
+    import io
+    import random
+
+    from visloc_client.preprocessing import as_file
+
+    rng = random.Random(5)
+    for _ in range(200):
+        data = rng.randbytes(rng.randrange(0, 3000))
+        around = rng.randbytes(7) + data + rng.randbytes(5)
+        ours, reference = as_file(memoryview(around)[7 : 7 + len(data)]), io.BytesIO(data)
+        for _ in range(30):
+            op = rng.randrange(5)
+            if op == 0:
+                n = rng.choice([-1, 0, 1, 17, 4096])
+                assert ours.read(n) == reference.read(n)
+            elif op == 1:
+                whence = rng.choice([io.SEEK_SET, io.SEEK_CUR, io.SEEK_END])
+                offset = rng.randrange(0, len(data) + 10) if whence == io.SEEK_SET else rng.randrange(-5, 10)
+                base = {io.SEEK_SET: 0, io.SEEK_CUR: reference.tell(), io.SEEK_END: len(data)}[whence]
+                if base + offset < 0:  # refused by both (a ValueError), tested below
+                    continue
+                assert ours.seek(offset, whence) == reference.seek(offset, whence)
+            elif op == 2:
+                a = bytearray(rng.randrange(0, 50))
+                b = bytearray(len(a))
+                assert ours.readinto(a) == reference.readinto(b) and a == b
+            elif op == 3:
+                assert ours.read() == reference.read()
+            assert ours.tell() == reference.tell()
+    with pytest.raises(ValueError):
+        as_file(memoryview(b"abc")).seek(-1)

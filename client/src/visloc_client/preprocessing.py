@@ -147,8 +147,9 @@ class _BufferFile(io.RawIOBase):
         return self.read(-1)
 
     def readinto(self, buffer) -> int:
-        chunk = self.read(len(memoryview(buffer).cast("B")))
-        memoryview(buffer).cast("B")[: len(chunk)] = chunk
+        target = memoryview(buffer).cast("B")
+        chunk = self.read(len(target))
+        target[: len(chunk)] = chunk
         return len(chunk)
 
     def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
