@@ -218,6 +218,21 @@ def test_health_reflection_info_and_metrics(live_service, demo_bundle):
     assert '"rpc": "Locate"' in live_service.log_text() and "image" not in live_service.log_text().split("settings")[0]
 
 
+def test_a_compressed_request_is_answered_as_a_plain_one(live_service):
+    """A caller that compresses its messages (gzip, as some gRPC clients do by default) gets the
+    same answer: the service reads the image from the message gRPC decompressed."""
+    request = pb.LocateRequest(image=samples.photo_bytes(5), request_id="gz")
+    with grpc.insecure_channel(live_service.target) as ch:
+        stub = pb_grpc.LocatorStub(ch)
+        plain = stub.Locate(request, timeout=60)
+        packed = stub.Locate(request, timeout=60, compression=grpc.Compression.Gzip)
+        streamed = list(stub.LocateStream(iter([request, request]), timeout=60, compression=grpc.Compression.Gzip))
+    for answer in (packed, *(item.result for item in streamed)):
+        assert (answer.lat, answer.lon, answer.top_cell.id, answer.input_width) == (
+            plain.lat, plain.lon, plain.top_cell.id, plain.input_width
+        )  # fmt: skip
+
+
 def test_the_access_log_names_each_call_by_its_request_id(live_service):
     """One JSON line per call with its request id: the caller's, or the one the service made
     (the id in the reply), for an answered call and a refused one alike."""
