@@ -805,14 +805,19 @@ def test_cli_evaluate_real_sigint(fake, tmp_path):
     out = tmp_path / "report.json"
     visloc = Path(sys.executable).with_name("visloc")
     cmd = [str(visloc), "--target", target, "evaluate", "--images", str(images), "--metadata", str(metadata)]
+    # A shell's background job starts with SIGINT ignored, and Python then keeps it ignored: the
+    # child gets the default disposition whatever started this test run, from a small launcher
+    # that execs the console script (exec keeps it). Not a preexec_fn: that runs Python code
+    # between fork and exec of this process, whose gRPC threads are live (the fake server), and
+    # once gRPC logged "epoll_wait error: Bad file descriptor" to the child's stderr from there.
+    launcher = (
+        "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); os.execv(sys.argv[1], sys.argv[1:])"
+    )
     proc = subprocess.Popen(
-        [*cmd, "--concurrency", "1", "--out", str(out), "--no-progress"],
+        [sys.executable, "-c", launcher, *cmd, "--concurrency", "1", "--out", str(out), "--no-progress"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        # A shell's background job starts with SIGINT ignored, and Python then keeps it ignored:
-        # give the child the default disposition whatever started this test run.
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     assert "evaluating 20 images" in proc.stderr.readline()
     deadline = time.monotonic() + 30
