@@ -66,41 +66,58 @@ def requests(files: list[bytes], path: str) -> list[pb.LocateRequest]:
     return [pb.LocateRequest(request_id=str(i), **upload.fields(data)) for i, data in enumerate(files)]
 
 
-def send(target: str, reqs: list[pb.LocateRequest], repeat: int) -> list[pb.LocateResponse]:
-    """Every request ``repeat`` times, ``CONCURRENCY`` at a time; the first answer of each."""
+async def send(stub: pb_grpc.LocatorStub, reqs: list[pb.LocateRequest]) -> list[pb.LocateResponse]:
+    """Every request once, ``CONCURRENCY`` at a time, in order of the answers' requests."""
+    answers: list[pb.LocateResponse | None] = [None] * len(reqs)
+    todo = list(range(len(reqs)))
 
-    async def go() -> list[pb.LocateResponse]:
-        answers: list[pb.LocateResponse | None] = [None] * len(reqs)
-        todo = [i for _ in range(repeat) for i in range(len(reqs))]
-        async with grpc.aio.insecure_channel(target, options=[("grpc.max_send_message_length", 64 << 20)]) as channel:
-            stub = pb_grpc.LocatorStub(channel)
+    async def worker() -> None:
+        while todo:
+            i = todo.pop(0)
+            answers[i] = await stub.Locate(reqs[i], timeout=300)
 
-            async def worker() -> None:
-                while todo:
-                    i = todo.pop(0)
-                    answer = await stub.Locate(reqs[i], timeout=300)
-                    answers[i] = answers[i] or answer
-
-            await asyncio.gather(*(worker() for _ in range(CONCURRENCY)))
-        return [a for a in answers if a is not None]
-
-    return asyncio.run(go())
+    await asyncio.gather(*(worker() for _ in range(CONCURRENCY)))
+    return [a for a in answers if a is not None]
 
 
-def price(target: str, pid: int, files: list[bytes], path: str, repeat: int) -> tuple[dict, list[pb.LocateResponse]]:
-    """The service's CPU and the bytes per image for ``files`` on ``path``."""
-    reqs = requests(files, path)
-    send(target, reqs[:1], 1)  # warm: the first call of a shape pays for allocations
-    before = tree_cpu_s(pid)
-    answers = send(target, reqs, repeat)
-    cpu_s = tree_cpu_s(pid) - before
-    n = len(reqs) * repeat
-    row = {
-        "images": n,
-        "service_cpu_ms": 1e3 * cpu_s / n,
-        "bytes": sum(r.ByteSize() for r in reqs) / len(reqs),
+def price(services: dict[str, tuple[str, int]], files: list[bytes], repeat: int) -> tuple[dict, dict]:
+    """The service's CPU and the bytes per image for ``files`` on every path. The paths take
+    turns, one pass over the photos each, ``repeat`` times, each on its own open channel: the
+    machine's speed drifts by several per cent within a minute, and the ratios between paths
+    should not see it."""
+    reqs = {path: requests(files, path) for path in PATHS}
+    cpu_s = dict.fromkeys(PATHS, 0.0)
+    answers: dict[str, list[pb.LocateResponse]] = {}
+
+    async def go() -> None:
+        options = [("grpc.max_send_message_length", 64 << 20)]
+        channels = {path: grpc.aio.insecure_channel(services[path][0], options=options) for path in PATHS}
+        try:
+            stubs = {path: pb_grpc.LocatorStub(ch) for path, ch in channels.items()}
+            for path in PATHS:
+                await send(stubs[path], reqs[path][:1])  # warm: the first call of a shape pays for allocations
+            for _ in range(repeat):
+                for path in PATHS:
+                    pid = services[path][1]
+                    before = tree_cpu_s(pid)
+                    got = await send(stubs[path], reqs[path])
+                    cpu_s[path] += tree_cpu_s(pid) - before
+                    answers.setdefault(path, got)
+        finally:
+            for ch in channels.values():
+                await ch.close()
+
+    asyncio.run(go())
+    n = len(files) * repeat
+    rows = {
+        path: {
+            "images": n,
+            "service_cpu_ms": 1e3 * cpu_s[path] / n,
+            "bytes": sum(r.ByteSize() for r in reqs[path]) / len(reqs[path]),
+        }
+        for path in PATHS
     }
-    return row, answers
+    return rows, answers
 
 
 def pd_at(answer: pb.LocateResponse, scale_km: float) -> float:
@@ -128,10 +145,7 @@ def run(services: dict[str, tuple[str, int]], per_class: int, repeat: int) -> di
     files = generate(per_class)
     out: dict = {"per_class": per_class, "repeat": repeat, "classes": {}, "deviation": {}}
     for cls in photos.MIX:
-        rows, answers = {}, {}
-        for path in PATHS:
-            target, pid = services[path]
-            rows[path], answers[path] = price(target, pid, files[cls.name], path, repeat)
+        rows, answers = price(services, files[cls.name], repeat)
         out["classes"][cls.name] = {"share": cls.share, **rows}
         out["deviation"][cls.name] = deviation(answers["original"], answers["fast_decode"])
         log(

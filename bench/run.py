@@ -3,7 +3,8 @@
 1. model ceiling: in-process onnxruntime at batch 1..16;
 2. raw Triton (tritonclient gRPC, asyncio) at concurrency 1..32;
 3. the service end to end (Locate, LocateStream), same images and concurrencies;
-4. the seed-style pipeline (PyTorch eager, background in RAM, sklearn DBSCAN, full PD);
+4. the seed-style pipeline (PyTorch eager, background in RAM, sklearn DBSCAN, full PD), in turn with
+   ORT, Triton and Locate (paired rounds, every other one reversed);
 5. SwC+PD alone at upstream scale, ours vs the seed's code;
 6. memory and start-up at upstream scale, ours vs the seed's loading;
 7. a realistic mix of photo shapes: exact preprocessing vs centre crop;
@@ -27,6 +28,7 @@ import argparse
 import asyncio
 import json
 import platform
+import statistics
 import subprocess
 import sys
 import threading
@@ -87,20 +89,22 @@ class OrtCeiling:
         sessions = [self.sess] if layout == "one session" else self.side_by_side
         for sess in sessions:
             sess.run(None, {"image": batch})  # warm-up
-        counts = [0] * len(sessions)
+        rates = [0.0] * len(sessions)
         t0 = time.perf_counter()
 
         def work(k: int) -> None:  # onnxruntime releases the GIL while it runs
+            n = 0
             while time.perf_counter() - t0 < seconds:
                 sessions[k].run(None, {"image": batch})
-                counts[k] += batch_size
+                n += batch_size
+            rates[k] = n / (time.perf_counter() - t0)  # each session's own span: none waits for the other
 
         threads = [threading.Thread(target=work, args=(k,)) for k in range(len(sessions))]
         for t in threads:
             t.start()
         for t in threads:
             t.join()
-        return sum(counts) / (time.perf_counter() - t0)
+        return sum(rates)
 
     def sweep(self, seconds: float) -> dict:
         out: dict = {}
@@ -119,18 +123,21 @@ class OrtCeiling:
 
 
 def measure(coro_factory, pids: dict[str, int], concurrency: int, seconds: float) -> dict:
-    """Run a load and account CPU seconds per image to each process tree (and the generator)."""
-    before = {name: tree_cpu_s(pid) for name, pid in pids.items()}
-    me = time.process_time()
-    result = asyncio.run(coro_factory(concurrency, seconds))
-    cpu = {name: tree_cpu_s(pid) - before[name] for name, pid in pids.items()}
-    cpu["load_generator"] = time.process_time() - me
+    """Run a load and account CPU seconds per image to each process tree (and the generator),
+    over the load's measured window only (``coro_factory(concurrency, seconds, on_edge)``)."""
+    snaps: dict[str, dict[str, float]] = {}
+
+    def on_edge(edge: str) -> None:
+        snaps[edge] = {name: tree_cpu_s(pid) for name, pid in pids.items()} | {"load_generator": time.process_time()}
+
+    result = asyncio.run(coro_factory(concurrency, seconds, on_edge))
+    cpu = {name: snaps["close"][name] - snaps["open"][name] for name in snaps["open"]}
     row = result.as_dict()
     row["cpu_ms_per_image"] = {k: 1e3 * v / max(1, result.calls) for k, v in cpu.items()}
     return row
 
 
-def raw_triton(triton, concurrency: int, seconds: float):
+def raw_triton(triton, concurrency: int, seconds: float, on_edge=None):
     import tritonclient.grpc.aio as tc
 
     from swc_service.triton_infer import CHANNEL_ARGS
@@ -146,14 +153,24 @@ def raw_triton(triton, concurrency: int, seconds: float):
             await client.infer("visloc", [inp])
 
         try:
-            return await run_load(call, concurrency, seconds, warmup_calls=2)
+            return await run_load(call, concurrency, seconds, warmup_calls=2, on_edge=on_edge)
         finally:
             await client.close()
 
     return go()
 
 
-def locate_unary(target: str, images: list[bytes], concurrency: int, seconds: float, metadata=None):
+def triton_calls(triton):
+    """The raw-Triton load as :func:`measure` takes it."""
+    return lambda c, s, on_edge: raw_triton(triton, c, s, on_edge=on_edge)
+
+
+def locate_calls(target: str, images: list[bytes]):
+    """The unary-Locate load as :func:`measure` takes it."""
+    return lambda c, s, on_edge: locate_unary(target, images, c, s, on_edge=on_edge)
+
+
+def locate_unary(target: str, images: list[bytes], concurrency: int, seconds: float, metadata=None, on_edge=None):
     async def go():
         async with grpc.aio.insecure_channel(target) as ch:
             stub = pb_grpc.LocatorStub(ch)
@@ -161,33 +178,39 @@ def locate_unary(target: str, images: list[bytes], concurrency: int, seconds: fl
             async def call(i: int):
                 await stub.Locate(pb.LocateRequest(image=images[i % len(images)]), timeout=120, metadata=metadata)
 
-            return await run_load(call, concurrency, seconds, warmup_calls=2)
+            return await run_load(call, concurrency, seconds, warmup_calls=2, on_edge=on_edge)
 
     return go()
 
 
 def locate_stream(target: str, images: list[bytes], in_flight: int, seconds: float) -> dict:
-    """One LocateStream keeping ``in_flight`` images outstanding."""
+    """One LocateStream keeping ``in_flight`` images outstanding. As in :func:`run_load`, the
+    answers counted are those of a window of ``seconds`` opened after the first ``in_flight``
+    answers (the pipeline full) and the drain after it is not counted."""
 
     async def go() -> dict:
         async with grpc.aio.insecure_channel(target) as ch:
             stream = pb_grpc.LocatorStub(ch).LocateStream(timeout=600)
-            sent = done = errors = 0
-            t0 = time.perf_counter()
-            while sent < in_flight:
+            sent = done = errors = counted = 0
+            opened = closes = None
+            for _ in range(in_flight):
                 await stream.write(pb.LocateRequest(image=images[sent % len(images)]))
                 sent += 1
             async for resp in stream:
+                now = time.perf_counter()
                 done += 1
                 errors += resp.WhichOneof("outcome") == "error"
-                if time.perf_counter() - t0 < seconds:
+                if opened is None and done == in_flight:
+                    opened, closes = now, now + seconds
+                elif opened is not None and now <= closes:
+                    counted += 1
+                if closes is None or now <= closes:
                     await stream.write(pb.LocateRequest(image=images[sent % len(images)]))
                     sent += 1
                 elif done == sent:
                     break
             await stream.done_writing()
-            elapsed = time.perf_counter() - t0
-            return {"in_flight": in_flight, "images": done, "errors": errors, "per_s": done / elapsed}
+            return {"in_flight": in_flight, "images": counted, "errors": errors, "per_s": counted / seconds}
 
     return asyncio.run(go())
 
@@ -214,17 +237,34 @@ class Service:
 
 
 def paired_rounds(ort: OrtCeiling, batch: int, triton, target: str, images: list[bytes], pids: dict,
-                  rounds: int, seconds: float) -> list[dict]:  # fmt: skip
-    """The three headline throughputs measured in turn, ``rounds`` times: on a shared VM the
-    machine's speed drifts over minutes, so each ratio is taken within a round (seconds apart)
-    and the report gives the median over rounds."""
+                  rounds: int, seconds: float, seed: SeedPipeline) -> list[dict]:  # fmt: skip
+    """The headline throughputs measured in turn, ``rounds`` times: on a shared VM the machine's
+    speed drifts by several per cent within a minute, so each ratio is taken within a round
+    (seconds apart) and the report gives the median over rounds. Every other round runs in the
+    reverse order, so a steady drift biases the rounds' ratios in opposite directions instead of
+    all in one."""
+
+    def run_ort() -> dict:
+        return {"ort_per_s": ort.per_s(batch, seconds, ort.best_layout)}
+
+    def run_triton() -> dict:
+        return {"triton": measure(triton_calls(triton), {"triton": pids["triton"]}, 16, seconds)}
+
+    def run_locate() -> dict:
+        return {"locate": measure(locate_calls(target, images), pids, 16, seconds)}
+
+    def run_seed() -> dict:
+        return {"seed": seed.measure(seconds)}
+
+    steps = [run_ort, run_triton, run_locate, run_seed]
     out = []
     for i in range(rounds):
-        row = {"ort_per_s": ort.per_s(batch, seconds, ort.best_layout)}
-        row["triton"] = measure(lambda c, s: raw_triton(triton, c, s), {"triton": pids["triton"]}, 16, seconds)
-        row["locate"] = measure(lambda c, s: locate_unary(target, images, c, s), pids, 16, seconds)
-        log(f"   round {i + 1}: ORT {row['ort_per_s']:.2f}, Triton c16 {row['triton']['per_s']:.2f}, "
-            f"Locate c16 {row['locate']['per_s']:.2f} img/s")  # fmt: skip
+        row: dict = {"order": "forward" if i % 2 == 0 else "reverse"}
+        for step in steps if i % 2 == 0 else steps[::-1]:
+            row |= step()
+        log(f"   round {i + 1} ({row['order']}): ORT {row['ort_per_s']:.2f}, Triton c16 "
+            f"{row['triton']['per_s']:.2f}, Locate c16 {row['locate']['per_s']:.2f}, "
+            f"research-code-style {row['seed']['per_s']:.2f} img/s")  # fmt: skip
         out.append(row)
     return out
 
@@ -232,26 +272,33 @@ def paired_rounds(ort: OrtCeiling, batch: int, triton, target: str, images: list
 # --------------------------------------------------------------------------- 4. seed-style pipeline
 
 
-def seed_pipeline(bundle, images: list[bytes], seconds: float, background) -> dict:
+class SeedPipeline:
     """PyTorch eager at batch 1 + the seed's post-processing, per image, as evaluation.py does."""
-    import torch
 
-    from bench.seed_style import timed
-    from visloc_export.build import demo_net_for
+    def __init__(self, bundle, images: list[bytes], background) -> None:
+        import torch
 
-    torch.set_num_threads(2)
-    net = demo_net_for(bundle).eval()
-    n, t0, post = 0, time.perf_counter(), []
-    with torch.no_grad():
-        while time.perf_counter() - t0 < seconds:
-            x = torch.from_numpy(preprocess(images[n % len(images)]).array[None])
-            probs, emb = net(x)
-            _, dt = timed(background.postprocess, probs[0].numpy(), emb[0].numpy(), bundle.centres)
-            post.append(dt)
-            n += 1
-    per_s = n / (time.perf_counter() - t0)
-    log(f"seed-style pipeline: {per_s:.1f} img/s")
-    return {"per_s": per_s, "images": n, "postprocess_p50_ms": 1e3 * float(np.median(post))}
+        from visloc_export.build import demo_net_for
+
+        torch.set_num_threads(2)
+        self.bundle, self.images, self.background = bundle, images, background
+        self.net = demo_net_for(bundle).eval()
+
+    def measure(self, seconds: float) -> dict:
+        import torch
+
+        from bench.seed_style import timed
+
+        n, t0, post = 0, time.perf_counter(), []
+        with torch.no_grad():
+            while time.perf_counter() - t0 < seconds:
+                x = torch.from_numpy(preprocess(self.images[n % len(self.images)]).array[None])
+                probs, emb = self.net(x)
+                _, dt = timed(self.background.postprocess, probs[0].numpy(), emb[0].numpy(), self.bundle.centres)
+                post.append(dt)
+                n += 1
+        per_s = n / (time.perf_counter() - t0)
+        return {"per_s": per_s, "images": n, "postprocess_p50_ms": 1e3 * float(np.median(post))}
 
 
 def seed_background(bundle):
@@ -403,7 +450,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--background", type=int, default=763_265)
     p.add_argument("--seconds", type=float, default=8.0, help="per measured point")
     p.add_argument("--threads", type=int, default=2, help="onnxruntime intra-op threads (model ceiling and Triton)")
-    p.add_argument("--rounds", type=int, default=3, help="paired rounds for the headline ratios")
+    p.add_argument("--rounds", type=int, default=5, help="paired rounds for the headline ratios")
     p.add_argument("--out", default="bench/results/bench.json")
     p.add_argument("--photos-per-class", type=int, default=4, help="photos of each class in the photo mix (step 8)")
     p.add_argument("--skip-memory", action="store_true", help="skip the upstream-scale seed-style load (5.5 GB)")
@@ -421,6 +468,11 @@ def main(argv: list[str] | None = None) -> int:
         "seconds_per_point": args.seconds,
     }  # fmt: skip
 
+    log("4. the research-code-style pipeline (background in RAM as float32), measured in the paired rounds")
+    background = seed_background(bundle)
+    seed = SeedPipeline(bundle, images, background)
+    seed.measure(1.0)  # warm: PyTorch's first calls allocate
+
     log("1. model ceiling (in-process onnxruntime)")
     ort = OrtCeiling(bundle, args.threads)
     results["ort"] = ort.sweep(args.seconds)
@@ -437,8 +489,7 @@ def main(argv: list[str] | None = None) -> int:
     with LocalTriton(bundle_dir, threads=1, instances=args.threads, max_batch_size=max_batch) as triton:
         log("2. raw Triton")
         results["triton"] = [
-            measure(lambda c, s: raw_triton(triton, c, s), {"triton": triton.pid}, c, args.seconds)
-            for c in CONCURRENCIES
+            measure(triton_calls(triton), {"triton": triton.pid}, c, args.seconds) for c in CONCURRENCIES
         ]
         for row in results["triton"]:
             log(f"   c={row['concurrency']:>2}: {row['per_s']:.1f} req/s p99 {row['p99_ms']:.0f} ms")
@@ -448,26 +499,28 @@ def main(argv: list[str] | None = None) -> int:
         try:
             pids = {"service": svc.proc.pid, "triton": triton.pid}
             results["locate"] = [
-                measure(lambda c, s: locate_unary(svc.target, images, c, s), pids, c, args.seconds)
-                for c in CONCURRENCIES
+                measure(locate_calls(svc.target, images), pids, c, args.seconds) for c in CONCURRENCIES
             ]
             for row in results["locate"]:
                 log(f"   c={row['concurrency']:>2}: {row['per_s']:.1f} img/s p99 {row['p99_ms']:.0f} ms")
-            log(f"   paired rounds: ORT batch {max_batch}, raw Triton c=16, Locate c=16, in turn")
+            log(f"   paired rounds: ORT batch {max_batch}, raw Triton c=16, Locate c=16, research-code-style, in turn")
             results["paired"] = paired_rounds(
-                ort, max_batch, triton, svc.target, images, pids, args.rounds, args.seconds
+                ort, max_batch, triton, svc.target, images, pids, args.rounds, args.seconds, seed
             )
+            results["seed"] = {
+                k: statistics.median([x["seed"][k] for x in results["paired"]]) for k in ("per_s", "postprocess_p50_ms")
+            }
             results["stream"] = locate_stream(svc.target, images, 16, args.seconds)
             log(f"   LocateStream 16 in flight: {results['stream']['per_s']:.1f} img/s")
             log("7. mixed shapes, exact")
-            results["mixed_exact"] = measure(lambda c, s: locate_unary(svc.target, mixed, c, s), pids, 16, args.seconds)
+            results["mixed_exact"] = measure(locate_calls(svc.target, mixed), pids, 16, args.seconds)
         finally:
             svc.stop()
         svc = Service(bundle_dir, triton.grpc_url, "--preprocessing", "center_crop_300", "--max-batch", str(max_batch))
         try:
             log("7. mixed shapes, centre crop")
             pids = {"service": svc.proc.pid, "triton": triton.pid}
-            results["mixed_crop"] = measure(lambda c, s: locate_unary(svc.target, mixed, c, s), pids, 16, args.seconds)
+            results["mixed_crop"] = measure(locate_calls(svc.target, mixed), pids, 16, args.seconds)
         finally:
             svc.stop()
 
@@ -496,17 +549,15 @@ def main(argv: list[str] | None = None) -> int:
         pids_of = lambda svc: {"service": svc.proc.pid, "triton": triton.pid}  # noqa: E731
         results["tracing"] = trace_cost.measure(
             lambda env: Service(bundle_dir, triton.grpc_url, "--max-batch", str(max_batch), env=env),
-            lambda svc: measure(lambda c, s: locate_unary(svc.target, images, c, s), pids_of(svc), 16, args.seconds),
+            lambda svc: measure(locate_calls(svc.target, images), pids_of(svc), 16, args.seconds),
             2 * args.rounds,  # the difference is small beside the machine's drift: more rounds
         ) | {"concurrency": 16, "seconds": args.seconds}
 
         log("11. the claim check: SwC+PD per image alone and with a claim")
         results["claims"] = claim_cost.measure(bundle)
 
-        del ort
-        log("4/5. seed-style pipeline and post-processing (background in RAM as float32)")
-        background = seed_background(bundle)
-        results["seed"] = seed_pipeline(bundle, images, args.seconds, background)
+        del ort, seed
+        log("5. post-processing, ours and the research code's")
         results["postprocess"] = postprocessing(bundle, background, 2000)
         del background
         if not args.skip_memory:

@@ -88,7 +88,7 @@ def measure(
 
 
 def main(argv: list[str] | None = None) -> int:
-    from bench.run import SHAPE, Service, locate_unary
+    from bench.run import SHAPE, Service, locate_calls
     from bench.run import measure as measure_load
     from devtools.triton_local import LocalTriton
     from visloc_export import samples
@@ -107,8 +107,7 @@ def main(argv: list[str] | None = None) -> int:
 
         def load(svc) -> dict:
             pids = {"service": svc.proc.pid, "triton": triton.pid}
-            calls = lambda c, s: locate_unary(svc.target, images, c, s)  # noqa: E731
-            return measure_load(calls, pids, args.concurrency, args.seconds)
+            return measure_load(locate_calls(svc.target, images), pids, args.concurrency, args.seconds)
 
         def start(env: dict) -> Service:
             return Service(bundle, triton.grpc_url, "--max-batch", str(args.max_batch), env=env)
