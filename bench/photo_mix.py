@@ -44,6 +44,9 @@ from visloc_client.v1 import locator_pb2_grpc as pb_grpc
 PATHS = ("original", "fast_decode", "caller_pixels")
 PD_SCALE_KM = 25.0
 CONCURRENCY = 2  # calls in flight: the service's CPU per image, not its latency
+# A call's work goes on after its answer (the message and pixel buffers are freed, the access
+# log written): a pass's CPU is read once the service has been quiet this long before and after.
+SETTLE_S = 0.2
 
 
 def log(msg: str) -> None:
@@ -99,8 +102,10 @@ def price(services: dict[str, tuple[str, int]], files: list[bytes], repeat: int)
             for _ in range(repeat):
                 for path in PATHS:
                     pid = services[path][1]
+                    await asyncio.sleep(SETTLE_S)  # the last pass's tail (buffers freed after the answer) ends
                     before = tree_cpu_s(pid)
                     got = await send(stubs[path], reqs[path])
+                    await asyncio.sleep(SETTLE_S)  # and this pass's is counted to it
                     cpu_s[path] += tree_cpu_s(pid) - before
                     answers.setdefault(path, got)
         finally:

@@ -636,6 +636,11 @@ def _analysis(r: dict, q: dict) -> list[str]:
         "0.92-0.98 of the in-process ceiling on the same machine (the ceiling is the better of both layouts "
         "in process). ORT's spinning threads were tried off (`session.intra_op.allow_spinning=0`): no better, "
         "so it stays on. The production onnxruntime backend on a GPU has no stub at all.",
+        "- **Served throughput is counted over steady load.** Timed in the stub, each instance waits 4-15 ms "
+        "between batches of ~460 ms (single-threaded, batch 4): ~2 % idle. The rest of what once separated "
+        "Triton from the ceiling (0.77-0.93 over runs) was the load generator's: it stopped issuing at the end "
+        "of a point and counted the drain of the 16 calls in flight, about a second with the cores half idle. "
+        "In-process ORT has no drain. `bench/load.py` now measures a window of held load, as perf_analyzer does.",
         "- **Grouping on CPU**: on this CPU a batch of 16 runs slower per image than a batch of 1-4, so the "
         f"benchmark sets Triton's `max_batch_size` and the service's `--max-batch` to the best batch of step 1 "
         f"({r.get('service_max_batch', 16)}); on a GPU the production config's 32 and the service's default 16 "
