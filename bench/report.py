@@ -48,7 +48,7 @@ def ratios(r: dict) -> dict[str, float]:
             "triton_vs_ort": max(x["per_s"] for x in r["triton"]) / r["ort"]["best_per_s"],
             "locate_vs_ort": best_locate / r["ort"]["best_per_s"],
         }
-    if r.get("paired") and all("seed" in x for x in r["paired"]):
+    if _seed_paired(r):
         out["service_vs_seed"] = _median([x["locate"]["per_s"] / x["seed"]["per_s"] for x in r["paired"]])
     else:
         out["service_vs_seed"] = best_locate / r["seed"]["per_s"]
@@ -102,7 +102,7 @@ def _paired(r: dict) -> list[str]:
         return []
     b = r.get("max_batch", r["ort"]["best_batch"])
     ort = [x["ort_per_s"] for x in r["paired"]]
-    seed = all("seed" in x for x in r["paired"])
+    seed = _seed_paired(r)
     lines = [
         "## The headline ratios, measured in turn",
         "",
@@ -137,8 +137,13 @@ def _paired(r: dict) -> list[str]:
     return lines + [""]
 
 
+def _seed_paired(r: dict) -> bool:
+    """Whether the research-code-style pipeline was measured in the paired rounds (older results: once, apart)."""
+    return bool(r.get("paired")) and all("seed" in x for x in r["paired"])
+
+
 def _service_vs_seed_basis(r: dict) -> str:
-    if r.get("paired") and all("seed" in x for x in r["paired"]):
+    if _seed_paired(r):
         return (f"Locate at concurrency 16, measured next to it in each paired round (median round "
                 f"{_median([x['locate']['per_s'] for x in r['paired']]):.1f} images/s)")  # fmt: skip
     return f"the service (best concurrency): {max(x['per_s'] for x in r['locate']):.1f} images/s"
