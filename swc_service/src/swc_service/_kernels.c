@@ -140,6 +140,11 @@ __attribute__((target("avx2,fma,f16c"))) static float reduce_vectors(__m256 a0, 
     return _mm_cvtss_f32(_mm_add_ss(h2, _mm_shuffle_ps(h2, h2, 1)));
 }
 
+/* The rows are read once, in order, straight from the page cache: the hardware prefetcher stops
+ * at each 4 KB page, so every line is also requested this far ahead (a cold cell's rows cost ~10 %
+ * less per row; bench/postprocess_cost.py). A prefetch changes no arithmetic and never faults. */
+#define PREFETCH_BYTES 4096
+
 __attribute__((target("avx2,fma,f16c"))) static void dot_rows_avx2(const void *rows, int half, Py_ssize_t n,
                                                                     Py_ssize_t d, const float *q, float *out)
 {
@@ -152,6 +157,7 @@ __attribute__((target("avx2,fma,f16c"))) static void dot_rows_avx2(const void *r
             const uint16_t *x = (const uint16_t *)rows + r * d;
 #define LOADH(off) _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(x + j + (off))))
             for (Py_ssize_t j = 0; j < body; j += LANES) {
+                _mm_prefetch((const char *)(x + j) + PREFETCH_BYTES, _MM_HINT_T0);
                 a0 = _mm256_fmadd_ps(LOADH(0), _mm256_loadu_ps(q + j), a0);
                 a1 = _mm256_fmadd_ps(LOADH(8), _mm256_loadu_ps(q + j + 8), a1);
                 a2 = _mm256_fmadd_ps(LOADH(16), _mm256_loadu_ps(q + j + 16), a2);
@@ -165,6 +171,8 @@ __attribute__((target("avx2,fma,f16c"))) static void dot_rows_avx2(const void *r
         else {
             const float *x = (const float *)rows + r * d;
             for (Py_ssize_t j = 0; j < body; j += LANES) {
+                _mm_prefetch((const char *)(x + j) + PREFETCH_BYTES, _MM_HINT_T0);
+                _mm_prefetch((const char *)(x + j) + PREFETCH_BYTES + 64, _MM_HINT_T0);
                 a0 = _mm256_fmadd_ps(_mm256_loadu_ps(x + j), _mm256_loadu_ps(q + j), a0);
                 a1 = _mm256_fmadd_ps(_mm256_loadu_ps(x + j + 8), _mm256_loadu_ps(q + j + 8), a1);
                 a2 = _mm256_fmadd_ps(_mm256_loadu_ps(x + j + 16), _mm256_loadu_ps(q + j + 16), a2);
