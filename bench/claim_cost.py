@@ -18,9 +18,7 @@ import os
 for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_var, "1")
 
-import argparse
 import dataclasses
-import json
 import math
 import sys
 import time
@@ -110,18 +108,9 @@ def measure(bundle, count: int = 2000, neighbours: int = 5) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.claim_cost", description=__doc__.split("\n\n")[0])
-    p.add_argument("--bundle", default=".cache/bench/bundle-upstream-scale")
-    p.add_argument("--count", type=int, default=2000)
-    p.add_argument("--update", action="store_true", help="write into bench/results/bench.json and docs/BENCHMARKS.md")
-    args = p.parse_args(argv)
-    result = measure(load_bundle(args.bundle), args.count)
-    print(json.dumps(result, indent=2))
-    if args.update:
-        from bench.report import update_results
+    from bench.report import step_main
 
-        update_results("claims", result | {"when": time.strftime("%Y-%m-%d %H:%M:%S")})
-    return 0
+    return step_main(argv, "claim_cost", __doc__, "claims", lambda path, count: measure(load_bundle(path), count))
 
 
 if __name__ == "__main__":

@@ -38,12 +38,11 @@ from pathlib import Path
 import grpc
 import numpy as np
 
-from bench import burst, claim_cost, photo_mix, trace_cost
+from bench import burst, claim_cost, photo_mix, postprocess_cost, trace_cost
 from bench.load import run_load
 from bench.procstat import proc_stat, tree_cpu_s
 from devtools.net import free_port, wait_serving
 from swc_service.bundle import load_bundle
-from swc_service.method import DensityIndex, search_within_cell
 from visloc_client.preprocessing import preprocess
 from visloc_client.v1 import locator_pb2 as pb
 from visloc_client.v1 import locator_pb2_grpc as pb_grpc
@@ -310,65 +309,6 @@ def seed_background(bundle):
     return SeedBackground(np.asarray(bundle.features, dtype=np.float32), bundle.labels, assignments)
 
 
-# --------------------------------------------------------------------------- 5. post-processing
-
-
-def postprocessing(bundle, background, count: int) -> dict:
-    """SwC+PD per image at the bundle's scale: ours (mmap, CSR slice, DensityIndex) vs the seed's,
-    and ours again on float32 storage (``visloc-export --features-dtype float32``)."""
-    import dataclasses
-
-    import onnxruntime as ort
-
-    sess = ort.InferenceSession(str(bundle.model_path), providers=["CPUExecutionProvider"])
-    outs = [sess.run(None, {"image": preprocess(samples.photo_bytes(s, SHAPE)).array[None]}) for s in range(8)]
-    density = DensityIndex(bundle.centres)
-    rng = np.random.default_rng(0)
-    sizes = np.diff(bundle.offsets)
-    for a in range(0, bundle.num_background, 65536):  # a warm page cache, as in a serving process
-        for array in (bundle.features, bundle.labels, bundle.row_ids):  # what Bundle.prefetch reads
-            np.asarray(array[a : a + 65536]).max()
-    f32 = dataclasses.replace(bundle, features=np.asarray(bundle.features, dtype=np.float32))
-    ours, seed, ours32, swc_t, pd_t = [], [], [], [], []
-    for i in range(count):
-        probs, emb = outs[i % len(outs)][0][0], outs[i % len(outs)][1][0]
-        target = int(rng.integers(0, bundle.num_cells))  # move the top cell: cover every cell size
-        probs = np.roll(probs, target - int(np.argmax(probs)))
-        t = time.perf_counter()
-        c = int(np.argmax(probs))
-        feats, labels, _ = bundle.cell_slice(c)
-        if feats.shape[0]:
-            search_within_cell(emb, feats, labels)
-        t_pd = time.perf_counter()
-        density.density(c, probs)
-        t_end = time.perf_counter()
-        ours.append(t_end - t)
-        swc_t.append(t_pd - t)
-        pd_t.append(t_end - t_pd)
-        t = time.perf_counter()
-        background.postprocess(probs, emb, bundle.centres)
-        seed.append(time.perf_counter() - t)
-        t = time.perf_counter()
-        feats, labels, _ = f32.cell_slice(c)
-        if feats.shape[0]:
-            search_within_cell(emb, feats, labels)
-        density.density(c, probs)
-        ours32.append(time.perf_counter() - t)
-    pct = lambda xs, q: 1e3 * float(np.percentile(xs, q))  # noqa: E731
-    res = {
-        "images": count,
-        "ours_p50_ms": pct(ours, 50), "ours_p99_ms": pct(ours, 99),
-        "seed_p50_ms": pct(seed, 50), "seed_p99_ms": pct(seed, 99),
-        "ours_f32_p50_ms": pct(ours32, 50), "ours_f32_p99_ms": pct(ours32, 99),
-        "swc_p50_ms": pct(swc_t, 50), "swc_p99_ms": pct(swc_t, 99),
-        "pd_p50_ms": pct(pd_t, 50), "pd_p99_ms": pct(pd_t, 99),
-        "cells_with_rows": int((sizes > 0).sum()), "rows_p99": float(np.percentile(sizes[sizes > 0], 99)),
-    }  # fmt: skip
-    log(f"SwC+PD ours p50 {res['ours_p50_ms']:.3f} p99 {res['ours_p99_ms']:.3f} ms; "
-        f"seed p50 {res['seed_p50_ms']:.3f} p99 {res['seed_p99_ms']:.3f} ms")  # fmt: skip
-    return res
-
-
 # --------------------------------------------------------------------------- 6. memory and start-up
 
 
@@ -558,7 +498,7 @@ def main(argv: list[str] | None = None) -> int:
 
         del ort, seed
         log("5. post-processing, ours and the research code's")
-        results["postprocess"] = postprocessing(bundle, background, 2000)
+        results["postprocess"] = postprocess_cost.measure(bundle, background, 2000)
         del background
         if not args.skip_memory:
             log("6. memory and start-up")
