@@ -15,7 +15,9 @@ Measured per image: the service process's CPU time (user + system, from /proc; T
 not included: it is the same on every path), and the request's size on the wire. The
 answers of ``fast_decode`` are compared with ``original``'s on every photo: the top cell,
 PD at 25 km, the distance between the two predicted locations. (``caller_pixels`` answers
-are bit-identical to ``original``'s: tests/test_caller_preprocessing_live.py.)
+are bit-identical to ``original``'s: tests/test_caller_preprocessing_live.py.) The 12 MP JPEGs'
+preprocessing is also timed in this process on both paths, with a 1/8-scale decode: the
+entropy decoding under the fast path, which no DCT scale skips.
 
 Run alone (``python -m bench.photo_mix --bundle .cache/demo-bundle``) it starts its own local
 Triton; ``make bench`` runs it as step 8 against its own.
@@ -47,6 +49,7 @@ CONCURRENCY = 2  # calls in flight: the service's CPU per image, not its latency
 # A call's work goes on after its answer (the message and pixel buffers are freed, the access
 # log written): a pass's CPU is read once the service has been quiet this long before and after.
 SETTLE_S = 0.2
+IN_PROCESS_CLASS = "12mp_jpeg"  # the class whose decoding is also timed in process
 
 
 def log(msg: str) -> None:
@@ -145,6 +148,40 @@ def deviation(exact: list[pb.LocateResponse], fast: list[pb.LocateResponse]) -> 
     }
 
 
+def in_process(files: list[bytes], passes: int = 5) -> dict:
+    """The two paths' preprocessing in this process, without the service's per-call costs (gRPC,
+    the message's and the frames' fresh pages), and a 1/8-scale decode: the entropy decoding that
+    every DCT scale pays, the floor under the fast path. CPU ms per photo, the median pass (the
+    first is a warm-up)."""
+    import io
+    import statistics
+
+    from PIL import Image
+
+    from visloc_client.preprocessing import preprocess
+
+    def eighth(data: bytes) -> None:
+        with Image.open(io.BytesIO(data)) as img:
+            img.draft("RGB", (img.width // 8, img.height // 8))
+            img.load()
+
+    def cpu_ms(fn) -> float:
+        times = []
+        for _ in range(passes + 1):
+            t = time.process_time()
+            for data in files:
+                fn(data)
+            times.append(1e3 * (time.process_time() - t) / len(files))
+        return statistics.median(times[1:])
+
+    return {
+        "photos": len(files),
+        "exact_ms": cpu_ms(preprocess),
+        "fast_ms": cpu_ms(lambda data: preprocess(data, draft=True)),
+        "decode_eighth_ms": cpu_ms(eighth),
+    }
+
+
 def run(services: dict[str, tuple[str, int]], per_class: int, repeat: int) -> dict:
     """``services``: path -> (target, pid); ``original`` and ``caller_pixels`` may share one."""
     files = generate(per_class)
@@ -158,6 +195,10 @@ def run(services: dict[str, tuple[str, int]], per_class: int, repeat: int) -> di
             + ", ".join(f"{p} {rows[p]['service_cpu_ms']:.1f} ms ({rows[p]['bytes'] / 1e3:.0f} kB)" for p in PATHS)
             + f"; fast decode top cell agrees on {out['deviation'][cls.name]['top_cell_agreement']:.0%}"
         )
+    out["in_process"] = {IN_PROCESS_CLASS: in_process(files[IN_PROCESS_CLASS])}
+    c = out["in_process"][IN_PROCESS_CLASS]
+    log(f"{IN_PROCESS_CLASS} in process: exact {c['exact_ms']:.1f} ms, fast {c['fast_ms']:.1f} ms, "
+        f"a 1/8-scale decode {c['decode_eighth_ms']:.1f} ms")  # fmt: skip
     out["mix"] = {
         p: {k: sum(c["share"] * c[p][k] for c in out["classes"].values()) for k in ("service_cpu_ms", "bytes")}
         for p in PATHS

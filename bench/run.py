@@ -5,7 +5,8 @@
 3. the service end to end (Locate, LocateStream), same images and concurrencies;
 4. the seed-style pipeline (PyTorch eager, background in RAM, sklearn DBSCAN, full PD), in turn with
    ORT, Triton and Locate (paired rounds, every other one reversed);
-5. SwC+PD alone at upstream scale, ours vs the seed's code;
+5. SwC+PD alone at upstream scale, ours vs the seed's code, pages resident and on first touch
+   (bench/postprocess_cost.py);
 6. memory and start-up at upstream scale, ours vs the seed's loading;
 7. a realistic mix of photo shapes: exact preprocessing vs centre crop;
 8. real photos (bench/photos.py): service CPU and bytes per image, file vs fast decode vs caller-side pixels;

@@ -38,3 +38,28 @@ def test_results_from_before_the_layouts_still_render(results, tmp_path):
     old.pop("triton_layout", None)
     write_report(old, tmp_path / "B.md", tmp_path)
     assert "| batch | images/s |" in (tmp_path / "B.md").read_text()
+
+
+def test_a_missed_fast_decode_target_shows_the_decode_floor(results, tmp_path):
+    r = copy.deepcopy(results)
+    c = r["photo_mix"]["classes"]["12mp_jpeg"]
+    r["photo_mix"]["in_process"] = {
+        "12mp_jpeg": {"photos": 4, "exact_ms": 90.0, "fast_ms": 40.0, "decode_eighth_ms": 31.0}
+    }
+    c["original"]["service_cpu_ms"], c["fast_decode"]["service_cpu_ms"] = 120.0, 54.0  # 0.45: missed
+    write_report(r, tmp_path / "B.md", tmp_path)
+    text = (tmp_path / "B.md").read_text()
+    assert "cost 40.0 ms fast and 90.0 ms exact (0.44x), and a 1/8-scale decode alone 31.0 ms" in text
+    assert "0.4x of the service's exact path is 48 ms" in text
+    c["fast_decode"]["service_cpu_ms"] = 47.0  # 0.39: met, nothing to explain
+    write_report(r, tmp_path / "B.md", tmp_path)
+    assert "The fast decode's floor" not in (tmp_path / "B.md").read_text()
+
+
+def test_the_in_process_decode_times_each_path():
+    from bench import photo_mix, photos
+
+    cls = next(c for c in photos.MIX if c.name == "2mp_jpeg")
+    got = photo_mix.in_process([photos.encode(cls, seed) for seed in range(2)], passes=1)
+    assert got["photos"] == 2
+    assert all(got[k] > 0 for k in ("exact_ms", "fast_ms", "decode_eighth_ms"))
