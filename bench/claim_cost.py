@@ -25,16 +25,13 @@ import time
 
 import numpy as np
 
+from bench.postprocess_cost import model_outputs, warm_page_cache
 from swc_service.bundle import load_bundle
 from swc_service.claim import check_claim
 from swc_service.config import Settings
 from swc_service.options import resolve_options
 from swc_service.prediction import ServingState, predict
-from visloc_client.preprocessing import preprocess
 from visloc_client.v1 import locator_pb2 as pb
-from visloc_export import samples
-
-SHAPE = (400, 300)
 
 
 def log(msg: str) -> None:
@@ -42,17 +39,12 @@ def log(msg: str) -> None:
 
 
 def measure(bundle, count: int = 2000, neighbours: int = 5) -> dict:
-    import onnxruntime as ort
-
-    sess = ort.InferenceSession(str(bundle.model_path), providers=["CPUExecutionProvider"])
-    outs = [sess.run(None, {"image": preprocess(samples.photo_bytes(s, SHAPE)).array[None]}) for s in range(8)]
+    outs = model_outputs(bundle)
     state = ServingState.of(bundle)
     settings = Settings(bundle=str(bundle.path))
     opts = resolve_options(pb.LocateOptions(), settings, state.density.scales_km)
     rng = np.random.default_rng(0)
-    for a in range(0, bundle.num_background, 65536):  # a warm page cache, as in a serving process
-        for array in (bundle.features, bundle.labels, bundle.row_ids):
-            np.asarray(array[a : a + 65536]).max()
+    warm_page_cache(bundle)
     plain, claimed, near = [], [], []
     for i in range(count):
         probs, emb = outs[i % len(outs)][0][0], outs[i % len(outs)][1][0]

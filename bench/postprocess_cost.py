@@ -98,6 +98,22 @@ def idle_page_cost(idle_s: float = 10.0, megabytes: int = 64) -> dict:
     }
 
 
+def model_outputs(bundle, photos: int = 8) -> list:
+    """The bundle's network (onnxruntime) on ``photos`` sample photos: [probs, embedding] each."""
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(bundle.model_path), providers=["CPUExecutionProvider"])
+    return [sess.run(None, {"image": preprocess(samples.photo_bytes(s, SHAPE)).array[None]}) for s in range(photos)]
+
+
+def warm_page_cache(bundle) -> None:
+    """Read the whole background once: a warm page cache, as in a serving process (what
+    Bundle.prefetch asks the kernel to read)."""
+    for a in range(0, bundle.num_background, 65536):
+        for array in (bundle.features, bundle.labels, bundle.row_ids):
+            np.asarray(array[a : a + 65536]).max()
+
+
 def _density_arrays(density: DensityIndex) -> tuple[np.ndarray, ...]:
     """Every array a PD call may read: the cell index, the centres and this thread's buffers."""
     return (*density._index, density.centres, *density._buffers(), density._codes(1))
@@ -105,10 +121,7 @@ def _density_arrays(density: DensityIndex) -> tuple[np.ndarray, ...]:
 
 def measure(bundle, background, count: int = 2000, idle_s: float = 10.0) -> dict:
     """Both passes (module docstring) over the same ``count`` images, and the idle-page probe."""
-    import onnxruntime as ort
-
-    sess = ort.InferenceSession(str(bundle.model_path), providers=["CPUExecutionProvider"])
-    outs = [sess.run(None, {"image": preprocess(samples.photo_bytes(s, SHAPE)).array[None]}) for s in range(8)]
+    outs = model_outputs(bundle)
     density = DensityIndex(bundle.centres)
     sizes = np.diff(bundle.offsets)
     f32 = dataclasses.replace(bundle, features=np.asarray(bundle.features, dtype=np.float32))
@@ -137,9 +150,7 @@ def measure(bundle, background, count: int = 2000, idle_s: float = 10.0) -> dict
     passes = {}
     for name in ("first_touch", "resident"):
         log(f"{name}: warming the page cache, then {count} images")
-        for a in range(0, bundle.num_background, 65536):  # a warm page cache, as in a serving process
-            for array in (bundle.features, bundle.labels, bundle.row_ids):  # what Bundle.prefetch reads
-                np.asarray(array[a : a + 65536]).max()
+        warm_page_cache(bundle)
         rng = np.random.default_rng(0)  # the same images and cells in both passes
         t = {k: [] for k in ("swc", "pd", "seed", "f32")}
         for i in range(count):
