@@ -6,7 +6,8 @@ service process (one worker): its resident memory before the burst (warm) and it
 it (``VmHWM`` after resetting it through ``/proc/PID/clear_refs``, and a 5 ms poll of
 ``VmRSS``, whichever is larger), and the status of every call. Run with the worker's default
 memory budget and without one (``--memory-budget-mb 0``), one after the other on the same
-Triton, so the difference is the budget's.
+Triton, so the difference is the budget's. Refused calls are counted by the reason the service
+gives them (its ``visloc_admission_shed_total`` counter, read from the worker's metrics).
 
 ``python -m bench.burst --bundle .cache/demo-bundle`` starts its own local Triton; ``make bench``
 runs it as step 9.
@@ -21,14 +22,17 @@ import json
 import sys
 import threading
 import time
+import urllib.request
 from collections import Counter
 from pathlib import Path
 
 import grpc
 from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
 
 from bench import photos
 from bench.procstat import proc_stat
+from devtools.net import free_port
 from visloc_client.v1 import locator_pb2 as pb
 from visloc_client.v1 import locator_pb2_grpc as pb_grpc
 
@@ -120,10 +124,24 @@ def small_call(target: str) -> str:
             return err.code().name
 
 
+def shed_by_reason(metrics_text: str) -> dict[str, int]:
+    """Calls the service shed, by reason (summed over callers), from its Prometheus metrics."""
+    shed: Counter = Counter()
+    for family in text_string_to_metric_families(metrics_text):
+        if family.name == "visloc_admission_shed":
+            for sample in family.samples:
+                if sample.name == "visloc_admission_shed_total" and sample.value:
+                    shed[sample.labels["reason"]] += int(sample.value)
+    return dict(shed)
+
+
 def run(start_service, files: list[bytes], clients: int, rounds: int, deadline_s: float, budget_mb: int) -> dict:
     """One burst against a fresh service started by ``start_service(*flags)`` (with ``.target``,
     ``.proc``, ``.stop()``)."""
-    svc = start_service("--memory-budget-mb", str(budget_mb), "--max-message-bytes", str(64 * MB))
+    metrics_port = free_port()
+    svc = start_service(
+        "--memory-budget-mb", str(budget_mb), "--max-message-bytes", str(64 * MB), "--metrics-port", str(metrics_port)
+    )
     try:
         for _ in range(3):  # warm: the first calls allocate what every later call reuses
             small_call(svc.target)
@@ -132,6 +150,8 @@ def run(start_service, files: list[bytes], clients: int, rounds: int, deadline_s
         codes = asyncio.run(burst(svc.target, files, clients, rounds, deadline_s))
         peak_bytes = peak.stop()
         after = small_call(svc.target)
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as reply:
+            shed = shed_by_reason(reply.read().decode())
     finally:
         svc.stop()
     out = {
@@ -140,11 +160,12 @@ def run(start_service, files: list[bytes], clients: int, rounds: int, deadline_s
         "rss_peak_mb": peak_bytes / MB,
         "growth_mb": (peak_bytes - before) / MB,
         "codes": dict(codes),
+        "shed": shed,
         "small_photo_after": after,
     }
     log(
         f"budget {budget_mb or 'none'}: RSS {out['rss_before_mb']:.0f} -> peak {out['rss_peak_mb']:.0f} MB "
-        f"(+{out['growth_mb']:.0f}); {dict(codes)}; a small photo after: {after}"
+        f"(+{out['growth_mb']:.0f}); {dict(codes)}, shed {shed}; a small photo after: {after}"
     )
     return out
 

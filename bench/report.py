@@ -572,6 +572,8 @@ def burst_section(b: dict) -> list[str]:
     for key in ("with_budget", "without_budget"):
         x = b[key]
         codes = ", ".join(f"{n} {c}" for c, n in sorted(x["codes"].items()))
+        if x.get("shed"):  # results from before the reasons were read have none
+            codes += " (" + ", ".join(f"{reason} {n}" for reason, n in sorted(x["shed"].items())) + ")"
         budget = f"{x['memory_budget_mb']} MiB" if x["memory_budget_mb"] else "none"
         lines.append(
             f"| {budget} | {x['rss_before_mb']:.0f} MB | {x['rss_peak_mb']:.0f} MB | **+{x['growth_mb']:.0f} MB** "

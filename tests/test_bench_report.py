@@ -88,3 +88,33 @@ def test_every_goal_says_why_and_the_verdict_follows_it(results, tmp_path):
     why = text.split("### Why these goals", 1)[1].split("\n## ", 1)[0]
     for t in TARGETS:
         assert f"- {t.label}, {t.op} {t.goal:.4g}: " in why
+
+
+def test_the_burst_counts_shed_calls_by_the_services_reason():
+    from prometheus_client import CollectorRegistry, Counter, generate_latest
+
+    from bench.burst import shed_by_reason
+    from swc_service import metrics  # noqa: F401 (registers the service's metrics)
+
+    assert b"# TYPE visloc_admission_shed_total counter" in generate_latest()  # the service's own name
+    registry = CollectorRegistry()
+    shed = Counter("visloc_admission_shed", "calls shed", ["reason", "caller"], registry=registry)
+    shed.labels("memory_budget", "anonymous").inc(3)
+    shed.labels("memory_budget", "mapper").inc(2)
+    shed.labels("deadline_unmeetable", "anonymous").inc()
+    shed.labels("queue_full", "anonymous")  # a child never incremented: no count
+    requests = Counter("visloc_requests", "calls", ["reason"], registry=registry)  # another family, same label
+    requests.labels("memory_budget").inc(7)
+    assert shed_by_reason(generate_latest(registry).decode()) == {"memory_budget": 5, "deadline_unmeetable": 1}
+
+
+def test_the_burst_table_names_the_reasons_and_older_results_still_render(results, tmp_path):
+    r = copy.deepcopy(results)
+    b = r["burst"]["with_budget"]
+    b["codes"], b["shed"] = {"OK": 23, "RESOURCE_EXHAUSTED": 121}, {"memory_budget": 120, "deadline_unmeetable": 1}
+    r["burst"]["without_budget"].pop("shed", None)
+    write_report(r, tmp_path / "B.md", tmp_path)
+    text = (tmp_path / "B.md").read_text()
+    assert "| 23 OK, 121 RESOURCE_EXHAUSTED (deadline_unmeetable 1, memory_budget 120) |" in text
+    w = r["burst"]["without_budget"]
+    assert f"| {', '.join(f'{n} {c}' for c, n in sorted(w['codes'].items()))} | {w['small_photo_after']} |" in text
