@@ -22,17 +22,14 @@ from visloc_client.v1 import locator_pb2 as pb
 from visloc_client.v1 import locator_pb2_grpc as pb_grpc
 from visloc_export import samples
 
-CELLS, BACKGROUND = 300, 2000
-
 
 @pytest.fixture(scope="module")
-def small_bundles(tmp_path_factory):
-    """Two demo bundles of the same shapes, different seeds: A and B's models differ."""
-    from visloc_export.build import build_demo
+def small_bundles(demo_bundle, demo_bundle_b):
+    """Two demo bundles of the same shapes, different seeds: A and B's models differ (the
+    session's, built once for every module that needs two models)."""
+    from swc_service.bundle import load_bundle
 
-    root = tmp_path_factory.mktemp("pool-live")
-    return (build_demo(root / "a", cells=CELLS, background=BACKGROUND, seed=0),
-            build_demo(root / "b", cells=CELLS, background=BACKGROUND, seed=1))  # fmt: skip
+    return load_bundle(demo_bundle), load_bundle(demo_bundle_b)
 
 
 def samples_of(url: str, name: str) -> dict[tuple, float]:
